@@ -1,0 +1,71 @@
+"""sagakit: durable sagas for asyncio Python.
+
+A saga is an ordered list of steps sharing one context; each step can act and compensate. A
+:class:`SagaTransaction` runs the steps in order and, when one fails, compensates the completed
+ones in reverse. State is checkpointed to a storage after every step, so a saga cut off by a
+crash is finished by recovery under Strict Backward Recovery.
+"""
+
+from sagakit.compensator import RetryPolicy, SagaCompensator
+from sagakit.container import Container, as_container
+from sagakit.context import SagaContext
+from sagakit.exceptions import (
+    SagaBusyError,
+    SagaConcurrencyError,
+    SagaDefinitionError,
+    SagaError,
+    SagaLeaseLostError,
+    SagaNotFoundError,
+    SagaParkedError,
+    SagaSerializationError,
+)
+from sagakit.invocation import StepInvocation, current_invocation
+from sagakit.mediator import SagaMap, SagaMediator, bootstrap
+from sagakit.middleware import LoggingMiddleware, Middleware
+from sagakit.records import SagaAction, SagaLogEntry, SagaState, SagaStatus, SagaStepStatus
+from sagakit.recovery import abort_saga, recover_saga, resume_saga
+from sagakit.saga import Saga
+from sagakit.step import SagaStepHandler, SagaStepResult
+from sagakit.storage import ISagaStorage, MemorySagaStorage, SagaStorage, SagaStorageRun
+from sagakit.transaction import SagaTransaction
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Container",
+    "ISagaStorage",
+    "LoggingMiddleware",
+    "MemorySagaStorage",
+    "Middleware",
+    "RetryPolicy",
+    "Saga",
+    "SagaAction",
+    "SagaBusyError",
+    "SagaCompensator",
+    "SagaConcurrencyError",
+    "SagaContext",
+    "SagaDefinitionError",
+    "SagaError",
+    "SagaLeaseLostError",
+    "SagaLogEntry",
+    "SagaMap",
+    "SagaMediator",
+    "SagaNotFoundError",
+    "SagaParkedError",
+    "SagaSerializationError",
+    "SagaState",
+    "SagaStatus",
+    "SagaStepHandler",
+    "SagaStepResult",
+    "SagaStepStatus",
+    "SagaStorage",
+    "SagaStorageRun",
+    "SagaTransaction",
+    "StepInvocation",
+    "abort_saga",
+    "as_container",
+    "bootstrap",
+    "current_invocation",
+    "recover_saga",
+    "resume_saga",
+]

@@ -1,0 +1,233 @@
+"""Saga contexts and their JSON form.
+
+A context is one of:
+
+- a dataclass, usually a subclass of :class:`SagaContext`;
+- a ``pydantic.BaseModel`` subclass;
+- a plain ``dict`` whose keys are strings and whose values are JSON values (str, int, float,
+  bool, None, lists and dicts of those).
+
+Contexts are stored as JSON objects with field names exactly as written in the class (pydantic
+aliases are not applied). Dataclass and pydantic contexts round-trip UUID, datetime, date, time,
+Decimal, Enum, nested dataclasses/models, lists, tuples, sets and optionals, driven by the field
+annotations. A value that cannot be written raises :class:`SagaSerializationError` naming the
+field path (e.g. ``items[2].price``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import decimal
+import enum
+import math
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, Self, TypeVar, cast
+
+import msgspec
+
+from sagakit.exceptions import SagaSerializationError
+
+__all__ = ["ContextCodec", "SagaContext", "codec_for"]
+
+C = TypeVar("C")
+
+_JSON_SCALARS = (str, int, float, bool, type(None))
+
+
+@dataclasses.dataclass
+class SagaContext:
+    """Base class for dataclass contexts. Subclasses must be decorated with ``@dataclass``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """This context as stored: a JSON-compatible dict."""
+        return codec_for(type(self)).encode(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
+        """Rebuild a context from its stored dict."""
+        return codec_for(cls).decode(data)
+
+
+def _is_pydantic_model(tp: Any) -> bool:
+    return isinstance(tp, type) and hasattr(tp, "model_validate") and hasattr(tp, "model_dump")
+
+
+class ContextCodec(Generic[C]):
+    """Turns contexts of one type into stored dicts and back. Build with :func:`codec_for`."""
+
+    __slots__ = ("_decode", "_encode", "context_type", "kind")
+
+    def __init__(self, context_type: type[C]) -> None:
+        self.context_type = context_type
+        if context_type is dict or (isinstance(context_type, type) and issubclass(context_type, dict)):
+            self.kind = "dict"
+            self._encode: Callable[[Any], dict[str, Any]] = _encode_dict
+            self._decode: Callable[[Mapping[str, Any]], Any] = dict
+        elif _is_pydantic_model(context_type):
+            self.kind = "pydantic"
+            self._encode = _encode_pydantic
+            model = cast(Any, context_type)
+            self._decode = lambda data: model.model_validate(data, by_alias=False, by_name=True)
+        elif dataclasses.is_dataclass(context_type):
+            self.kind = "dataclass"
+            self._encode = _encode_dataclass
+            self._decode = lambda data: msgspec.convert(data, context_type, strict=False)
+        else:
+            raise SagaSerializationError(
+                f"unsupported context type {context_type!r}: use a dataclass (SagaContext), "
+                "a pydantic model or dict"
+            )
+
+    def encode(self, context: C) -> dict[str, Any]:
+        """Context -> JSON-compatible dict. Raises SagaSerializationError naming the bad field."""
+        if not isinstance(context, self.context_type):
+            raise SagaSerializationError(
+                f"expected a {self.context_type.__name__} context, got {type(context).__name__}"
+            )
+        return self._encode(context)
+
+    def decode(self, data: Mapping[str, Any]) -> C:
+        """Stored dict -> context. Raises SagaSerializationError when the data does not fit."""
+        try:
+            return cast(C, self._decode(data))
+        except (msgspec.ValidationError, ValueError, TypeError) as exc:
+            raise SagaSerializationError(
+                f"stored context does not fit {self.context_type.__name__}: {exc}"
+            ) from exc
+
+    def copy(self, context: C) -> C:
+        """An independent deep copy, made through the stored form."""
+        return self.decode(self.encode(context))
+
+
+_codecs: dict[type[Any], ContextCodec[Any]] = {}
+
+
+def codec_for(context_type: type[C]) -> ContextCodec[C]:
+    """The (cached) codec for a context type."""
+    codec = _codecs.get(context_type)
+    if codec is None:
+        codec = _codecs[context_type] = ContextCodec(context_type)
+    return codec
+
+
+# --- encoders -------------------------------------------------------------------------------
+
+
+def _encode_dataclass(context: Any) -> dict[str, Any]:
+    try:
+        data = msgspec.to_builtins(context, enc_hook=_reject)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise _locate(context, exc) from exc
+    return _finish(context, data)
+
+
+def _encode_pydantic(context: Any) -> dict[str, Any]:
+    try:
+        data = context.model_dump(mode="json", by_alias=False)
+    except Exception as exc:  # pydantic raises its own PydanticSerializationError
+        raise _locate(context, exc) from exc
+    return _finish(context, data)
+
+
+def _encode_dict(context: Any) -> dict[str, Any]:
+    _check_json(context, "")
+    return cast(dict[str, Any], _plain_copy(context))
+
+
+def _finish(context: Any, data: Any) -> dict[str, Any]:
+    # msgspec leaves tuples, sets and non-string keys as they are; make everything plain JSON.
+    data = _plain_copy(data)
+    bad = _first_non_json(data, "")
+    if bad is not None:
+        path, why = bad
+        raise SagaSerializationError(
+            f"context {type(context).__name__}: field {path!r} {why}", field=path
+        )
+    return cast(dict[str, Any], data)
+
+
+def _reject(obj: Any) -> Any:
+    raise TypeError(f"objects of type {type(obj).__name__} cannot be stored as JSON")
+
+
+def _plain_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain_copy(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_plain_copy(v) for v in value]
+    return value
+
+
+def _first_non_json(value: Any, path: str) -> tuple[str, str] | None:
+    if isinstance(value, float) and not math.isfinite(value):
+        return path or "<root>", f"is {value!r}, which JSON cannot represent"
+    if isinstance(value, _JSON_SCALARS):
+        return None
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _first_non_json(item, f"{path}[{i}]")
+            if found:
+                return found
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{path}[{key!r}]", "has a non-string key"
+            found = _first_non_json(item, f"{path}.{key}" if path else key)
+            if found:
+                return found
+        return None
+    return path or "<root>", f"holds a {type(value).__name__}, which cannot be stored as JSON"
+
+
+def _check_json(value: Any, path: str) -> None:
+    if not isinstance(value, dict):
+        raise SagaSerializationError(f"a dict context must be a dict, got {type(value).__name__}")
+    bad = _first_non_json(value, path)
+    if bad is not None:
+        field, why = bad
+        raise SagaSerializationError(f"dict context: key {field!r} {why}", field=field)
+
+
+_KNOWN = (uuid.UUID, dt.datetime, dt.date, dt.time, dt.timedelta, decimal.Decimal, enum.Enum)
+
+
+def _locate(context: Any, exc: BaseException) -> SagaSerializationError:
+    """Find the field that made encoding fail (slow path, only on errors)."""
+    path = _walk_for_bad(context, "")
+    name = type(context).__name__
+    if path is None:
+        return SagaSerializationError(f"context {name} cannot be serialised: {exc}")
+    return SagaSerializationError(
+        f"context {name}: field {path!r} cannot be serialised: {exc}", field=path
+    )
+
+
+def _walk_for_bad(value: Any, path: str) -> str | None:
+    if isinstance(value, float) and not math.isfinite(value):
+        return path
+    if isinstance(value, _JSON_SCALARS) or isinstance(value, _KNOWN):
+        return None
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items: Any = ((f.name, getattr(value, f.name)) for f in dataclasses.fields(value))
+    elif _is_pydantic_model(type(value)):
+        items = ((k, getattr(value, k)) for k in type(value).model_fields)
+    elif isinstance(value, Mapping):
+        items = value.items()
+    elif isinstance(value, list | tuple | set | frozenset):
+        for i, item in enumerate(value):
+            found = _walk_for_bad(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+        return None
+    else:
+        return path or "<root>"
+    for key, item in items:
+        found = _walk_for_bad(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
+

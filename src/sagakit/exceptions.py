@@ -1,0 +1,109 @@
+"""Every error sagakit raises on purpose derives from :class:`SagaError`.
+
+The tree::
+
+    SagaError
+    ├── SagaDefinitionError      (also a TypeError) a Saga class or its steps are malformed
+    ├── SagaSerializationError   (also a TypeError) a context cannot be written or read as JSON
+    ├── SagaNotFoundError        (also a LookupError) no saga with that id is stored
+    ├── SagaBusyError            another live run holds the saga's lease
+    ├── SagaParkedError          the saga is parked; only an explicit resume or abort touches it
+    └── SagaConcurrencyError     a checkpoint's expected version did not match: someone else wrote
+        └── SagaLeaseLostError   this run's lease was taken over; it stopped writing
+
+Errors carry ``saga_id`` (None when no saga is involved yet, e.g. a definition error) and
+``step_name`` (None when no single step is involved), so logs and callers can tell which saga and
+which step failed without parsing messages.
+
+Errors raised by step handlers themselves are never wrapped: the caller of a saga that failed
+receives the step's own exception after compensation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+__all__ = [
+    "SagaBusyError",
+    "SagaConcurrencyError",
+    "SagaDefinitionError",
+    "SagaError",
+    "SagaLeaseLostError",
+    "SagaNotFoundError",
+    "SagaParkedError",
+    "SagaSerializationError",
+]
+
+
+class SagaError(Exception):
+    """Root of sagakit's errors."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        saga_id: UUID | None = None,
+        step_name: str | None = None,
+        saga_name: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.saga_id = saga_id
+        self.step_name = step_name
+        self.saga_name = saga_name
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keep the keyword attributes when an error crosses a process boundary.
+        return (_rebuild, (type(self), self.message, self.saga_id, self.step_name, self.saga_name))
+
+
+def _rebuild(
+    cls: type[SagaError],
+    message: str,
+    saga_id: UUID | None,
+    step_name: str | None,
+    saga_name: str | None,
+) -> SagaError:
+    return cls(message, saga_id=saga_id, step_name=step_name, saga_name=saga_name)
+
+
+class SagaDefinitionError(SagaError, TypeError):
+    """A saga definition is invalid: a non-handler step, a duplicate, a context type mismatch,
+    or a stored saga whose log no longer fits the current definition."""
+
+
+class SagaSerializationError(SagaError, TypeError):
+    """A context cannot be serialised to JSON (or deserialised back); the message names the field."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        saga_id: UUID | None = None,
+        step_name: str | None = None,
+        saga_name: str | None = None,
+    ) -> None:
+        super().__init__(message, saga_id=saga_id, step_name=step_name, saga_name=saga_name)
+        self.field = field
+
+
+class SagaNotFoundError(SagaError, LookupError):
+    """No saga with this id is stored."""
+
+
+class SagaBusyError(SagaError):
+    """Another live run holds this saga's lease; nothing was written."""
+
+
+class SagaParkedError(SagaError):
+    """The saga is PARKED: automatic recovery gave up on it; resume or abort it explicitly."""
+
+
+class SagaConcurrencyError(SagaError):
+    """A write expected a version of the saga that is no longer current; nothing of it was written."""
+
+
+class SagaLeaseLostError(SagaConcurrencyError):
+    """This run's lease expired and another run claimed the saga; this run wrote nothing more."""

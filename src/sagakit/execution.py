@@ -1,0 +1,386 @@
+"""Driving one saga through a plan: running steps, compensating, and writing checkpoints.
+
+Used by :class:`~sagakit.transaction.SagaTransaction` (first runs and resumes) and by
+:func:`~sagakit.recovery.recover_saga`. The checkpoints:
+
+- the saga row is durable (RUNNING, leased) before the first ``act()`` — written by the run's
+  ``start``/``claim``, not here;
+- each completed step (its log entry and the context, if it changed) is one checkpoint; the last
+  one also writes COMPLETED and releases the lease;
+- a failed step's log entry, the context and COMPENSATING are one checkpoint, durable before the
+  first ``compensate()``;
+- each compensated step is one checkpoint; the last one also writes FAILED (unless a
+  compensation failed for good: the saga then stays COMPENSATING for recovery).
+
+Nothing is written while a step runs; the lease is renewed in the background if a step outlives
+a third of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from functools import partial
+from typing import Any, Generic, TypeVar
+from uuid import UUID
+
+from sagakit.compensator import CompensationFailure, CompensationTask, RetryPolicy, SagaCompensator
+from sagakit.container import Container
+from sagakit.context import ContextCodec
+from sagakit.exceptions import SagaDefinitionError, SagaLeaseLostError, SagaSerializationError
+from sagakit.invocation import StepInvocation, reset_current, set_current
+from sagakit.middleware import Middleware, build_chain
+from sagakit.plan import CompletedStep, Finished, Forward, Mismatch, Plan, decide
+from sagakit.records import TERMINAL_STATUSES, SagaAction, SagaState, SagaStatus, SagaStepStatus
+from sagakit.saga import Saga, StepSpec
+from sagakit.step import SagaStepHandler, SagaStepResult
+from sagakit.storage.protocol import LeasedRun
+
+__all__ = ["Execution", "Resumption", "describe_error", "prepare_resume"]
+
+C = TypeVar("C")
+logger = logging.getLogger("sagakit")
+
+
+def describe_error(exc: BaseException) -> tuple[str, str]:
+    """(error_type, details) as recorded in the step log."""
+    kind = type(exc)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    return name, f"{kind.__name__}: {exc}"
+
+
+@dataclasses.dataclass(slots=True)
+class Resumption(Generic[C]):
+    """What is needed to continue an existing saga: the plan and its stored context."""
+
+    plan: Plan
+    context: C | None
+    stored: dict[str, Any]
+
+
+async def prepare_resume(
+    run: LeasedRun,
+    state: SagaState,
+    saga: Saga[C],
+    decode: Callable[[dict[str, Any]], C],
+    *,
+    max_recovery_attempts: int,
+    resume_parked: bool = False,
+) -> Resumption[C]:
+    """Decide how to continue a claimed saga. Parks it (and returns a Finished plan) when its
+    recovery attempts are exhausted. Raises SagaDefinitionError, writing nothing, when the
+    stored saga is another saga's."""
+    if state.name != saga.name:
+        raise SagaDefinitionError(
+            f"saga {state.saga_id} is a {state.name!r} saga, not {saga.name!r}",
+            saga_id=state.saga_id,
+            saga_name=saga.name,
+        )
+    if state.status in TERMINAL_STATUSES or (
+        state.status is SagaStatus.PARKED and not resume_parked
+    ):
+        return Resumption(Finished(state.status), None, state.context)
+    if not resume_parked and state.recovery_attempts > max_recovery_attempts:
+        logger.error(
+            "saga %s %s: %d recovery attempts, more than the %d allowed; parking it",
+            saga.name, state.saga_id, state.recovery_attempts, max_recovery_attempts,
+        )
+        await run.update_status(state.saga_id, SagaStatus.PARKED)
+        await run.commit()
+        return Resumption(Finished(SagaStatus.PARKED), None, state.context)
+    history = await run.get_step_history(state.saga_id)
+    plan = decide(state.status, saga.step_specs, history, resume_parked=resume_parked)
+    return Resumption(plan, decode(state.context), state.context)
+
+
+class Execution(Generic[C]):
+    """One run of one saga. ``status`` is the saga's status as last committed by this run."""
+
+    def __init__(
+        self,
+        *,
+        saga: Saga[C],
+        saga_id: UUID,
+        run: LeasedRun,
+        codec: ContextCodec[C],
+        context: C,
+        stored_context: dict[str, Any],
+        container: Container,
+        middlewares: Sequence[Middleware],
+        retry: RetryPolicy,
+        lease_seconds: float,
+        status: SagaStatus = SagaStatus.RUNNING,
+    ) -> None:
+        self.saga = saga
+        self.saga_id = saga_id
+        self.run = run
+        self.codec = codec
+        self.context = context
+        self.container = container
+        self.retry = retry
+        self.lease_seconds = lease_seconds
+        self.status = status
+        self.step_error: Exception | None = None
+        self.compensation_failures: list[CompensationFailure] = []
+        self._stored = stored_context
+        self._handlers: dict[str, SagaStepHandler[Any, Any]] = {}
+        self._types = {
+            name: _handler_type(spec, name) for spec in saga.step_specs for name in spec.handler_names()
+        }
+        self._chain = build_chain(middlewares, _invoke)
+        self._failed_handler = ""
+
+    # -- entry point -----------------------------------------------------------------------------
+
+    async def execute(self, plan: Plan) -> AsyncIterator[SagaStepResult[C, Any]]:
+        """Carry the plan out, yielding a result after each forward step's checkpoint."""
+        if isinstance(plan, Finished):
+            self.status = plan.status
+            return
+        if isinstance(plan, Mismatch):
+            await self.park()
+            raise SagaDefinitionError(
+                f"saga {self.saga.name!r} {self.saga_id}: {plan.reason}; parked untouched",
+                saga_id=self.saga_id,
+                saga_name=self.saga.name,
+            )
+        async with LeaseKeeper(self.run, self.lease_seconds):
+            if isinstance(plan, Forward):
+                async for result in self._forward(plan):
+                    yield result
+            else:
+                await self._backward(plan.to_compensate)
+
+    async def compensate(self, to_compensate: Sequence[CompletedStep]) -> None:
+        """Go backward now (an explicit abort); the caller made COMPENSATING durable first."""
+        self.status = SagaStatus.COMPENSATING
+        async with LeaseKeeper(self.run, self.lease_seconds):
+            await self._backward(to_compensate)
+
+    async def park(self) -> None:
+        await self.run.update_status(self.saga_id, SagaStatus.PARKED)
+        await self.run.commit()
+        self.status = SagaStatus.PARKED
+
+    # -- forward --------------------------------------------------------------------------------
+
+    async def _forward(self, plan: Forward) -> AsyncIterator[SagaStepResult[C, Any]]:
+        specs = self.saga.step_specs
+        completed = list(plan.completed)
+        run, saga_id = self.run, self.saga_id
+        if plan.start == len(specs):
+            await self._finish_forward()
+            return
+        for index in range(plan.start, len(specs)):
+            spec = specs[index]
+            try:
+                result, handler_name = await self.run_step(spec)
+                data = self._encode_changed(handler_name)
+            except Exception as exc:
+                await self._fail_step(exc)
+                await self._backward(tuple(reversed(completed)))
+                self._annotate(exc)
+                raise
+            completed.append(CompletedStep(index, handler_name))
+            await run.log_step(saga_id, handler_name, SagaAction.ACT, SagaStepStatus.COMPLETED)
+            if data is not None:
+                await run.update_context(saga_id, data)
+            if index == len(specs) - 1:
+                await run.update_status(saga_id, SagaStatus.COMPLETED)
+            await run.commit()
+            if index == len(specs) - 1:
+                self.status = SagaStatus.COMPLETED
+            yield result
+
+    async def _finish_forward(self) -> None:
+        await self.run.update_status(self.saga_id, SagaStatus.COMPLETED)
+        await self.run.commit()
+        self.status = SagaStatus.COMPLETED
+
+    async def run_step(self, spec: StepSpec) -> tuple[SagaStepResult[C, Any], str]:
+        """Run one step's act (through its fallback, if it has one); return (result, handler)."""
+        if spec.fallback is not None:
+            result, name = await spec.fallback.run(self, spec)
+            return result, name
+        return await self.call_act(spec.name), spec.name
+
+    async def call_act(self, handler_name: str) -> SagaStepResult[C, Any]:
+        self._failed_handler = handler_name
+        handler = await self._handler(handler_name)
+        invocation = StepInvocation(
+            self.saga_id, self.saga.name, handler_name, SagaAction.ACT, 1, self.context, handler
+        )
+        out = await self._chain(invocation)
+        if isinstance(out, SagaStepResult):
+            return dataclasses.replace(out, saga_id=self.saga_id, step_name=handler_name)
+        return SagaStepResult(type(handler), out, self.saga_id, handler_name)
+
+    def _encode_changed(self, step_name: str) -> dict[str, Any] | None:
+        """The context's stored form if it changed since the last checkpoint, else None."""
+        try:
+            data = self.codec.encode(self.context)
+        except SagaSerializationError as exc:
+            raise SagaSerializationError(
+                f"saga {self.saga.name!r} {self.saga_id}: step {step_name!r} left the context "
+                f"unserialisable: {exc.message}",
+                field=exc.field,
+                saga_id=self.saga_id,
+                step_name=step_name,
+                saga_name=self.saga.name,
+            ) from exc
+        if data == self._stored:
+            return None
+        self._stored = data
+        return data
+
+    async def _fail_step(self, exc: Exception) -> None:
+        self.step_error = exc
+        error_type, details = describe_error(exc)
+        run = self.run
+        await run.log_step(
+            self.saga_id, self._failed_handler, SagaAction.ACT, SagaStepStatus.FAILED, details,
+            error_type=error_type,
+        )
+        await self._buffer_context_if_possible()
+        await run.update_status(self.saga_id, SagaStatus.COMPENSATING)
+        await run.commit()
+        self.status = SagaStatus.COMPENSATING
+
+    async def _buffer_context_if_possible(self) -> None:
+        try:
+            data = self._encode_changed(self._failed_handler)
+        except SagaSerializationError:
+            return  # keep the last good context; compensations still see the live object
+        if data is not None:
+            await self.run.update_context(self.saga_id, data)
+
+    def _annotate(self, exc: Exception) -> None:
+        if self.compensation_failures:
+            names = ", ".join(f.step_name for f in self.compensation_failures)
+            exc.add_note(
+                f"sagakit: saga {self.saga_id} stays COMPENSATING: compensation of {names} "
+                "failed; recovery will retry it"
+            )
+
+    # -- backward -------------------------------------------------------------------------------
+
+    async def _backward(self, to_compensate: Sequence[CompletedStep]) -> None:
+        if self.status is not SagaStatus.COMPENSATING:
+            await self.run.update_status(self.saga_id, SagaStatus.COMPENSATING)
+        if not to_compensate:
+            await self.run.update_status(self.saga_id, SagaStatus.FAILED)
+            await self.run.commit()
+            self.status = SagaStatus.FAILED
+            return
+        self.status = SagaStatus.COMPENSATING
+        tasks = [CompensationTask(c.handler_name, partial(self._call_compensate, c.handler_name))
+                 for c in to_compensate]
+        last = tasks[-1].step_name
+        failed: list[str] = []
+
+        async def record(step_name: str, error: Exception | None, attempts: int) -> None:
+            run = self.run
+            if error is None:
+                await run.log_step(self.saga_id, step_name, SagaAction.COMPENSATE,
+                                   SagaStepStatus.COMPENSATED)
+            else:
+                failed.append(step_name)
+                error_type, details = describe_error(error)
+                await run.log_step(self.saga_id, step_name, SagaAction.COMPENSATE,
+                                   SagaStepStatus.FAILED, f"{details} (after {attempts} attempts)",
+                                   error_type=error_type)
+            self._failed_handler = step_name
+            await self._buffer_context_if_possible()
+            if step_name == last and not failed:
+                await run.update_status(self.saga_id, SagaStatus.FAILED)
+
+        compensator = SagaCompensator(self.retry, record=record,
+                                      on_after_compensate_step=self.run.commit)
+        self.compensation_failures = await compensator.compensate(tasks)
+        self.status = SagaStatus.COMPENSATING if self.compensation_failures else SagaStatus.FAILED
+
+    async def _call_compensate(self, handler_name: str, attempt: int) -> None:
+        handler = await self._handler(handler_name)
+        invocation = StepInvocation(
+            self.saga_id, self.saga.name, handler_name, SagaAction.COMPENSATE, attempt,
+            self.context, handler,
+        )
+        await self._chain(invocation)
+
+    async def _handler(self, handler_name: str) -> SagaStepHandler[Any, Any]:
+        handler = self._handlers.get(handler_name)
+        if handler is None:
+            handler = await self.container.resolve(self._types[handler_name])
+            self._handlers[handler_name] = handler
+        return handler
+
+
+def _handler_type(spec: StepSpec, name: str) -> type[SagaStepHandler[Any, Any]]:
+    if name == spec.name:
+        return spec.handler
+    return spec.fallback.fallback  # type: ignore[no-any-return]
+
+
+async def _invoke(invocation: StepInvocation) -> Any:
+    token = set_current(invocation)
+    try:
+        if invocation.action is SagaAction.ACT:
+            return await invocation.handler.act(invocation.context)
+        await invocation.handler.compensate(invocation.context)
+        return None
+    finally:
+        reset_current(token)
+
+
+class LeaseKeeper:
+    """Renews a run's lease in the background while steps run, when no checkpoint did so
+    recently. A lost lease is remembered (``lost``); the next checkpoint fails fenced anyway."""
+
+    def __init__(self, run: LeasedRun, lease_seconds: float) -> None:
+        self.run = run
+        self.interval = lease_seconds / 3
+        self.lease_seconds = lease_seconds
+        self.lost: SagaLeaseLostError | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> LeaseKeeper:
+        if getattr(self.run, "holds_lease", False):
+            self._task = asyncio.create_task(self._loop())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        task = self._task
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _loop(self) -> None:
+        while True:
+            await _pause(self.interval)
+            last = getattr(self.run, "last_commit", None)
+            if last is not None and time.monotonic() - last < self.interval:
+                continue
+            try:
+                await self.run.renew_lease(self.lease_seconds)
+            except SagaLeaseLostError as exc:
+                self.lost = exc
+                logger.error("%s", exc)
+                return
+            except Exception:
+                logger.warning("lease renewal failed; will retry", exc_info=True)
+
+
+async def _pause(seconds: float) -> None:
+    """Sleep without asyncio.sleep, so tests that patch asyncio.sleep do not spin this loop."""
+    future = asyncio.get_running_loop().create_future()
+    handle = asyncio.get_running_loop().call_later(seconds, future.set_result, None)
+    try:
+        await future
+    finally:
+        handle.cancel()
+

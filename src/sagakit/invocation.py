@@ -1,0 +1,52 @@
+"""The description of one step invocation, seen by middleware and by the running step."""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+from typing import Any
+from uuid import UUID
+
+from sagakit.records import SagaAction
+
+__all__ = ["StepInvocation", "current_invocation"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StepInvocation:
+    """One call of a step's ``act`` or ``compensate``.
+
+    ``attempt`` counts from 1 (compensations are retried). ``handler`` is the resolved step handler
+    instance; ``context`` is the live saga context the step receives.
+    """
+
+    saga_id: UUID
+    saga_name: str
+    step_name: str
+    action: SagaAction
+    attempt: int
+    context: Any
+    handler: Any
+
+    @property
+    def idempotency_key(self) -> str:
+        """Stable across attempts and crash re-runs: ``"<saga id>:<step>:<action>"``."""
+        return f"{self.saga_id}:{self.step_name}:{self.action.value}"
+
+
+_current: contextvars.ContextVar[StepInvocation | None] = contextvars.ContextVar(
+    "sagakit_invocation", default=None
+)
+
+
+def current_invocation() -> StepInvocation | None:
+    """The step invocation running in this task, or None."""
+    return _current.get()
+
+
+def set_current(invocation: StepInvocation | None) -> contextvars.Token[StepInvocation | None]:
+    return _current.set(invocation)
+
+
+def reset_current(token: contextvars.Token[StepInvocation | None]) -> None:
+    _current.reset(token)

@@ -1,0 +1,223 @@
+"""Finishing sagas that a crash, a deploy or a cancellation left in progress.
+
+- :func:`recover_saga` drives one interrupted saga to a terminal state under Strict Backward
+  Recovery (see :mod:`sagakit.plan`) and returns its final status.
+- :func:`resume_saga` is the operator's explicit call for a PARKED saga.
+- :func:`abort_saga` compensates a saga now, on purpose.
+
+Each claims the saga's lease first: a saga leased by a live run raises SagaBusyError and nothing
+is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+from uuid import UUID
+
+from sagakit.compensator import RetryPolicy
+from sagakit.container import as_container
+from sagakit.context import codec_for
+from sagakit.exceptions import SagaDefinitionError
+from sagakit.execution import Execution, Resumption, prepare_resume
+from sagakit.middleware import Middleware
+from sagakit.plan import Backward, Finished, Forward, Mismatch
+from sagakit.records import SagaAction, SagaStatus, SagaStepStatus
+from sagakit.saga import Saga
+from sagakit.storage.compat import open_run
+from sagakit.storage.protocol import LeasedRun, SagaStorage
+
+__all__ = ["abort_saga", "recover_saga", "resume_saga"]
+
+C = TypeVar("C")
+
+
+def _decoder(saga: Saga[C], context_builder: Any) -> Callable[[dict[str, Any]], C]:
+    if context_builder is None:
+        if saga.context_type is None:
+            raise SagaDefinitionError(
+                f"saga {saga.name!r} has no context type parameter; pass context_builder",
+                saga_name=saga.name,
+            )
+        return codec_for(saga.context_type).decode
+    if isinstance(context_builder, type):
+        return codec_for(context_builder).decode
+    return context_builder  # type: ignore[no-any-return]
+
+
+def _instance(saga: Saga[C] | type[Saga[C]]) -> Saga[C]:
+    return saga() if isinstance(saga, type) else saga
+
+
+async def recover_saga(
+    saga: Saga[C] | type[Saga[C]],
+    saga_id: UUID,
+    context_builder: type[C] | Callable[[dict[str, Any]], C] | None = None,
+    container: Any = None,
+    storage: SagaStorage | None = None,
+    *,
+    middlewares: Sequence[Middleware] = (),
+    max_recovery_attempts: int = 5,
+    compensation_retry_count: int = 3,
+    compensation_retry_delay: float = 1.0,
+    compensation_retry_backoff: float = 2.0,
+    compensation_retry_max_delay: float = 60.0,
+    lease_seconds: float = 30.0,
+) -> SagaStatus:
+    """Finish one interrupted saga from storage; return its status afterwards.
+
+    A RUNNING (or PENDING) saga continues forward from its first step not recorded COMPLETED;
+    a COMPENSATING one finishes compensating. A step failing during forward recovery makes the
+    saga compensate, and the return is FAILED, not an error. A compensation that keeps failing
+    leaves it COMPENSATING (returned). Each call counts one recovery attempt; a saga past
+    ``max_recovery_attempts`` is PARKED instead of run. Terminal sagas return at once, nothing
+    written. Raises SagaNotFoundError, SagaBusyError (a live run holds it, nothing written), or
+    SagaDefinitionError (the stored saga is another saga, or its log no longer fits the
+    definition: it is then parked).
+    """
+    return await _drive(
+        _instance(saga), saga_id, context_builder, container, _require(storage),
+        middlewares=middlewares, max_recovery_attempts=max_recovery_attempts,
+        retry=RetryPolicy(compensation_retry_count, compensation_retry_delay,
+                          compensation_retry_backoff, compensation_retry_max_delay),
+        lease_seconds=lease_seconds, mode="recover",
+    )
+
+
+async def resume_saga(
+    saga: Saga[C] | type[Saga[C]],
+    saga_id: UUID,
+    context_builder: type[C] | Callable[[dict[str, Any]], C] | None = None,
+    container: Any = None,
+    storage: SagaStorage | None = None,
+    *,
+    middlewares: Sequence[Middleware] = (),
+    compensation_retry_count: int = 3,
+    compensation_retry_delay: float = 1.0,
+    lease_seconds: float = 30.0,
+) -> SagaStatus:
+    """Resume a PARKED saga (an operator's explicit call): its recovery attempts restart from 0
+    and it continues in the direction its log shows (backward once anything failed or was
+    compensated, forward otherwise). Any other non-terminal saga is recovered as by
+    :func:`recover_saga` without counting an attempt."""
+    return await _drive(
+        _instance(saga), saga_id, context_builder, container, _require(storage),
+        middlewares=middlewares, max_recovery_attempts=1 << 30,
+        retry=RetryPolicy(compensation_retry_count, compensation_retry_delay),
+        lease_seconds=lease_seconds, mode="resume",
+    )
+
+
+async def abort_saga(
+    saga: Saga[C] | type[Saga[C]],
+    saga_id: UUID,
+    context_builder: type[C] | Callable[[dict[str, Any]], C] | None = None,
+    container: Any = None,
+    storage: SagaStorage | None = None,
+    *,
+    reason: str = "aborted by operator",
+    middlewares: Sequence[Middleware] = (),
+    compensation_retry_count: int = 3,
+    compensation_retry_delay: float = 1.0,
+    lease_seconds: float = 30.0,
+) -> SagaStatus:
+    """Compensate a saga now, on purpose: a RUNNING, PENDING or PARKED saga (not leased by a
+    live run) is switched to COMPENSATING, with the abort recorded as a failed act of its next
+    step (error type ``SagaAborted``), and its completed steps are compensated. Returns FAILED
+    when every compensation succeeded. Terminal sagas are returned as they are."""
+    return await _drive(
+        _instance(saga), saga_id, context_builder, container, _require(storage),
+        middlewares=middlewares, max_recovery_attempts=1 << 30,
+        retry=RetryPolicy(compensation_retry_count, compensation_retry_delay),
+        lease_seconds=lease_seconds, mode="abort", reason=reason,
+    )
+
+
+def _require(storage: SagaStorage | None) -> SagaStorage:
+    if storage is None:
+        raise ValueError("recovery needs the storage the saga was written to")
+    return storage
+
+
+async def _drive(
+    saga: Saga[C],
+    saga_id: UUID,
+    context_builder: Any,
+    container: Any,
+    storage: SagaStorage,
+    *,
+    middlewares: Sequence[Middleware],
+    max_recovery_attempts: int,
+    retry: RetryPolicy,
+    lease_seconds: float,
+    mode: str,
+    reason: str = "",
+) -> SagaStatus:
+    decode = _decoder(saga, context_builder)
+    get_saga = getattr(storage, "get_saga", None)
+    if get_saga is not None:  # check the definition before the claim writes anything
+        stored = await get_saga(saga_id)
+        if stored.name != saga.name:
+            raise SagaDefinitionError(
+                f"saga {saga_id} is a {stored.name!r} saga, not {saga.name!r}",
+                saga_id=saga_id, saga_name=saga.name,
+            )
+    explicit = mode != "recover"
+    async with open_run(storage) as run:
+        state = await run.claim(
+            saga_id, lease_seconds=lease_seconds, count_attempt=not explicit,
+            allow_parked=explicit,
+        )
+        resumption = await prepare_resume(
+            run, state, saga, decode, max_recovery_attempts=max_recovery_attempts,
+            resume_parked=explicit,
+        )
+        if isinstance(resumption.plan, Finished):
+            return resumption.plan.status
+        execution = Execution(
+            saga=saga, saga_id=saga_id, run=run, codec=codec_for(saga.context_type or dict),
+            context=resumption.context, stored_context=resumption.stored,
+            container=as_container(container), middlewares=middlewares, retry=retry,
+            lease_seconds=lease_seconds, status=state.status,
+        )
+        if isinstance(resumption.plan, Mismatch):
+            async for _ in execution.execute(resumption.plan):
+                pass  # parks and raises SagaDefinitionError
+        if explicit:
+            await _set_direction(run, saga, saga_id, resumption, mode, reason, execution)
+        if mode == "abort" and isinstance(resumption.plan, Forward):
+            await execution.compensate(tuple(reversed(resumption.plan.completed)))
+            return execution.status
+        try:
+            async for _ in execution.execute(resumption.plan):
+                pass
+        except Exception as exc:
+            if exc is not execution.step_error:
+                raise
+        return execution.status
+
+
+async def _set_direction(
+    run: LeasedRun,
+    saga: Saga[Any],
+    saga_id: UUID,
+    resumption: Resumption[Any],
+    mode: str,
+    reason: str,
+    execution: Execution[Any],
+) -> None:
+    """Make an explicit call's direction durable before any step runs."""
+    plan = resumption.plan
+    await run.reset_recovery_attempts(saga_id)
+    if mode == "abort" and isinstance(plan, Forward):
+        specs = saga.step_specs
+        step = specs[min(plan.start, len(specs) - 1)].name
+        await run.log_step(saga_id, step, SagaAction.ACT, SagaStepStatus.FAILED,
+                           f"SagaAborted: {reason}", error_type="SagaAborted")
+        status = SagaStatus.COMPENSATING
+    else:
+        status = SagaStatus.COMPENSATING if isinstance(plan, Backward) else SagaStatus.RUNNING
+    await run.update_status(saga_id, status)
+    await run.commit()
+    execution.status = status
+

@@ -1,0 +1,75 @@
+"""Step handlers and the result the saga yields for each completed step."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Generic, TypeVar
+from uuid import UUID
+
+from sagakit.invocation import current_invocation
+
+__all__ = ["SagaStepHandler", "SagaStepResult"]
+
+ContextT = TypeVar("ContextT")
+ResponseT = TypeVar("ResponseT")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SagaStepResult(Generic[ContextT, ResponseT]):
+    """What a saga yields after each completed step.
+
+    ``response`` is what the step's ``act()`` returned (None if it returned nothing). ``error_type``
+    and ``error_message`` are set when the step completed through a fallback: they describe why the
+    primary step did not (see :class:`sagakit.Fallback`).
+    """
+
+    step_type: type[SagaStepHandler[Any, Any]]
+    response: ResponseT | None = None
+    saga_id: UUID | None = None
+    step_name: str | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+
+    @property
+    def step_result(self) -> ResponseT | None:
+        """Alias of ``response`` (the seed library's name)."""
+        return self.response
+
+
+class SagaStepHandler(abc.ABC, Generic[ContextT, ResponseT]):
+    """One step of a saga: ``act`` moves forward, ``compensate`` undoes what ``act`` did.
+
+    ``act`` may mutate the shared context; the context is checkpointed after every completed step.
+    It may return ``self._generate_step_result(response)``, the bare response, or None.
+
+    ``compensate`` must be idempotent: after a crash it can run again for a step whose compensation
+    was cut off before its checkpoint. It is retried with backoff when it raises.
+
+    During ``act``/``compensate``, :attr:`idempotency_key` is a stable key (saga id, step, action)
+    to pass to the services the step calls, so a step re-run after a crash can be deduplicated.
+    """
+
+    @property
+    def idempotency_key(self) -> str:
+        """``"<saga id>:<step name>:<act|compensate>"`` of the invocation running now.
+
+        The same for every attempt and every re-run after a crash. Raises RuntimeError outside a
+        step invocation.
+        """
+        invocation = current_invocation()
+        if invocation is None:
+            raise RuntimeError("idempotency_key is only available while a step runs")
+        return invocation.idempotency_key
+
+    @abc.abstractmethod
+    async def act(self, context: ContextT) -> SagaStepResult[ContextT, ResponseT] | ResponseT | None:
+        """Do this step's work."""
+
+    @abc.abstractmethod
+    async def compensate(self, context: ContextT) -> None:
+        """Undo this step's work. Called only if ``act`` completed and a later step failed."""
+
+    def _generate_step_result(self, response: ResponseT | None = None) -> SagaStepResult[ContextT, ResponseT]:
+        """Wrap a response into a step result (the seed library's helper)."""
+        return SagaStepResult(step_type=type(self), response=response)

@@ -1,0 +1,148 @@
+"""Running sagas on a storage that implements only the seed's commit-per-call protocol.
+
+When ``create_run()`` raises NotImplementedError (or is missing), the orchestrator wraps the
+storage in :class:`CommitPerCallRun`: the same checkpoints, each written as a sequence of
+commit-per-call writes (context first, then log entries, then status, so a crash between them
+is resolved safely by recovery). Such storages have no leases: the orchestrator cannot tell a
+live run from a crashed one, so run a single recovery worker per saga with them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, cast
+from uuid import UUID
+
+from sagakit.exceptions import SagaNotFoundError
+from sagakit.records import TERMINAL_STATUSES, SagaLogEntry, SagaState, SagaStatus
+from sagakit.storage.protocol import LeasedRun, SagaStorage
+from sagakit.storage.run import BufferedRun, Checkpoint
+
+__all__ = ["CommitPerCallRun", "open_run"]
+
+
+class CommitPerCallRun(BufferedRun):
+    """A run over a commit-per-call storage; no leases, no fencing beyond explicit versions."""
+
+    def __init__(self, storage: SagaStorage, seed_run: Any = None) -> None:
+        super().__init__()
+        self._storage = storage
+        self._seed_run = seed_run
+
+    async def _write(self, cp: Checkpoint) -> int:
+        if self._seed_run is not None:  # a seed-style run: buffer there, commit once
+            await _replay(self._seed_run, cp)
+            await self._seed_run.commit()
+            return (await self._storage.load_saga_state(cp.saga_id))[2]
+        await _replay(self._storage, cp)
+        return (await self._storage.load_saga_state(cp.saga_id))[2]
+
+    async def load_saga_state(
+        self, saga_id: UUID, *, read_for_update: bool = False
+    ) -> tuple[SagaStatus, dict[str, Any], int]:
+        return await self._storage.load_saga_state(saga_id, read_for_update=read_for_update)
+
+    async def get_step_history(self, saga_id: UUID) -> list[SagaLogEntry]:
+        return await self._storage.get_step_history(saga_id)
+
+    async def _state(self, saga_id: UUID, name: str = "") -> SagaState:
+        get_saga = getattr(self._storage, "get_saga", None)
+        if get_saga is not None:
+            return cast(SagaState, await get_saga(saga_id))
+        status, context, version = await self._storage.load_saga_state(saga_id)
+        return SagaState(saga_id, name, status, context, version)
+
+    async def start(
+        self,
+        saga_id: UUID,
+        name: str,
+        context: dict[str, Any],
+        *,
+        fingerprint: str | None,
+        lease_seconds: float,
+    ) -> tuple[SagaState, bool]:
+        try:
+            return await self.claim(saga_id, lease_seconds=lease_seconds), False
+        except SagaNotFoundError:
+            pass
+        await self._storage.create_saga(saga_id, name, context)
+        await self._storage.update_status(saga_id, SagaStatus.RUNNING)
+        state = await self._state(saga_id, name)
+        self.saga_id, self.version = saga_id, state.version
+        return state, True
+
+    async def claim(
+        self,
+        saga_id: UUID,
+        *,
+        lease_seconds: float,
+        count_attempt: bool = True,
+        allow_parked: bool = False,
+    ) -> SagaState:
+        state = await self._state(saga_id)
+        if state.status in TERMINAL_STATUSES or (
+            state.status is SagaStatus.PARKED and not allow_parked
+        ):
+            return state
+        if count_attempt:
+            new_status = SagaStatus.RUNNING if state.status is SagaStatus.PENDING else None
+            await self._storage.increment_recovery_attempts(saga_id, new_status)
+            state = await self._state(saga_id, state.name)
+        self.saga_id, self.version = saga_id, state.version
+        return state
+
+    async def renew_lease(self, lease_seconds: float) -> None:
+        """No leases here."""
+
+    async def release(self) -> None:
+        """No leases here."""
+
+
+async def _replay(target: Any, cp: Checkpoint) -> None:
+    """Apply a checkpoint through seed-protocol calls: context, log entries, then status."""
+    if cp.create_name is not None:
+        await target.create_saga(cp.saga_id, cp.create_name, cp.context or {})
+    elif cp.context is not None:
+        await target.update_context(cp.saga_id, cp.context, cp.expected_version)
+    for e in cp.entries:
+        await target.log_step(
+            cp.saga_id, e.step_name, e.action.value, e.status, e.details, error_type=e.error_type
+        )
+    if cp.status is not None:
+        await target.update_status(cp.saga_id, cp.status)
+    if cp.reset_attempts and hasattr(target, "set_recovery_attempts"):
+        await target.set_recovery_attempts(cp.saga_id, 0)
+
+
+def open_run(storage: SagaStorage) -> AbstractAsyncContextManager[LeasedRun]:
+    """The storage's own run if it has one, else a commit-per-call run over it."""
+    create_run = getattr(storage, "create_run", None)
+    if create_run is not None:
+        try:
+            scope = create_run()
+        except NotImplementedError:
+            pass
+        else:
+            return _native_scope(storage, scope)
+    return _compat_scope(storage)
+
+
+@asynccontextmanager
+async def _native_scope(
+    storage: SagaStorage, scope: AbstractAsyncContextManager[Any]
+) -> AsyncIterator[LeasedRun]:
+    async with scope as run:
+        if isinstance(run, LeasedRun):
+            yield run
+        else:  # a seed-style run without leases: drive it through its own commit()
+            yield CommitPerCallRun(storage, seed_run=run)
+
+
+@asynccontextmanager
+async def _compat_scope(storage: SagaStorage) -> AsyncIterator[LeasedRun]:
+    run = CommitPerCallRun(storage)
+    try:
+        yield run
+    finally:
+        await run.rollback()

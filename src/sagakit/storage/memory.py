@@ -1,0 +1,326 @@
+"""In-process storage: every guarantee of the SQL storage, kept in dicts.
+
+Contexts are stored as JSON bytes, so a context the SQL storage would refuse is refused here too,
+and a stored context can never be changed through a reference the caller still holds. It passes
+the same contract suite as the SQL storage. Data lives as long as the storage object: use it for
+tests and for sagas that need no durability across processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+import orjson
+
+from sagakit.exceptions import (
+    SagaBusyError,
+    SagaConcurrencyError,
+    SagaLeaseLostError,
+    SagaNotFoundError,
+    SagaSerializationError,
+)
+from sagakit.records import (
+    RECOVERABLE_STATUSES,
+    TERMINAL_STATUSES,
+    SagaLogEntry,
+    SagaState,
+    SagaStatus,
+)
+from sagakit.storage.run import BufferedRun, Checkpoint, RunBackedStorage
+
+__all__ = ["MemorySagaStorage"]
+
+
+@dataclasses.dataclass(slots=True)
+class _Row:
+    saga_id: UUID
+    name: str
+    status: SagaStatus
+    context: bytes
+    version: int
+    created_at: float
+    updated_at: float
+    recovery_attempts: int = 0
+    lease_owner: str | None = None
+    lease_expires_at: float | None = None
+    fingerprint: str | None = None
+
+    def state(self) -> SagaState:
+        return SagaState(
+            saga_id=self.saga_id,
+            name=self.name,
+            status=self.status,
+            context=orjson.loads(self.context),
+            version=self.version,
+            recovery_attempts=self.recovery_attempts,
+            created_at=_dt(self.created_at),
+            updated_at=_dt(self.updated_at),
+            lease_owner=self.lease_owner,
+            lease_expires_at=None if self.lease_expires_at is None else _dt(self.lease_expires_at),
+            fingerprint=self.fingerprint,
+        )
+
+
+def _dt(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+def _dump(saga_id: UUID, context: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(context)
+    except TypeError as exc:
+        raise SagaSerializationError(
+            f"saga {saga_id}: context is not JSON-serialisable: {exc}", saga_id=saga_id
+        ) from exc
+
+
+class MemorySagaStorage(RunBackedStorage):
+    """Sagas kept in this process's memory. ``clock`` (seconds since the epoch) drives lease
+    expiry and timestamps; tests pass a fake one."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self._rows: dict[UUID, _Row] = {}
+        self._logs: dict[UUID, list[SagaLogEntry]] = {}
+        self._sequence = 0  # insertion order, for "newest first" among equal timestamps
+        self._order: dict[UUID, int] = {}
+
+    def _new_run(self) -> _MemoryRun:
+        return _MemoryRun(self)
+
+    def _row(self, saga_id: UUID) -> _Row:
+        row = self._rows.get(saga_id)
+        if row is None:
+            raise SagaNotFoundError(f"no saga with id {saga_id}", saga_id=saga_id)
+        return row
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    async def load_saga_state(
+        self, saga_id: UUID, *, read_for_update: bool = False
+    ) -> tuple[SagaStatus, dict[str, Any], int]:
+        row = self._row(saga_id)
+        return row.status, orjson.loads(row.context), row.version
+
+    async def get_saga(self, saga_id: UUID) -> SagaState:
+        return self._row(saga_id).state()
+
+    async def get_step_history(self, saga_id: UUID) -> list[SagaLogEntry]:
+        return list(self._logs.get(saga_id, ()))
+
+    async def get_sagas_for_recovery(
+        self,
+        limit: int,
+        max_recovery_attempts: int = 5,
+        stale_after_seconds: float | None = None,
+        saga_name: str | None = None,
+    ) -> list[UUID]:
+        now = self.clock()
+        due = [
+            row
+            for row in self._rows.values()
+            if row.status in RECOVERABLE_STATUSES
+            and row.recovery_attempts <= max_recovery_attempts
+            and (row.lease_owner is None or (row.lease_expires_at or 0.0) <= now)
+            and (saga_name is None or row.name == saga_name)
+            and (stale_after_seconds is None or row.updated_at <= now - stale_after_seconds)
+        ]
+        due.sort(key=lambda r: (r.updated_at, self._order[r.saga_id]))
+        return [row.saga_id for row in due[:limit]]
+
+    async def list_sagas(
+        self,
+        *,
+        statuses: frozenset[SagaStatus] | None = None,
+        saga_name: str | None = None,
+        limit: int = 100,
+    ) -> list[SagaState]:
+        rows = [
+            row
+            for row in self._rows.values()
+            if (statuses is None or row.status in statuses)
+            and (saga_name is None or row.name == saga_name)
+        ]
+        rows.sort(key=lambda r: (r.created_at, self._order[r.saga_id]), reverse=True)
+        return [row.state() for row in rows[:limit]]
+
+    # -- commit-per-call writes that are not plain checkpoints -------------------------------
+
+    async def increment_recovery_attempts(
+        self, saga_id: UUID, new_status: SagaStatus | None = None
+    ) -> None:
+        row = self._row(saga_id)
+        row.recovery_attempts += 1
+        if new_status is not None:
+            row.status = SagaStatus(new_status)
+        row.version += 1
+        row.updated_at = self.clock()
+
+    async def set_recovery_attempts(self, saga_id: UUID, attempts: int) -> None:
+        row = self._row(saga_id)
+        row.recovery_attempts = attempts
+        row.version += 1
+        row.updated_at = self.clock()
+
+    async def close(self) -> None:
+        """Nothing to release; here for symmetry with the SQL storage."""
+
+    # -- primitives used by runs --------------------------------------------------------------
+
+    def _write(self, cp: Checkpoint) -> int:
+        now = self.clock()
+        if cp.create_name is not None:
+            if cp.saga_id in self._rows:
+                raise SagaConcurrencyError(
+                    f"saga {cp.saga_id} already exists", saga_id=cp.saga_id
+                )
+            row = self._insert(cp.saga_id, cp.create_name, cp.context or {}, now)
+            row.status = cp.status or SagaStatus.PENDING
+        else:
+            row = self._row(cp.saga_id)
+            self._check_fence(row, cp, now)
+            context = None if cp.context is None else _dump(cp.saga_id, cp.context)
+            if context is not None:
+                row.context = context
+            if cp.status is not None:
+                row.status = cp.status
+            if cp.reset_attempts:
+                row.recovery_attempts = 0
+            row.version += 1
+            row.updated_at = now
+            if cp.releases_lease:
+                row.lease_owner = row.lease_expires_at = None
+            elif cp.lease_seconds is not None:
+                row.lease_expires_at = now + cp.lease_seconds
+        log = self._logs.setdefault(cp.saga_id, [])
+        when = _dt(now)
+        for e in cp.entries:
+            log.append(
+                SagaLogEntry(cp.saga_id, e.step_name, e.action, e.status, when, e.details, e.error_type)
+            )
+        return row.version
+
+    def _check_fence(self, row: _Row, cp: Checkpoint, now: float) -> None:
+        if cp.fence_owner is not None and row.lease_owner != cp.fence_owner:
+            raise SagaLeaseLostError(
+                f"saga {row.saga_id}: this run's lease was taken over by {row.lease_owner!r}",
+                saga_id=row.saga_id,
+                saga_name=row.name,
+            )
+        for expected in (cp.fence_version, cp.expected_version):
+            if expected is not None and row.version != expected:
+                raise SagaConcurrencyError(
+                    f"saga {row.saga_id}: expected version {expected}, found {row.version}",
+                    saga_id=row.saga_id,
+                    saga_name=row.name,
+                )
+
+    def _insert(self, saga_id: UUID, name: str, context: dict[str, Any], now: float) -> _Row:
+        row = _Row(saga_id, name, SagaStatus.PENDING, _dump(saga_id, context), 1, now, now)
+        self._rows[saga_id] = row
+        self._sequence += 1
+        self._order[saga_id] = self._sequence
+        return row
+
+    def _claim(
+        self, run: _MemoryRun, saga_id: UUID, lease_seconds: float, count_attempt: bool,
+        allow_parked: bool,
+    ) -> SagaState:
+        row = self._row(saga_id)
+        now = self.clock()
+        if row.status in TERMINAL_STATUSES or (row.status is SagaStatus.PARKED and not allow_parked):
+            return row.state()
+        if (
+            row.lease_owner is not None
+            and row.lease_owner != run.owner
+            and (row.lease_expires_at or 0.0) > now
+        ):
+            raise SagaBusyError(
+                f"saga {saga_id} is being run by {row.lease_owner}", saga_id=saga_id, saga_name=row.name
+            )
+        row.lease_owner = run.owner
+        row.lease_expires_at = now + lease_seconds
+        row.version += 1
+        row.updated_at = now
+        if count_attempt:
+            row.recovery_attempts += 1
+        if row.status is SagaStatus.PENDING:
+            row.status = SagaStatus.RUNNING
+        return row.state()
+
+
+class _MemoryRun(BufferedRun):
+    def __init__(self, storage: MemorySagaStorage) -> None:
+        super().__init__()
+        self._storage = storage
+
+    async def _write(self, checkpoint: Checkpoint) -> int:
+        return self._storage._write(checkpoint)
+
+    async def load_saga_state(
+        self, saga_id: UUID, *, read_for_update: bool = False
+    ) -> tuple[SagaStatus, dict[str, Any], int]:
+        return await self._storage.load_saga_state(saga_id)
+
+    async def get_step_history(self, saga_id: UUID) -> list[SagaLogEntry]:
+        return await self._storage.get_step_history(saga_id)
+
+    async def start(
+        self,
+        saga_id: UUID,
+        name: str,
+        context: dict[str, Any],
+        *,
+        fingerprint: str | None,
+        lease_seconds: float,
+    ) -> tuple[SagaState, bool]:
+        storage = self._storage
+        if saga_id in storage._rows:
+            return await self.claim(saga_id, lease_seconds=lease_seconds), False
+        now = storage.clock()
+        row = storage._insert(saga_id, name, context, now)
+        row.status = SagaStatus.RUNNING
+        row.lease_owner = self.owner
+        row.lease_expires_at = now + lease_seconds
+        row.fingerprint = fingerprint
+        state = row.state()
+        self._took_lease(state, lease_seconds)
+        return state, True
+
+    async def claim(
+        self,
+        saga_id: UUID,
+        *,
+        lease_seconds: float,
+        count_attempt: bool = True,
+        allow_parked: bool = False,
+    ) -> SagaState:
+        state = self._storage._claim(self, saga_id, lease_seconds, count_attempt, allow_parked)
+        self._took_lease(state, lease_seconds)
+        return state
+
+    async def renew_lease(self, lease_seconds: float) -> None:
+        if self.saga_id is None or not self.holds_lease:
+            return
+        row = self._storage._row(self.saga_id)
+        if row.lease_owner != self.owner:
+            self.holds_lease = False
+            raise SagaLeaseLostError(
+                f"saga {row.saga_id}: lease taken over by {row.lease_owner!r}",
+                saga_id=row.saga_id,
+                saga_name=row.name,
+            )
+        row.lease_expires_at = self._storage.clock() + lease_seconds
+
+    async def release(self) -> None:
+        if self.saga_id is None or not self.holds_lease:
+            return
+        self.holds_lease = False
+        row = self._storage._rows.get(self.saga_id)
+        if row is not None and row.lease_owner == self.owner:
+            row.lease_owner = row.lease_expires_at = None

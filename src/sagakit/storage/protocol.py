@@ -1,0 +1,200 @@
+"""The storage protocol: what a saga storage must do, and the per-saga run the orchestrator uses.
+
+Two ways to write a saga:
+
+- **Commit per call** (``SagaStorage`` methods): every mutating call is its own durable write.
+  This is the seed library's protocol; a custom storage implementing only it keeps working, but
+  without leases (see below) the orchestrator cannot tell a live run from a crashed one.
+- **A run** (``create_run()``): a scoped session for one saga. The seed's operations on a run are
+  buffered and none of them writes; ``commit()`` sends the buffered writes of one checkpoint as one
+  atomic, fenced write; ``rollback()`` drops them. A run never holds a database connection or
+  transaction between calls, so nothing is held while a step runs.
+
+Leases and fencing (the ``LeasedRun`` part of a run): a run that ``start``\\s or ``claim``\\s a saga
+owns it until its lease expires; the owner and expiry live on the saga row. Every commit of the
+run names the version it expects and its owner, so a run whose lease was taken over writes
+nothing more and raises ``SagaLeaseLostError``. Reads through a run see committed data only.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol, runtime_checkable
+from uuid import UUID
+
+from sagakit.records import SagaLogEntry, SagaState, SagaStatus, SagaStepStatus
+
+__all__ = ["ISagaStorage", "LeasedRun", "SagaStorage", "SagaStorageRun"]
+
+
+@runtime_checkable
+class SagaStorageRun(Protocol):
+    """A scoped session for one saga; mutations are buffered until :meth:`commit`."""
+
+    async def create_saga(self, saga_id: UUID, name: str, context: dict[str, Any]) -> None:
+        """Buffer the creation of a PENDING saga at version 1."""
+
+    async def update_context(
+        self, saga_id: UUID, context: dict[str, Any], current_version: int | None = None
+    ) -> None:
+        """Buffer a context write. With ``current_version`` the commit fails with
+        SagaConcurrencyError unless the stored version is still that one."""
+
+    async def update_status(self, saga_id: UUID, status: SagaStatus) -> None:
+        """Buffer a status write."""
+
+    async def log_step(
+        self,
+        saga_id: UUID,
+        step_name: str,
+        action: str,
+        status: SagaStepStatus,
+        details: str | None = None,
+        *,
+        error_type: str | None = None,
+    ) -> None:
+        """Buffer a step log entry."""
+
+    async def load_saga_state(
+        self, saga_id: UUID, *, read_for_update: bool = False
+    ) -> tuple[SagaStatus, dict[str, Any], int]:
+        """Committed (status, context, version). Raises SagaNotFoundError."""
+        ...
+
+    async def get_step_history(self, saga_id: UUID) -> list[SagaLogEntry]:
+        """Committed log entries, in write order."""
+        ...
+
+    async def commit(self) -> None:
+        """Write everything buffered since the last commit, atomically. No-op when nothing is
+        buffered. Raises SagaConcurrencyError (nothing written) when fenced out."""
+
+    async def rollback(self) -> None:
+        """Drop everything buffered since the last commit."""
+
+
+@runtime_checkable
+class LeasedRun(SagaStorageRun, Protocol):
+    """The lease-aware part of a run that sagakit's orchestrator uses when a storage offers it."""
+
+    owner: str
+
+    async def start(
+        self,
+        saga_id: UUID,
+        name: str,
+        context: dict[str, Any],
+        *,
+        fingerprint: str | None,
+        lease_seconds: float,
+    ) -> tuple[SagaState, bool]:
+        """Create the saga RUNNING and leased to this run, or, if the id exists, claim it.
+
+        One durable write for a new saga. Returns (state, created). An existing terminal or
+        PARKED saga is returned as stored, with nothing written. An existing saga leased by a
+        live run raises SagaBusyError, with nothing written. Claiming an existing saga counts a
+        recovery attempt.
+        """
+        ...
+
+    async def claim(
+        self, saga_id: UUID, *, lease_seconds: float, count_attempt: bool = True,
+        allow_parked: bool = False,
+    ) -> SagaState:
+        """Take the lease of an existing saga. Terminal sagas (and PARKED ones unless
+        ``allow_parked``) are returned as stored, nothing written. Raises SagaNotFoundError or
+        SagaBusyError (nothing written)."""
+        ...
+
+    async def renew_lease(self, lease_seconds: float) -> None:
+        """Extend this run's lease; its own durable write. Raises SagaLeaseLostError if another
+        run owns the saga now."""
+
+    async def release(self) -> None:
+        """Give the lease up (if still held), leaving the saga as last committed."""
+
+    async def reset_recovery_attempts(self, saga_id: UUID) -> None:
+        """Buffer setting the recovery attempt count back to 0 (an explicit resume)."""
+
+
+@runtime_checkable
+class SagaStorage(Protocol):
+    """Where sagas are persisted. Every mutating method here commits on its own."""
+
+    async def create_saga(self, saga_id: UUID, name: str, context: dict[str, Any]) -> None:
+        """Create a PENDING saga at version 1. Raises SagaConcurrencyError if the id exists."""
+
+    async def update_context(
+        self, saga_id: UUID, context: dict[str, Any], current_version: int | None = None
+    ) -> None:
+        """Replace the context; with ``current_version``, only if the stored version matches
+        (else SagaConcurrencyError, nothing written)."""
+
+    async def update_status(self, saga_id: UUID, status: SagaStatus) -> None:
+        """Set the status."""
+
+    async def log_step(
+        self,
+        saga_id: UUID,
+        step_name: str,
+        action: str,
+        status: SagaStepStatus,
+        details: str | None = None,
+        *,
+        error_type: str | None = None,
+    ) -> None:
+        """Append a step log entry."""
+
+    async def load_saga_state(
+        self, saga_id: UUID, *, read_for_update: bool = False
+    ) -> tuple[SagaStatus, dict[str, Any], int]:
+        """(status, context, version). Raises SagaNotFoundError."""
+        ...
+
+    async def get_saga(self, saga_id: UUID) -> SagaState:
+        """The whole saga row. Raises SagaNotFoundError."""
+        ...
+
+    async def get_step_history(self, saga_id: UUID) -> list[SagaLogEntry]:
+        """Log entries in write order (empty for an unknown id)."""
+        ...
+
+    async def get_sagas_for_recovery(
+        self,
+        limit: int,
+        max_recovery_attempts: int = 5,
+        stale_after_seconds: float | None = None,
+        saga_name: str | None = None,
+    ) -> list[UUID]:
+        """Ids of PENDING, RUNNING or COMPENSATING sagas whose lease is free or expired and which
+        have had at most ``max_recovery_attempts`` recovery attempts (the next claim of one that
+        has had exactly that many parks it), least recently updated first. With
+        ``stale_after_seconds``, only sagas not updated for that long."""
+        ...
+
+    async def list_sagas(
+        self,
+        *,
+        statuses: frozenset[SagaStatus] | None = None,
+        saga_name: str | None = None,
+        limit: int = 100,
+    ) -> list[SagaState]:
+        """Sagas newest first, optionally filtered by status and name."""
+        ...
+
+    async def increment_recovery_attempts(
+        self, saga_id: UUID, new_status: SagaStatus | None = None
+    ) -> None:
+        """Add one recovery attempt (and optionally set the status)."""
+
+    async def set_recovery_attempts(self, saga_id: UUID, attempts: int) -> None:
+        """Set the recovery attempt count."""
+
+    def create_run(self) -> AbstractAsyncContextManager[SagaStorageRun]:
+        """A run for one saga. May raise NotImplementedError: the orchestrator then falls back
+        to committing per call."""
+        ...
+
+
+ISagaStorage = SagaStorage
+"""The seed library's name for :class:`SagaStorage`."""

@@ -1,0 +1,265 @@
+"""What every storage's run shares: buffering the seed's operations into one checkpoint.
+
+A storage subclasses :class:`BufferedRun` and implements the few primitives that touch its
+backend (``_write``, ``start``, ``claim``, ``renew_lease``, ``release`` and the reads). The
+commit-per-call methods of a storage are one-shot runs (:class:`RunBackedStorage`), so both
+paths share the same write code and cannot drift.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+from uuid import UUID
+
+from sagakit.exceptions import SagaError
+from sagakit.records import (
+    SagaAction,
+    SagaLogEntry,
+    SagaState,
+    SagaStatus,
+    SagaStepStatus,
+)
+
+__all__ = ["BufferedRun", "Checkpoint", "PendingEntry", "RunBackedStorage", "new_owner_id"]
+
+_HOST = socket.gethostname()
+logger = logging.getLogger("sagakit.storage")
+
+
+def new_owner_id() -> str:
+    """A lease owner id unique to one run: host, process and a random part."""
+    return f"{_HOST}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+@dataclasses.dataclass(slots=True)
+class PendingEntry:
+    step_name: str
+    action: SagaAction
+    status: SagaStepStatus
+    details: str | None
+    error_type: str | None
+
+
+@dataclasses.dataclass(slots=True)
+class Checkpoint:
+    """The writes of one checkpoint, sent together by ``commit()``.
+
+    ``fence_owner``/``fence_version`` are set when the run holds the saga's lease: the write
+    applies only if the row still has that owner and version. ``expected_version`` comes from
+    ``update_context(current_version=...)``. ``lease_seconds`` extends the lease (None: leave
+    it); a terminal or PARKED status releases it.
+    """
+
+    saga_id: UUID
+    create_name: str | None = None
+    context: dict[str, Any] | None = None
+    status: SagaStatus | None = None
+    entries: list[PendingEntry] = dataclasses.field(default_factory=list)
+    expected_version: int | None = None
+    fence_owner: str | None = None
+    fence_version: int | None = None
+    lease_seconds: float | None = None
+    reset_attempts: bool = False
+
+    @property
+    def releases_lease(self) -> bool:
+        return self.status in (SagaStatus.COMPLETED, SagaStatus.FAILED, SagaStatus.PARKED)
+
+
+class BufferedRun(abc.ABC):
+    """A run that buffers the seed's operations and writes them at ``commit()``."""
+
+    def __init__(self) -> None:
+        self.owner = new_owner_id()
+        self.saga_id: UUID | None = None
+        self.version: int | None = None
+        self.lease_seconds: float | None = None
+        self.holds_lease = False
+        self.last_commit: float | None = None  # time.monotonic() of the last durable write
+        self._pending: Checkpoint | None = None
+
+    # -- buffered operations (the seed protocol) ----------------------------------------------
+
+    def _buffer(self, saga_id: UUID) -> Checkpoint:
+        pending = self._pending
+        if pending is None:
+            pending = self._pending = Checkpoint(saga_id=saga_id)
+        elif pending.saga_id != saga_id:
+            raise SagaError(
+                f"a run buffers one saga at a time: commit {pending.saga_id} before writing "
+                f"{saga_id}",
+                saga_id=saga_id,
+            )
+        return pending
+
+    async def create_saga(self, saga_id: UUID, name: str, context: dict[str, Any]) -> None:
+        pending = self._buffer(saga_id)
+        pending.create_name = name
+        pending.context = context
+
+    async def update_context(
+        self, saga_id: UUID, context: dict[str, Any], current_version: int | None = None
+    ) -> None:
+        pending = self._buffer(saga_id)
+        pending.context = context
+        if current_version is not None:
+            pending.expected_version = current_version
+
+    async def update_status(self, saga_id: UUID, status: SagaStatus) -> None:
+        self._buffer(saga_id).status = SagaStatus(status)
+
+    async def log_step(
+        self,
+        saga_id: UUID,
+        step_name: str,
+        action: str,
+        status: SagaStepStatus,
+        details: str | None = None,
+        *,
+        error_type: str | None = None,
+    ) -> None:
+        entry = PendingEntry(step_name, SagaAction(action), SagaStepStatus(status), details, error_type)
+        self._buffer(saga_id).entries.append(entry)
+
+    async def reset_recovery_attempts(self, saga_id: UUID) -> None:
+        """Buffer setting the recovery attempt count back to 0 (an explicit resume)."""
+        self._buffer(saga_id).reset_attempts = True
+
+    @property
+    def has_pending(self) -> bool:
+        return self._pending is not None
+
+    async def commit(self) -> None:
+        pending = self._pending
+        if pending is None:
+            return
+        if self.holds_lease and pending.saga_id == self.saga_id:
+            pending.fence_owner = self.owner
+            pending.fence_version = self.version
+            if not pending.releases_lease:
+                pending.lease_seconds = self.lease_seconds
+        try:
+            version = await self._write(pending)
+        finally:
+            self._pending = None
+        self.last_commit = time.monotonic()
+        if pending.saga_id == self.saga_id or self.saga_id is None:
+            self.saga_id = pending.saga_id
+            self.version = version
+            if pending.releases_lease:
+                self.holds_lease = False
+
+    async def rollback(self) -> None:
+        self._pending = None
+
+    def _took_lease(self, state: SagaState, lease_seconds: float) -> None:
+        self.last_commit = time.monotonic()
+        self.saga_id = state.saga_id
+        self.version = state.version
+        self.lease_seconds = lease_seconds
+        self.holds_lease = state.lease_owner == self.owner
+
+    # -- backend primitives -------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def _write(self, checkpoint: Checkpoint) -> int:
+        """Apply one checkpoint atomically; return the saga's new version."""
+
+    @abc.abstractmethod
+    async def load_saga_state(
+        self, saga_id: UUID, *, read_for_update: bool = False
+    ) -> tuple[SagaStatus, dict[str, Any], int]: ...
+
+    @abc.abstractmethod
+    async def get_step_history(self, saga_id: UUID) -> list[SagaLogEntry]: ...
+
+    @abc.abstractmethod
+    async def start(
+        self,
+        saga_id: UUID,
+        name: str,
+        context: dict[str, Any],
+        *,
+        fingerprint: str | None,
+        lease_seconds: float,
+    ) -> tuple[SagaState, bool]: ...
+
+    @abc.abstractmethod
+    async def claim(
+        self,
+        saga_id: UUID,
+        *,
+        lease_seconds: float,
+        count_attempt: bool = True,
+        allow_parked: bool = False,
+    ) -> SagaState: ...
+
+    @abc.abstractmethod
+    async def renew_lease(self, lease_seconds: float) -> None: ...
+
+    @abc.abstractmethod
+    async def release(self) -> None: ...
+
+
+class RunBackedStorage(abc.ABC):
+    """Commit-per-call methods implemented as one-shot runs of the storage's own run type."""
+
+    @abc.abstractmethod
+    def _new_run(self) -> BufferedRun: ...
+
+    def create_run(self) -> AbstractAsyncContextManager[BufferedRun]:
+        return self._run_scope()
+
+    @asynccontextmanager
+    async def _run_scope(self) -> AsyncIterator[BufferedRun]:
+        run = self._new_run()
+        try:
+            yield run
+        finally:
+            await run.rollback()
+            if run.holds_lease:
+                try:
+                    await run.release()
+                except Exception:  # never mask the error that ended the run
+                    logger.warning("could not release the lease of saga %s", run.saga_id,
+                                   exc_info=True)
+
+    async def create_saga(self, saga_id: UUID, name: str, context: dict[str, Any]) -> None:
+        run = self._new_run()
+        await run.create_saga(saga_id, name, context)
+        await run.commit()
+
+    async def update_context(
+        self, saga_id: UUID, context: dict[str, Any], current_version: int | None = None
+    ) -> None:
+        run = self._new_run()
+        await run.update_context(saga_id, context, current_version)
+        await run.commit()
+
+    async def update_status(self, saga_id: UUID, status: SagaStatus) -> None:
+        run = self._new_run()
+        await run.update_status(saga_id, status)
+        await run.commit()
+
+    async def log_step(
+        self,
+        saga_id: UUID,
+        step_name: str,
+        action: str,
+        status: SagaStepStatus,
+        details: str | None = None,
+        *,
+        error_type: str | None = None,
+    ) -> None:
+        run = self._new_run()
+        await run.log_step(saga_id, step_name, action, status, details, error_type=error_type)
+        await run.commit()

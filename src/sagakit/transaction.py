@@ -1,0 +1,156 @@
+"""SagaTransaction: run a saga (or resume one by id) and stream a result per completed step."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncGenerator, Sequence
+from typing import Any, Generic, TypeVar
+from uuid import UUID
+
+from sagakit.compensator import RetryPolicy
+from sagakit.container import as_container
+from sagakit.context import codec_for
+from sagakit.exceptions import SagaParkedError, SagaSerializationError
+from sagakit.execution import Execution, prepare_resume
+from sagakit.middleware import Middleware
+from sagakit.plan import Forward
+from sagakit.records import SagaStatus
+from sagakit.saga import Saga
+from sagakit.step import SagaStepResult
+from sagakit.storage.compat import open_run
+from sagakit.storage.memory import MemorySagaStorage
+from sagakit.storage.protocol import SagaStorage
+
+__all__ = ["SagaTransaction"]
+
+C = TypeVar("C")
+
+
+class SagaTransaction(Generic[C]):
+    """Runs a saga's steps in order; iterate it to drive it::
+
+        async with saga.transaction(context=ctx, container=c, storage=s) as transaction:
+            async for step_result in transaction:
+                ...
+
+    Yields one :class:`SagaStepResult` per completed step, after that step's checkpoint is
+    durable. When a step raises an ``Exception`` the completed steps are compensated in reverse
+    order and then that exception is raised from the iteration. Other ``BaseException``\\s
+    (cancellation, KeyboardInterrupt, SystemExit) and breaking out of the loop leave the saga at
+    its last checkpoint, lease released, for recovery or a later resume to finish.
+
+    With the ``saga_id`` of an existing saga, the stored saga is resumed with its stored context
+    (the ``context`` argument is then ignored; read :attr:`context`): a terminal saga yields
+    nothing and writes nothing; a saga leased by a live run raises SagaBusyError, a PARKED one
+    SagaParkedError, both before anything is written.
+    """
+
+    def __init__(
+        self,
+        *,
+        saga: Saga[C],
+        context: C,
+        container: Any = None,
+        storage: SagaStorage | None = None,
+        saga_id: UUID | None = None,
+        compensation_retry_count: int = 3,
+        compensation_retry_delay: float = 1.0,
+        compensation_retry_backoff: float = 2.0,
+        compensation_retry_max_delay: float = 60.0,
+        compensation_retry_jitter: float = 0.0,
+        middlewares: Sequence[Middleware] = (),
+        lease_seconds: float = 30.0,
+        max_recovery_attempts: int = 5,
+    ) -> None:
+        self.retry = RetryPolicy(
+            compensation_retry_count,
+            compensation_retry_delay,
+            compensation_retry_backoff,
+            compensation_retry_max_delay,
+            compensation_retry_jitter,
+        )
+        if lease_seconds <= 0:
+            raise ValueError(f"lease_seconds must be positive, got {lease_seconds}")
+        self.saga = saga
+        self.saga_id: UUID = saga_id if saga_id is not None else uuid.uuid4()
+        self.codec = codec_for(saga.context_type or type(context))
+        try:
+            self._initial = self.codec.encode(context)
+        except SagaSerializationError as exc:
+            raise SagaSerializationError(
+                f"saga {saga.name!r} {self.saga_id}: {exc.message}",
+                field=exc.field,
+                saga_id=self.saga_id,
+                saga_name=saga.name,
+            ) from exc
+        self.context: C = context
+        self.storage: SagaStorage = storage if storage is not None else MemorySagaStorage()
+        self.container = as_container(container)
+        self.middlewares = tuple(middlewares)
+        self.lease_seconds = lease_seconds
+        self.max_recovery_attempts = max_recovery_attempts
+        self.status: SagaStatus | None = None
+        """The saga's status as last written by this transaction (None before it starts)."""
+        self.resumed = False
+        """True when the saga_id already existed and the stored saga was resumed."""
+        self.execution: Execution[C] | None = None
+        self._iterator: AsyncGenerator[SagaStepResult[C, Any], None] | None = None
+
+    async def __aenter__(self) -> SagaTransaction[C]:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> AsyncGenerator[SagaStepResult[C, Any], None]:
+        if self._iterator is None:
+            self._iterator = self._iterate()
+        return self._iterator
+
+    async def aclose(self) -> None:
+        """Stop driving the saga (it stays at its last checkpoint) and release its lease."""
+        if self._iterator is not None:
+            await self._iterator.aclose()
+
+    async def run(self) -> SagaStatus:
+        """Drive the saga to its end, discarding step results; return the final status."""
+        async for _ in self:
+            pass
+        assert self.status is not None
+        return self.status
+
+    async def _iterate(self) -> AsyncGenerator[SagaStepResult[C, Any], None]:
+        saga = self.saga
+        async with open_run(self.storage) as run:
+            state, created = await run.start(
+                self.saga_id, saga.name, self._initial,
+                fingerprint=saga.fingerprint, lease_seconds=self.lease_seconds,
+            )
+            self.status = state.status
+            if created:
+                plan: Any = Forward(0, ())
+                stored = self._initial
+            else:
+                self.resumed = True
+                if state.status is SagaStatus.PARKED:
+                    raise SagaParkedError(
+                        f"saga {saga.name!r} {self.saga_id} is parked; resume or abort it "
+                        "explicitly", saga_id=self.saga_id, saga_name=saga.name,
+                    )
+                resumption = await prepare_resume(
+                    run, state, saga, self.codec.decode,
+                    max_recovery_attempts=self.max_recovery_attempts,
+                )
+                plan, stored = resumption.plan, resumption.stored
+                if resumption.context is not None:
+                    self.context = resumption.context
+            execution = self.execution = Execution(
+                saga=saga, saga_id=self.saga_id, run=run, codec=self.codec, context=self.context,
+                stored_context=stored, container=self.container, middlewares=self.middlewares,
+                retry=self.retry, lease_seconds=self.lease_seconds, status=state.status,
+            )
+            try:
+                async for result in execution.execute(plan):
+                    yield result
+            finally:
+                self.status = execution.status
