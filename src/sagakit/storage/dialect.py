@@ -1,0 +1,123 @@
+"""What differs between SQLite, PostgreSQL and MySQL/MariaDB: time, JSON binding, and the
+one-round-trip checkpoint statement PostgreSQL allows.
+
+Lease times come from the database server's clock on PostgreSQL and MySQL/MariaDB, so workers on
+machines with skewed clocks still agree on who holds a lease. SQLite is embedded: the process
+clock is the database's clock.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+from sagakit.storage.schema import SagaTables
+
+__all__ = ["Dialect"]
+
+
+class Dialect:
+    """SQL fragments for one database dialect, bound to one set of tables."""
+
+    def __init__(self, name: str, tables: SagaTables) -> None:
+        self.name = name
+        self.is_postgres = name == "postgresql"
+        self.is_mysql = name in ("mysql", "mariadb")
+        self.is_sqlite = name == "sqlite"
+        self.tables = tables
+        t = tables.executions
+        if self.is_postgres:
+            self.context_in: Any = sa.cast(sa.bindparam("ctx", type_=sa.Text()), postgresql.JSONB)
+            self.context_out: Any = sa.cast(t.c.context, sa.Text()).label("context")
+        else:
+            self.context_in = sa.bindparam("ctx", type_=sa.Text())
+            self.context_out = t.c.context
+        self.checkpoint_sql = _pg_checkpoint(tables) if self.is_postgres else None
+
+    # -- time ---------------------------------------------------------------------------------
+
+    def now(self) -> Any:
+        """An expression for 'now' in UTC on the database's clock."""
+        if self.is_postgres:
+            return sa.func.now()
+        if self.is_mysql:
+            return sa.literal_column("UTC_TIMESTAMP(6)")
+        return sa.bindparam("now", type_=sa.DateTime())
+
+    def now_plus(self, param: str) -> Any:
+        """'now' plus the seconds bound to ``param`` (seconds may be negative)."""
+        seconds = sa.bindparam(param, type_=sa.Float())
+        if self.is_postgres:
+            return sa.func.now() + sa.func.make_interval(0, 0, 0, 0, 0, 0, seconds)
+        if self.is_mysql:
+            micros = sa.bindparam(param + "_us", type_=sa.BigInteger())
+            return sa.func.timestampadd(sa.literal_column("MICROSECOND"), micros,
+                                        sa.literal_column("UTC_TIMESTAMP(6)"))
+        return sa.bindparam(param + "_at", type_=sa.DateTime())
+
+    def time_params(self, **seconds: float | None) -> dict[str, Any]:
+        """Bind values for :meth:`now` and :meth:`now_plus` parameters."""
+        params: dict[str, Any] = {}
+        if self.is_sqlite:
+            now = datetime.now(UTC).replace(tzinfo=None)
+            params["now"] = now
+            for name, value in seconds.items():
+                params[name + "_at"] = None if value is None else _plus(now, value)
+        elif self.is_mysql:
+            for name, value in seconds.items():
+                params[name + "_us"] = None if value is None else int(value * 1_000_000)
+        else:
+            params.update(seconds)
+        return params
+
+    @staticmethod
+    def aware(value: datetime | None) -> datetime | None:
+        """Timestamps read back are UTC; make naive ones (MySQL, SQLite) aware."""
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+def _plus(now: datetime, seconds: float) -> datetime:
+    from datetime import timedelta
+
+    return now + timedelta(seconds=seconds)
+
+
+def _pg_checkpoint(tables: SagaTables) -> sa.TextClause:
+    """One statement: the fenced row update and the log inserts, or nothing at all.
+
+    Returns the new version, or no row when the fence (version / lease owner) did not match.
+    """
+    ex, logs = tables.executions.name, tables.logs.name
+    return sa.text(f"""
+WITH u AS (
+  UPDATE {ex} SET
+    version = version + 1,
+    updated_at = now(),
+    context = CASE WHEN CAST(:has_ctx AS boolean) THEN CAST(:ctx AS jsonb) ELSE context END,
+    status = COALESCE(CAST(:status AS varchar), status),
+    recovery_attempts = CASE WHEN CAST(:reset AS boolean) THEN 0 ELSE recovery_attempts END,
+    lease_owner = CASE WHEN CAST(:release AS boolean) THEN NULL ELSE lease_owner END,
+    lease_expires_at = CASE
+      WHEN CAST(:release AS boolean) THEN NULL
+      WHEN CAST(:lease AS float8) IS NULL THEN lease_expires_at
+      ELSE now() + make_interval(secs => CAST(:lease AS float8)) END
+  WHERE saga_id = :sid
+    AND (CAST(:fv AS integer) IS NULL OR version = CAST(:fv AS integer))
+    AND (CAST(:ev AS integer) IS NULL OR version = CAST(:ev AS integer))
+    AND (CAST(:owner AS varchar) IS NULL OR lease_owner = CAST(:owner AS varchar))
+  RETURNING version
+), i AS (
+  INSERT INTO {logs} (saga_id, step_name, action, status, details, error_type, created_at)
+  SELECT :sid, e.step_name, e.action, e.status, e.details, e.error_type, now()
+  FROM u, unnest(CAST(:steps AS text[]), CAST(:actions AS text[]), CAST(:statuses AS text[]),
+                 CAST(:details AS text[]), CAST(:errors AS text[]))
+       WITH ORDINALITY AS e(step_name, action, status, details, error_type, n)
+  ORDER BY e.n
+)
+SELECT version FROM u
+""")

@@ -1,0 +1,339 @@
+"""The SQL statements of the SQL storage, as SQLAlchemy Core, each run on a given connection.
+
+Statements are built once per storage and reused, so SQLAlchemy's compiled cache and the
+drivers' prepared-statement caches hit on every call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from sagakit.exceptions import (
+    SagaBusyError,
+    SagaConcurrencyError,
+    SagaLeaseLostError,
+    SagaNotFoundError,
+)
+from sagakit.records import (
+    RECOVERABLE_STATUSES,
+    TERMINAL_STATUSES,
+    SagaAction,
+    SagaLogEntry,
+    SagaState,
+    SagaStatus,
+    SagaStepStatus,
+)
+from sagakit.storage.dialect import Dialect
+from sagakit.storage.run import Checkpoint
+
+__all__ = ["Queries", "row_to_state"]
+
+_RECOVERABLE = sorted(s.value for s in RECOVERABLE_STATUSES)
+_CLAIMABLE = {
+    False: _RECOVERABLE,
+    True: sorted([*_RECOVERABLE, SagaStatus.PARKED.value]),
+}
+
+
+def row_to_state(row: Any) -> SagaState:
+    m = row._mapping
+    context = m["context"]
+    return SagaState(
+        saga_id=m["saga_id"],
+        name=m["name"],
+        status=SagaStatus(m["status"]),
+        context=orjson.loads(context) if isinstance(context, str | bytes) else context,
+        version=m["version"],
+        recovery_attempts=m["recovery_attempts"],
+        created_at=Dialect.aware(m["created_at"]),
+        updated_at=Dialect.aware(m["updated_at"]),
+        lease_owner=m["lease_owner"],
+        lease_expires_at=Dialect.aware(m["lease_expires_at"]),
+        fingerprint=m["fingerprint"],
+    )
+
+
+class Queries:
+    def __init__(self, dialect: Dialect) -> None:
+        self.d = d = dialect
+        t, logs = dialect.tables.executions, dialect.tables.logs
+        self.t, self.logs = t, logs
+        sid = sa.bindparam("sid", type_=sa.Uuid())
+        self.columns = [c for c in t.c if c.name != "context"] + [d.context_out]
+        self._row = sa.select(*self.columns).where(t.c.saga_id == sid)
+        self._state = sa.select(t.c.status, d.context_out, t.c.version).where(t.c.saga_id == sid)
+        self._state_locked = self._state.with_for_update()
+        self._history = (
+            sa.select(logs.c.step_name, logs.c.action, logs.c.status, logs.c.created_at,
+                      logs.c.details, logs.c.error_type)
+            .where(logs.c.saga_id == sid).order_by(logs.c.id)
+        )
+        self._insert_log = sa.insert(logs).values(
+            saga_id=sid, step_name=sa.bindparam("step_name"), action=sa.bindparam("action"),
+            status=sa.bindparam("status"), details=sa.bindparam("details"),
+            error_type=sa.bindparam("error_type"), created_at=d.now(),
+        )
+        self._insert_leased = sa.insert(t).values(
+            saga_id=sid, name=sa.bindparam("name"), status=SagaStatus.RUNNING.value,
+            context=d.context_in, version=1, recovery_attempts=0,
+            fingerprint=sa.bindparam("fingerprint"), lease_owner=sa.bindparam("owner"),
+            lease_expires_at=d.now_plus("lease"), created_at=d.now(), updated_at=d.now(),
+        )
+        self._insert_plain = sa.insert(t).values(
+            saga_id=sid, name=sa.bindparam("name"), status=sa.bindparam("status"),
+            context=d.context_in, version=1, recovery_attempts=0,
+            created_at=d.now(), updated_at=d.now(),
+        )
+        self._claims = {allow: self._claim_stmt(sid, allow) for allow in (False, True)}
+        self._renew = (
+            sa.update(t).where(t.c.saga_id == sid, t.c.lease_owner == sa.bindparam("owner"))
+            .values(lease_expires_at=d.now_plus("lease"))
+        )
+        self._release = (
+            sa.update(t).where(t.c.saga_id == sid, t.c.lease_owner == sa.bindparam("owner"))
+            .values(lease_owner=None, lease_expires_at=None)
+        )
+        self._updates: dict[tuple[bool, ...], Any] = {}
+        if d.checkpoint_sql is not None:
+            self._pg_checkpoint = d.checkpoint_sql.bindparams(sid)
+
+    def _claim_stmt(self, sid: Any, allow_parked: bool) -> Any:
+        t, d = self.t, self.d
+        owner = sa.bindparam("owner")
+        stmt = (
+            sa.update(t)
+            .where(
+                t.c.saga_id == sid,
+                t.c.status.in_(_CLAIMABLE[allow_parked]),
+                sa.or_(t.c.lease_owner.is_(None), t.c.lease_owner == owner,
+                       t.c.lease_expires_at <= d.now()),
+            )
+            .values(
+                lease_owner=owner, lease_expires_at=d.now_plus("lease"),
+                version=t.c.version + 1, updated_at=d.now(),
+                recovery_attempts=t.c.recovery_attempts + sa.bindparam("inc", type_=sa.Integer()),
+                status=sa.case((t.c.status == SagaStatus.PENDING.value, SagaStatus.RUNNING.value),
+                               else_=t.c.status),
+            )
+        )
+        if not d.is_mysql:
+            stmt = stmt.returning(*self.columns)
+        return stmt
+
+    # -- reads --------------------------------------------------------------------------------
+
+    async def fetch_row(self, conn: AsyncConnection, saga_id: UUID) -> Any:
+        return (await conn.execute(self._row, {"sid": saga_id})).first()
+
+    async def load_state(
+        self, conn: AsyncConnection, saga_id: UUID, *, for_update: bool = False
+    ) -> tuple[SagaStatus, dict[str, Any], int]:
+        stmt = self._state_locked if for_update and not self.d.is_sqlite else self._state
+        row = (await conn.execute(stmt, {"sid": saga_id})).first()
+        if row is None:
+            raise SagaNotFoundError(f"no saga with id {saga_id}", saga_id=saga_id)
+        context = row[1]
+        return SagaStatus(row[0]), orjson.loads(context) if isinstance(context, str) else context, row[2]
+
+    async def history(self, conn: AsyncConnection, saga_id: UUID) -> list[SagaLogEntry]:
+        rows = (await conn.execute(self._history, {"sid": saga_id})).all()
+        return [
+            SagaLogEntry(saga_id, r[0], SagaAction(r[1]), SagaStepStatus(r[2]),
+                         Dialect.aware(r[3]), r[4], r[5])  # type: ignore[arg-type]
+            for r in rows
+        ]
+
+    async def due_for_recovery(
+        self, conn: AsyncConnection, limit: int, max_attempts: int,
+        stale_after: float | None, saga_name: str | None,
+    ) -> list[UUID]:
+        t, d = self.t, self.d
+        stmt = sa.select(t.c.saga_id).where(
+            t.c.status.in_(_RECOVERABLE),
+            t.c.recovery_attempts <= max_attempts,
+            sa.or_(t.c.lease_owner.is_(None), t.c.lease_expires_at <= d.now()),
+        )
+        if saga_name is not None:
+            stmt = stmt.where(t.c.name == saga_name)
+        if stale_after is not None:
+            stmt = stmt.where(t.c.updated_at <= d.now_plus("stale"))
+        stmt = stmt.order_by(t.c.updated_at, t.c.saga_id).limit(limit)
+        params = d.time_params(stale=None if stale_after is None else -stale_after)
+        return [r[0] for r in (await conn.execute(stmt, params)).all()]
+
+    async def list_sagas(
+        self, conn: AsyncConnection, statuses: frozenset[SagaStatus] | None,
+        saga_name: str | None, limit: int,
+    ) -> list[SagaState]:
+        t = self.t
+        stmt = sa.select(*self.columns)
+        if statuses is not None:
+            stmt = stmt.where(t.c.status.in_(sorted(s.value for s in statuses)))
+        if saga_name is not None:
+            stmt = stmt.where(t.c.name == saga_name)
+        stmt = stmt.order_by(t.c.created_at.desc(), t.c.saga_id).limit(limit)
+        return [row_to_state(r) for r in (await conn.execute(stmt)).all()]
+
+    # -- lease writes -------------------------------------------------------------------------
+
+    async def insert_leased(
+        self, conn: AsyncConnection, saga_id: UUID, name: str, text: str,
+        context: dict[str, Any], fingerprint: str | None, owner: str, lease: float,
+    ) -> SagaState:
+        params = {"sid": saga_id, "name": name, "ctx": text, "fingerprint": fingerprint,
+                  "owner": owner, **self.d.time_params(lease=lease)}
+        await conn.execute(self._insert_leased, params)
+        return SagaState(saga_id, name, SagaStatus.RUNNING, context, 1, 0,
+                         lease_owner=owner, fingerprint=fingerprint)
+
+    async def claim(
+        self, conn: AsyncConnection, saga_id: UUID, owner: str, lease: float,
+        count_attempt: bool, allow_parked: bool,
+    ) -> SagaState:
+        params = {"sid": saga_id, "owner": owner, "inc": int(count_attempt),
+                  **self.d.time_params(lease=lease)}
+        result = await conn.execute(self._claims[allow_parked], params)
+        if self.d.is_mysql:
+            row = await self.fetch_row(conn, saga_id) if result.rowcount else None
+        else:
+            row = result.first()
+        if row is not None:
+            return row_to_state(row)
+        row = await self.fetch_row(conn, saga_id)
+        if row is None:
+            raise SagaNotFoundError(f"no saga with id {saga_id}", saga_id=saga_id)
+        state = row_to_state(row)
+        if state.status in TERMINAL_STATUSES or state.status is SagaStatus.PARKED:
+            return state
+        raise SagaBusyError(
+            f"saga {saga_id} is being run by {state.lease_owner} (lease until "
+            f"{state.lease_expires_at})", saga_id=saga_id, saga_name=state.name,
+        )
+
+    async def renew(self, conn: AsyncConnection, saga_id: UUID, owner: str, lease: float) -> bool:
+        params = {"sid": saga_id, "owner": owner, **self.d.time_params(lease=lease)}
+        return bool((await conn.execute(self._renew, params)).rowcount)
+
+    async def release(self, conn: AsyncConnection, saga_id: UUID, owner: str) -> None:
+        await conn.execute(self._release, {"sid": saga_id, "owner": owner})
+
+    def lease_lost(self, saga_id: UUID, owner: str) -> SagaLeaseLostError:
+        return SagaLeaseLostError(
+            f"saga {saga_id}: the lease of run {owner} was taken over by another run",
+            saga_id=saga_id,
+        )
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    async def write_checkpoint_pg(
+        self, conn: AsyncConnection, cp: Checkpoint, text: str | None
+    ) -> int:
+        entries = cp.entries
+        params = {
+            "sid": cp.saga_id, "has_ctx": text is not None, "ctx": text,
+            "status": None if cp.status is None else cp.status.value,
+            "reset": cp.reset_attempts, "release": cp.releases_lease, "lease": cp.lease_seconds,
+            "fv": cp.fence_version, "ev": cp.expected_version, "owner": cp.fence_owner,
+            "steps": [e.step_name for e in entries], "actions": [e.action.value for e in entries],
+            "statuses": [e.status.value for e in entries], "details": [e.details for e in entries],
+            "errors": [e.error_type for e in entries],
+        }
+        row = (await conn.execute(self._pg_checkpoint, params)).first()
+        if row is None:
+            await self._diagnose(conn, cp)
+        return int(row[0])  # type: ignore[index]
+
+    async def write_checkpoint(
+        self, conn: AsyncConnection, cp: Checkpoint, text: str | None, owner: str
+    ) -> int:
+        d = self.d
+        time = d.time_params(lease=cp.lease_seconds)
+        if cp.create_name is not None:
+            status = (cp.status or SagaStatus.PENDING).value
+            try:
+                await conn.execute(self._insert_plain, {"sid": cp.saga_id, "name": cp.create_name,
+                                                        "status": status, "ctx": text or "{}", **time})
+            except sa.exc.IntegrityError as error:
+                raise SagaConcurrencyError(f"saga {cp.saga_id} already exists",
+                                           saga_id=cp.saga_id) from error
+            version = 1
+        else:
+            stmt, params = self._update_for(cp, text)
+            result = await conn.execute(stmt, {**params, **time})
+            if result.rowcount != 1:
+                await self._diagnose(conn, cp)
+            version = await self._version_after(conn, cp)
+        if cp.entries:
+            await conn.execute(self._insert_log, [
+                {"sid": cp.saga_id, "step_name": e.step_name, "action": e.action.value,
+                 "status": e.status.value, "details": e.details, "error_type": e.error_type, **time}
+                for e in cp.entries
+            ])
+        return version
+
+    async def _version_after(self, conn: AsyncConnection, cp: Checkpoint) -> int:
+        known = cp.fence_version if cp.fence_version is not None else cp.expected_version
+        if known is not None:
+            return known + 1
+        return (await self.load_state(conn, cp.saga_id))[2]
+
+    def _update_for(self, cp: Checkpoint, text: str | None) -> tuple[Any, dict[str, Any]]:
+        key = (text is not None, cp.status is not None, cp.reset_attempts, cp.releases_lease,
+               cp.lease_seconds is not None, cp.fence_version is not None,
+               cp.expected_version is not None, cp.fence_owner is not None)
+        stmt = self._updates.get(key)
+        if stmt is None:
+            stmt = self._updates[key] = self._build_update(*key)
+        params: dict[str, Any] = {"sid": cp.saga_id, "ctx": text,
+                                  "status": None if cp.status is None else cp.status.value,
+                                  "fv": cp.fence_version, "ev": cp.expected_version,
+                                  "owner": cp.fence_owner}
+        return stmt, {k: v for k, v in params.items() if v is not None or k == "sid"}
+
+    def _build_update(self, has_ctx: bool, has_status: bool, reset: bool, release: bool,
+                      has_lease: bool, has_fv: bool, has_ev: bool, has_owner: bool) -> Any:
+        t, d = self.t, self.d
+        values: dict[str, Any] = {"version": t.c.version + 1, "updated_at": d.now()}
+        if has_ctx:
+            values["context"] = d.context_in
+        if has_status:
+            values["status"] = sa.bindparam("status")
+        if reset:
+            values["recovery_attempts"] = 0
+        if release:
+            values["lease_owner"] = None
+            values["lease_expires_at"] = None
+        elif has_lease:
+            values["lease_expires_at"] = d.now_plus("lease")
+        stmt = sa.update(t).where(t.c.saga_id == sa.bindparam("sid", type_=sa.Uuid()))
+        if has_fv:
+            stmt = stmt.where(t.c.version == sa.bindparam("fv"))
+        if has_ev:
+            stmt = stmt.where(t.c.version == sa.bindparam("ev"))
+        if has_owner:
+            stmt = stmt.where(t.c.lease_owner == sa.bindparam("owner"))
+        return stmt.values(**values)
+
+    async def _diagnose(self, conn: AsyncConnection, cp: Checkpoint) -> None:
+        """Raise the reason a fenced write matched no row."""
+        row = await self.fetch_row(conn, cp.saga_id)
+        if row is None:
+            raise SagaNotFoundError(f"no saga with id {cp.saga_id}", saga_id=cp.saga_id)
+        state = row_to_state(row)
+        if cp.fence_owner is not None and state.lease_owner != cp.fence_owner:
+            raise SagaLeaseLostError(
+                f"saga {cp.saga_id}: this run's lease was taken over by {state.lease_owner!r}",
+                saga_id=cp.saga_id, saga_name=state.name,
+            )
+        expected = cp.fence_version if cp.fence_version is not None else cp.expected_version
+        if cp.expected_version is not None and state.version != cp.expected_version:
+            expected = cp.expected_version
+        raise SagaConcurrencyError(
+            f"saga {cp.saga_id}: expected version {expected}, found {state.version}",
+            saga_id=cp.saga_id, saga_name=state.name,
+        )

@@ -1,0 +1,101 @@
+"""The SQL schema: two SQLAlchemy Core tables, one row per saga and one row per step log entry.
+
+``saga_executions``
+    saga_id (PK), name, status, context (JSON; JSONB on PostgreSQL), version, recovery_attempts,
+    fingerprint, lease_owner, lease_expires_at, created_at, updated_at.
+    Indexes: (status, updated_at) for the recovery scan, (name, status), (created_at) for listing.
+
+``saga_logs``
+    id (PK, autoincrement: the write order), saga_id, step_name, action, status, details,
+    error_type, created_at. Index: (saga_id, id) for a saga's history in order.
+
+Timestamps are UTC (``timestamptz`` on PostgreSQL, ``DATETIME(6)`` holding UTC on MySQL/MariaDB).
+Table names are configurable and validated as plain identifiers.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql, postgresql
+
+__all__ = ["SagaTables", "build_tables", "validate_table_name"]
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+def validate_table_name(name: str) -> str:
+    """Return ``name`` if it is a plain SQL identifier; raise ValueError otherwise."""
+    if not isinstance(name, str) or not _IDENTIFIER.match(name):
+        raise ValueError(
+            f"invalid table name {name!r}: use letters, digits and underscores, "
+            "starting with a letter or underscore, at most 63 characters"
+        )
+    return name
+
+
+def _timestamp() -> sa.types.TypeEngine[Any]:
+    return sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+
+
+def _json() -> sa.types.TypeEngine[Any]:
+    return sa.Text().with_variant(postgresql.JSONB(), "postgresql").with_variant(
+        mysql.LONGTEXT(), "mysql", "mariadb"
+    )
+
+
+class SagaTables:
+    """The two tables, bound to one MetaData."""
+
+    def __init__(
+        self,
+        executions_table: str = "saga_executions",
+        logs_table: str = "saga_logs",
+        metadata: sa.MetaData | None = None,
+    ) -> None:
+        self.metadata = metadata if metadata is not None else sa.MetaData()
+        executions_table = validate_table_name(executions_table)
+        logs_table = validate_table_name(logs_table)
+        self.executions = sa.Table(
+            executions_table,
+            self.metadata,
+            sa.Column("saga_id", sa.Uuid(), primary_key=True),
+            sa.Column("name", sa.String(255), nullable=False),
+            sa.Column("status", sa.String(16), nullable=False),
+            sa.Column("context", _json(), nullable=False),
+            sa.Column("version", sa.Integer(), nullable=False),
+            sa.Column("recovery_attempts", sa.Integer(), nullable=False, server_default="0"),
+            sa.Column("fingerprint", sa.String(64), nullable=True),
+            sa.Column("lease_owner", sa.String(128), nullable=True),
+            sa.Column("lease_expires_at", _timestamp(), nullable=True),
+            sa.Column("created_at", _timestamp(), nullable=False),
+            sa.Column("updated_at", _timestamp(), nullable=False),
+            sa.Index(f"ix_{executions_table}_status_updated", "status", "updated_at"),
+            sa.Index(f"ix_{executions_table}_name_status", "name", "status"),
+            sa.Index(f"ix_{executions_table}_created", "created_at"),
+        )
+        self.logs = sa.Table(
+            logs_table,
+            self.metadata,
+            sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+                      primary_key=True, autoincrement=True),
+            sa.Column("saga_id", sa.Uuid(), nullable=False),
+            sa.Column("step_name", sa.String(255), nullable=False),
+            sa.Column("action", sa.String(16), nullable=False),
+            sa.Column("status", sa.String(16), nullable=False),
+            sa.Column("details", sa.Text(), nullable=True),
+            sa.Column("error_type", sa.String(255), nullable=True),
+            sa.Column("created_at", _timestamp(), nullable=False),
+            sa.Index(f"ix_{logs_table}_saga_id", "saga_id", "id"),
+        )
+
+
+def build_tables(
+    executions_table: str = "saga_executions",
+    logs_table: str = "saga_logs",
+    metadata: sa.MetaData | None = None,
+) -> SagaTables:
+    """The sagakit tables under the given names (validated)."""
+    return SagaTables(executions_table, logs_table, metadata)

@@ -1,0 +1,353 @@
+"""SQL storage over SQLAlchemy 2 async: SQLite (aiosqlite), PostgreSQL (asyncpg) and
+MySQL/MariaDB (asyncmy or aiomysql).
+
+Costs per checkpoint (one committed transaction each):
+
+- PostgreSQL: one statement, one round trip (the row update and the log inserts in one
+  data-modifying CTE, sent in autocommit mode).
+- MySQL/MariaDB: UPDATE, INSERT, COMMIT.
+- SQLite: BEGIN IMMEDIATE, UPDATE, INSERT, COMMIT (no network; WAL mode).
+
+A run borrows a pooled connection only for the duration of one write or read: nothing is held
+while a step runs. The one exception is ``load_saga_state(read_for_update=True)`` through a run,
+which pins a connection and its row lock until the run's next ``commit()``/``rollback()`` — the
+orchestrator never does that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+from uuid import UUID
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy import event, exc
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker, create_async_engine
+
+from sagakit.exceptions import SagaNotFoundError, SagaSerializationError
+from sagakit.records import SagaLogEntry, SagaState, SagaStatus
+from sagakit.storage.dialect import Dialect
+from sagakit.storage.queries import Queries, row_to_state
+from sagakit.storage.run import BufferedRun, Checkpoint, RunBackedStorage
+from sagakit.storage.schema import SagaTables
+
+__all__ = ["SqlAlchemySagaStorage"]
+
+DEFAULT_MAX_CONTEXT_BYTES = 16 * 1024 * 1024
+_EXTRAS = {"asyncpg": "postgres", "asyncmy": "mysql", "aiomysql": "aiomysql", "aiosqlite": ""}
+
+
+class SqlAlchemySagaStorage(RunBackedStorage):
+    """Sagas in two SQL tables (see :mod:`sagakit.storage.schema`).
+
+    Takes an ``AsyncEngine`` or an ``async_sessionmaker`` bound to one. ``max_context_bytes``
+    bounds a context's JSON size: a larger one raises SagaSerializationError before anything is
+    written. On SQLite the storage switches the engine's connections to WAL mode and makes write
+    transactions ``BEGIN IMMEDIATE``, so concurrent sagas queue instead of failing.
+    """
+
+    def __init__(
+        self,
+        engine_or_sessionmaker: AsyncEngine | async_sessionmaker[Any],
+        *,
+        executions_table: str = "saga_executions",
+        logs_table: str = "saga_logs",
+        max_context_bytes: int = DEFAULT_MAX_CONTEXT_BYTES,
+        _owns_engine: bool = False,
+    ) -> None:
+        self.engine = _engine_of(engine_or_sessionmaker)
+        self.tables = SagaTables(executions_table, logs_table)
+        self.dialect = Dialect(self.engine.dialect.name, self.tables)
+        self.queries = Queries(self.dialect)
+        self.max_context_bytes = max_context_bytes
+        self._owns_engine = _owns_engine
+        self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        if self.dialect.is_sqlite:
+            _configure_sqlite(self.engine)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        executions_table: str = "saga_executions",
+        logs_table: str = "saga_logs",
+        max_context_bytes: int = DEFAULT_MAX_CONTEXT_BYTES,
+        **engine_options: Any,
+    ) -> SqlAlchemySagaStorage:
+        """Build the storage and its own engine from a database URL, e.g.
+        ``sqlite+aiosqlite:///sagas.db`` or ``postgresql+asyncpg://user@host/db``.
+        Raises ImportError naming the extra to install when the driver is missing."""
+        try:
+            engine = create_async_engine(url, **engine_options)
+        except ImportError as error:
+            driver = sa.engine.make_url(url).get_driver_name()
+            extra = _EXTRAS.get(driver)
+            hint = f"pip install 'sagakit[{extra}]'" if extra else f"pip install {driver}"
+            raise ImportError(f"the {driver!r} database driver is not installed: {hint}") from error
+        return cls(engine, executions_table=executions_table, logs_table=logs_table,
+                   max_context_bytes=max_context_bytes, _owns_engine=True)
+
+    async def create_schema(self) -> None:
+        """Create the tables and indexes if they do not exist (idempotent)."""
+        async with self.engine.begin() as conn:
+            await conn.run_sync(self.tables.metadata.create_all)
+
+    async def drop_schema(self) -> None:
+        """Drop sagakit's tables (tests and tear-down)."""
+        async with self.engine.begin() as conn:
+            await conn.run_sync(self.tables.metadata.drop_all)
+
+    async def delete_all(self) -> None:
+        """Delete every saga and log entry (tests)."""
+        async with self.engine.begin() as conn:
+            await conn.execute(self.tables.logs.delete())
+            await conn.execute(self.tables.executions.delete())
+
+    async def close(self) -> None:
+        """Dispose of the engine if this storage created it (``from_url``)."""
+        if self._owns_engine:
+            await self.engine.dispose()
+
+    def _new_run(self) -> _SqlRun:
+        return _SqlRun(self)
+
+    # -- connections --------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def single(self, *, write: bool = False) -> AsyncIterator[AsyncConnection]:
+        """A connection for one statement that is its own transaction: autocommit where that
+        saves round trips (PostgreSQL; SQLite reads), else a transaction committed on exit."""
+        if self.dialect.is_postgres or (self.dialect.is_sqlite and not write):
+            async with self._autocommit.connect() as conn:
+                yield conn
+        else:
+            async with self.engine.begin() as conn:
+                yield conn
+
+    def transaction(self) -> Any:
+        """A connection inside a transaction, committed on success."""
+        return self.engine.begin()
+
+    def dump(self, saga_id: UUID, context: dict[str, Any]) -> str:
+        """The context's JSON text; SagaSerializationError if it is not JSON or too large."""
+        try:
+            text = orjson.dumps(context).decode()
+        except TypeError as error:
+            raise SagaSerializationError(
+                f"saga {saga_id}: context is not JSON-serialisable: {error}", saga_id=saga_id
+            ) from error
+        if len(text) > self.max_context_bytes:
+            raise SagaSerializationError(
+                f"saga {saga_id}: context is {len(text)} bytes of JSON, more than the storage's "
+                f"max_context_bytes={self.max_context_bytes}", saga_id=saga_id,
+            )
+        return text
+
+    # -- reads --------------------------------------------------------------------------------
+
+    async def load_saga_state(
+        self, saga_id: UUID, *, read_for_update: bool = False
+    ) -> tuple[SagaStatus, dict[str, Any], int]:
+        if read_for_update:
+            async with self.transaction() as conn:
+                return await self.queries.load_state(conn, saga_id, for_update=True)
+        async with self.single() as conn:
+            return await self.queries.load_state(conn, saga_id)
+
+    async def get_saga(self, saga_id: UUID) -> SagaState:
+        async with self.single() as conn:
+            row = await self.queries.fetch_row(conn, saga_id)
+        if row is None:
+            raise SagaNotFoundError(f"no saga with id {saga_id}", saga_id=saga_id)
+        return row_to_state(row)
+
+    async def get_step_history(self, saga_id: UUID) -> list[SagaLogEntry]:
+        async with self.single() as conn:
+            return await self.queries.history(conn, saga_id)
+
+    async def get_sagas_for_recovery(
+        self,
+        limit: int,
+        max_recovery_attempts: int = 5,
+        stale_after_seconds: float | None = None,
+        saga_name: str | None = None,
+    ) -> list[UUID]:
+        async with self.single() as conn:
+            return await self.queries.due_for_recovery(
+                conn, limit, max_recovery_attempts, stale_after_seconds, saga_name
+            )
+
+    async def list_sagas(
+        self,
+        *,
+        statuses: frozenset[SagaStatus] | None = None,
+        saga_name: str | None = None,
+        limit: int = 100,
+    ) -> list[SagaState]:
+        async with self.single() as conn:
+            return await self.queries.list_sagas(conn, statuses, saga_name, limit)
+
+    # -- commit-per-call writes that are not checkpoints ------------------------------------
+
+    async def increment_recovery_attempts(
+        self, saga_id: UUID, new_status: SagaStatus | None = None
+    ) -> None:
+        t = self.tables.executions
+        values: dict[str, Any] = {"recovery_attempts": t.c.recovery_attempts + 1}
+        if new_status is not None:
+            values["status"] = SagaStatus(new_status).value
+        await self._touch(saga_id, values)
+
+    async def set_recovery_attempts(self, saga_id: UUID, attempts: int) -> None:
+        await self._touch(saga_id, {"recovery_attempts": attempts})
+
+    async def _touch(self, saga_id: UUID, values: dict[str, Any]) -> None:
+        t = self.tables.executions
+        stmt = (
+            sa.update(t).where(t.c.saga_id == saga_id)
+            .values(version=t.c.version + 1, updated_at=self.dialect.now(), **values)
+        )
+        async with self.single(write=True) as conn:
+            result = await conn.execute(stmt, self.dialect.time_params())
+        if result.rowcount == 0:
+            raise SagaNotFoundError(f"no saga with id {saga_id}", saga_id=saga_id)
+
+
+class _SqlRun(BufferedRun):
+    """A run over the SQL storage: buffered checkpoints, each written in one transaction."""
+
+    def __init__(self, storage: SqlAlchemySagaStorage) -> None:
+        super().__init__()
+        self._s = storage
+        self._pinned: AsyncConnection | None = None
+        self._pinned_tx: Any = None
+
+    async def _write(self, cp: Checkpoint) -> int:
+        s = self._s
+        text = None if cp.context is None else s.dump(cp.saga_id, cp.context)
+        if self._pinned is not None:
+            try:
+                return await s.queries.write_checkpoint(self._pinned, cp, text, self.owner)
+            finally:
+                await self._unpin(commit=True)
+        if cp.create_name is None and s.dialect.checkpoint_sql is not None:
+            async with s.single(write=True) as conn:
+                return await s.queries.write_checkpoint_pg(conn, cp, text)
+        async with s.transaction() as conn:
+            return await s.queries.write_checkpoint(conn, cp, text, self.owner)
+
+    async def rollback(self) -> None:
+        await super().rollback()
+        await self._unpin(commit=False)
+
+    async def _unpin(self, *, commit: bool) -> None:
+        conn, tx = self._pinned, self._pinned_tx
+        self._pinned = self._pinned_tx = None
+        if conn is None:
+            return
+        try:
+            await (tx.commit() if commit else tx.rollback())
+        finally:
+            await conn.close()
+
+    async def load_saga_state(
+        self, saga_id: UUID, *, read_for_update: bool = False
+    ) -> tuple[SagaStatus, dict[str, Any], int]:
+        if read_for_update and self._pinned is None:
+            self._pinned = await self._s.engine.connect()
+            self._pinned_tx = await self._pinned.begin()
+        if self._pinned is not None:
+            return await self._s.queries.load_state(self._pinned, saga_id, for_update=read_for_update)
+        return await self._s.load_saga_state(saga_id)
+
+    async def get_step_history(self, saga_id: UUID) -> list[SagaLogEntry]:
+        return await self._s.get_step_history(saga_id)
+
+    async def start(
+        self,
+        saga_id: UUID,
+        name: str,
+        context: dict[str, Any],
+        *,
+        fingerprint: str | None,
+        lease_seconds: float,
+    ) -> tuple[SagaState, bool]:
+        s = self._s
+        text = s.dump(saga_id, context)
+        try:
+            async with s.single(write=True) as conn:
+                state = await s.queries.insert_leased(
+                    conn, saga_id, name, text, context, fingerprint, self.owner, lease_seconds
+                )
+        except exc.IntegrityError:
+            return await self.claim(saga_id, lease_seconds=lease_seconds), False
+        self._took_lease(state, lease_seconds)
+        return state, True
+
+    async def claim(
+        self,
+        saga_id: UUID,
+        *,
+        lease_seconds: float,
+        count_attempt: bool = True,
+        allow_parked: bool = False,
+    ) -> SagaState:
+        s = self._s
+        async with s.single(write=True) as conn:
+            state = await s.queries.claim(
+                conn, saga_id, self.owner, lease_seconds, count_attempt, allow_parked
+            )
+        self._took_lease(state, lease_seconds)
+        return state
+
+    async def renew_lease(self, lease_seconds: float) -> None:
+        if self.saga_id is None or not self.holds_lease:
+            return
+        async with self._s.single(write=True) as conn:
+            lost = not await self._s.queries.renew(conn, self.saga_id, self.owner, lease_seconds)
+        if lost:
+            self.holds_lease = False
+            raise self._s.queries.lease_lost(self.saga_id, self.owner)
+
+    async def release(self) -> None:
+        if self.saga_id is None or not self.holds_lease:
+            return
+        self.holds_lease = False
+        async with self._s.single(write=True) as conn:
+            await self._s.queries.release(conn, self.saga_id, self.owner)
+
+
+def _engine_of(obj: AsyncEngine | async_sessionmaker[Any]) -> AsyncEngine:
+    if isinstance(obj, AsyncEngine):
+        return obj
+    bind = getattr(obj, "kw", {}).get("bind")
+    if isinstance(bind, AsyncEngine):
+        return bind
+    raise TypeError(
+        "SqlAlchemySagaStorage needs an AsyncEngine or an async_sessionmaker bound to one, "
+        f"got {type(obj).__name__}"
+    )
+
+
+def _configure_sqlite(engine: AsyncEngine) -> None:
+    sync_engine = engine.sync_engine
+    if getattr(sync_engine, "_sagakit_sqlite", False):
+        return
+    sync_engine._sagakit_sqlite = True  # type: ignore[attr-defined]
+
+    @event.listens_for(sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(sync_engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        if conn.get_isolation_level() != "AUTOCOMMIT":
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
