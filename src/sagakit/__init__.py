@@ -6,6 +6,8 @@ ones in reverse. State is checkpointed to a storage after every step, so a saga 
 crash is finished by recovery under Strict Backward Recovery.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from sagakit.compensator import RetryPolicy, SagaCompensator
 from sagakit.container import Container, as_container
 from sagakit.context import SagaContext
@@ -18,6 +20,7 @@ from sagakit.exceptions import (
     SagaNotFoundError,
     SagaParkedError,
     SagaSerializationError,
+    SagaStorageError,
 )
 from sagakit.invocation import StepInvocation, current_invocation
 from sagakit.mediator import SagaMap, SagaMediator, bootstrap
@@ -28,6 +31,9 @@ from sagakit.saga import Saga
 from sagakit.step import SagaStepHandler, SagaStepResult
 from sagakit.storage import ISagaStorage, MemorySagaStorage, SagaStorage, SagaStorageRun
 from sagakit.transaction import SagaTransaction
+
+if TYPE_CHECKING:
+    from sagakit.storage.sqlalchemy import SqlAlchemySagaStorage
 
 __version__ = "0.1.0"
 
@@ -59,8 +65,10 @@ __all__ = [
     "SagaStepResult",
     "SagaStepStatus",
     "SagaStorage",
+    "SagaStorageError",
     "SagaStorageRun",
     "SagaTransaction",
+    "SqlAlchemySagaStorage",
     "StepInvocation",
     "abort_saga",
     "as_container",
@@ -69,3 +77,12 @@ __all__ = [
     "recover_saga",
     "resume_saga",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported lazily: sagakit with the memory storage never imports SQLAlchemy.
+    if name == "SqlAlchemySagaStorage":
+        from sagakit.storage.sqlalchemy import SqlAlchemySagaStorage
+
+        return SqlAlchemySagaStorage
+    raise AttributeError(f"module 'sagakit' has no attribute {name!r}")

@@ -21,6 +21,7 @@ import datetime as dt
 import decimal
 import enum
 import math
+import typing
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, Self, TypeVar, cast
@@ -60,6 +61,7 @@ class ContextCodec(Generic[C]):
     __slots__ = ("_decode", "_encode", "context_type", "kind")
 
     def __init__(self, context_type: type[C]) -> None:
+        context_type = typing.get_origin(context_type) or context_type  # dict[str, Any] -> dict
         self.context_type = context_type
         if context_type is dict or (isinstance(context_type, type) and issubclass(context_type, dict)):
             self.kind = "dict"
@@ -89,9 +91,12 @@ class ContextCodec(Generic[C]):
         return self._encode(context)
 
     def decode(self, data: Mapping[str, Any]) -> C:
-        """Stored dict -> context. Raises SagaSerializationError when the data does not fit."""
+        """Stored dict -> context. Raises SagaSerializationError when the data does not fit.
+
+        The context shares no mutable value with ``data`` (``Any``-typed fields and dict
+        contexts would otherwise alias it, and the engine compares against ``data`` later)."""
         try:
-            return cast(C, self._decode(data))
+            return cast(C, self._decode(_plain_copy(data)))
         except (msgspec.ValidationError, ValueError, TypeError) as exc:
             raise SagaSerializationError(
                 f"stored context does not fit {self.context_type.__name__}: {exc}"

@@ -8,6 +8,8 @@ The tree::
     ├── SagaNotFoundError        (also a LookupError) no saga with that id is stored
     ├── SagaBusyError            another live run holds the saga's lease
     ├── SagaParkedError          the saga is parked; only an explicit resume or abort touches it
+    ├── SagaStorageError         a checkpoint could not be written (database down, connection
+    │                            lost...); the saga stays at its last checkpoint, recoverable
     └── SagaConcurrencyError     a checkpoint's expected version did not match: someone else wrote
         └── SagaLeaseLostError   this run's lease was taken over; it stopped writing
 
@@ -33,6 +35,7 @@ __all__ = [
     "SagaNotFoundError",
     "SagaParkedError",
     "SagaSerializationError",
+    "SagaStorageError",
 ]
 
 
@@ -99,6 +102,11 @@ class SagaBusyError(SagaError):
 
 class SagaParkedError(SagaError):
     """The saga is PARKED: automatic recovery gave up on it; resume or abort it explicitly."""
+
+
+class SagaStorageError(SagaError):
+    """The storage failed while writing a checkpoint; ``__cause__`` is the driver's error.
+    Nothing of that checkpoint is durable, and the saga can be recovered from the last one."""
 
 
 class SagaConcurrencyError(SagaError):

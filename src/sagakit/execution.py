@@ -8,7 +8,7 @@ Used by :class:`~sagakit.transaction.SagaTransaction` (first runs and resumes) a
 - each completed step (its log entry and the context, if it changed) is one checkpoint; the last
   one also writes COMPLETED and releases the lease;
 - a failed step's log entry, the context and COMPENSATING are one checkpoint, durable before the
-  first ``compensate()``;
+  first ``compensate()`` (FAILED instead when no step had completed: nothing to compensate);
 - each compensated step is one checkpoint; the last one also writes FAILED (unless a
   compensation failed for good: the saga then stays COMPENSATING for recovery).
 
@@ -31,7 +31,13 @@ from uuid import UUID
 from sagakit.compensator import CompensationFailure, CompensationTask, RetryPolicy, SagaCompensator
 from sagakit.container import Container
 from sagakit.context import ContextCodec
-from sagakit.exceptions import SagaDefinitionError, SagaLeaseLostError, SagaSerializationError
+from sagakit.exceptions import (
+    SagaDefinitionError,
+    SagaError,
+    SagaLeaseLostError,
+    SagaSerializationError,
+    SagaStorageError,
+)
 from sagakit.invocation import StepInvocation, reset_current, set_current
 from sagakit.middleware import Middleware, build_chain
 from sagakit.plan import CompletedStep, Finished, Forward, Mismatch, Plan, decide
@@ -90,7 +96,7 @@ async def prepare_resume(
             saga.name, state.saga_id, state.recovery_attempts, max_recovery_attempts,
         )
         await run.update_status(state.saga_id, SagaStatus.PARKED)
-        await run.commit()
+        await self.commit()
         return Resumption(Finished(SagaStatus.PARKED), None, state.context)
     history = await run.get_step_history(state.saga_id)
     plan = decide(state.status, saga.step_specs, history, resume_parked=resume_parked)
@@ -133,6 +139,7 @@ class Execution(Generic[C]):
         }
         self._chain = build_chain(middlewares, _invoke)
         self._failed_handler = ""
+        self._unstorable = False
 
     # -- entry point -----------------------------------------------------------------------------
 
@@ -161,9 +168,26 @@ class Execution(Generic[C]):
         async with LeaseKeeper(self.run, self.lease_seconds):
             await self._backward(to_compensate)
 
+    async def commit(self) -> None:
+        """Commit the buffered checkpoint. A driver error becomes SagaStorageError naming the
+        saga; sagakit's own errors (fencing, serialisation) pass through unchanged."""
+        try:
+            await self.run.commit()
+        except SagaError:
+            raise
+        except Exception as exc:
+            raise SagaStorageError(
+                f"saga {self.saga.name!r} {self.saga_id}: a checkpoint could not be written "
+                f"({type(exc).__name__}: {exc}); the saga stays at its last checkpoint and can "
+                "be recovered",
+                saga_id=self.saga_id,
+                step_name=self._failed_handler or None,
+                saga_name=self.saga.name,
+            ) from exc
+
     async def park(self) -> None:
         await self.run.update_status(self.saga_id, SagaStatus.PARKED)
-        await self.run.commit()
+        await self.commit()
         self.status = SagaStatus.PARKED
 
     # -- forward --------------------------------------------------------------------------------
@@ -177,28 +201,46 @@ class Execution(Generic[C]):
             return
         for index in range(plan.start, len(specs)):
             spec = specs[index]
+            previous = self._stored
             try:
                 result, handler_name = await self.run_step(spec)
                 data = self._encode_changed(handler_name)
             except Exception as exc:
-                await self._fail_step(exc)
-                await self._backward(tuple(reversed(completed)))
-                self._annotate(exc)
+                await self._fail_and_compensate(exc, completed)
                 raise
-            completed.append(CompletedStep(index, handler_name))
             await run.log_step(saga_id, handler_name, SagaAction.ACT, SagaStepStatus.COMPLETED)
             if data is not None:
                 await run.update_context(saga_id, data)
-            if index == len(specs) - 1:
+            last = index == len(specs) - 1
+            if last:
                 await run.update_status(saga_id, SagaStatus.COMPLETED)
-            await run.commit()
-            if index == len(specs) - 1:
+            try:
+                await self.commit()
+            except SagaSerializationError as exc:  # the storage refused the context (too large)
+                await run.rollback()
+                self._stored, self._unstorable = previous, True
+                error = SagaSerializationError(
+                    f"saga {self.saga.name!r} {saga_id}: step {handler_name!r} left a context "
+                    f"the storage cannot hold: {exc.message}",
+                    saga_id=saga_id, step_name=handler_name, saga_name=self.saga.name,
+                )
+                await self._fail_and_compensate(error, completed)
+                raise error from exc
+            completed.append(CompletedStep(index, handler_name))
+            if last:
                 self.status = SagaStatus.COMPLETED
             yield result
 
+    async def _fail_and_compensate(self, exc: Exception, completed: list[CompletedStep]) -> None:
+        # With nothing to undo, the failure record and FAILED are one checkpoint.
+        await self._fail_step(exc, nothing_to_undo=not completed)
+        if completed:
+            await self._backward(tuple(reversed(completed)))
+        self._annotate(exc)
+
     async def _finish_forward(self) -> None:
         await self.run.update_status(self.saga_id, SagaStatus.COMPLETED)
-        await self.run.commit()
+        await self.commit()
         self.status = SagaStatus.COMPLETED
 
     async def run_step(self, spec: StepSpec) -> tuple[SagaStepResult[C, Any], str]:
@@ -237,7 +279,7 @@ class Execution(Generic[C]):
         self._stored = data
         return data
 
-    async def _fail_step(self, exc: Exception) -> None:
+    async def _fail_step(self, exc: Exception, *, nothing_to_undo: bool = False) -> None:
         self.step_error = exc
         error_type, details = describe_error(exc)
         run = self.run
@@ -246,11 +288,14 @@ class Execution(Generic[C]):
             error_type=error_type,
         )
         await self._buffer_context_if_possible()
-        await run.update_status(self.saga_id, SagaStatus.COMPENSATING)
-        await run.commit()
-        self.status = SagaStatus.COMPENSATING
+        status = SagaStatus.FAILED if nothing_to_undo else SagaStatus.COMPENSATING
+        await run.update_status(self.saga_id, status)
+        await self.commit()
+        self.status = status
 
     async def _buffer_context_if_possible(self) -> None:
+        if self._unstorable:
+            return  # the storage refused this context once; keep the last stored one
         try:
             data = self._encode_changed(self._failed_handler)
         except SagaSerializationError:
@@ -273,7 +318,7 @@ class Execution(Generic[C]):
             await self.run.update_status(self.saga_id, SagaStatus.COMPENSATING)
         if not to_compensate:
             await self.run.update_status(self.saga_id, SagaStatus.FAILED)
-            await self.run.commit()
+            await self.commit()
             self.status = SagaStatus.FAILED
             return
         self.status = SagaStatus.COMPENSATING
@@ -299,7 +344,7 @@ class Execution(Generic[C]):
                 await run.update_status(self.saga_id, SagaStatus.FAILED)
 
         compensator = SagaCompensator(self.retry, record=record,
-                                      on_after_compensate_step=self.run.commit)
+                                      on_after_compensate_step=self.commit)
         self.compensation_failures = await compensator.compensate(tasks)
         self.status = SagaStatus.COMPENSATING if self.compensation_failures else SagaStatus.FAILED
 

@@ -247,8 +247,7 @@ class MemorySagaStorage(RunBackedStorage):
         row.lease_expires_at = now + lease_seconds
         row.version += 1
         row.updated_at = now
-        if count_attempt:
-            row.recovery_attempts += 1
+        pass
         if row.status is SagaStatus.PENDING:
             row.status = SagaStatus.RUNNING
         return row.state()
@@ -309,7 +308,8 @@ class _MemoryRun(BufferedRun):
             return
         row = self._storage._row(self.saga_id)
         if row.lease_owner != self.owner:
-            self.holds_lease = False
+            # Keep ``holds_lease``: it is what fences this run's commits (BufferedRun.commit), and
+            # a run whose lease was taken over must write nothing more.
             raise SagaLeaseLostError(
                 f"saga {row.saga_id}: lease taken over by {row.lease_owner!r}",
                 saga_id=row.saga_id,

@@ -1,0 +1,56 @@
+"""Counting what a storage sends to its database, from SQLAlchemy's engine events.
+
+A server transaction is counted once per COMMIT or ROLLBACK sent, plus once per statement run
+on an autocommit connection (each is its own transaction on the server). BEGINs the drivers send
+implicitly are not statements of ours and are not counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+
+@dataclasses.dataclass
+class Counts:
+    statements: int = 0
+    transactions: int = 0
+    reads: int = 0
+
+    def reset(self) -> None:
+        self.statements = self.transactions = self.reads = 0
+
+
+class SqlCounter:
+    """Attach to an engine; ``counts`` grows as the engine talks to the server."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.counts = Counts()
+        self.log: list[str] = []
+        self._engine = engine.sync_engine
+        event.listen(self._engine, "before_cursor_execute", self._on_execute)
+        event.listen(self._engine, "commit", self._on_end)
+        event.listen(self._engine, "rollback", self._on_end)
+
+    def close(self) -> None:
+        event.remove(self._engine, "before_cursor_execute", self._on_execute)
+        event.remove(self._engine, "commit", self._on_end)
+        event.remove(self._engine, "rollback", self._on_end)
+
+    def _on_execute(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        text = statement.lstrip().split(None, 1)[0].upper()
+        if text in {"BEGIN", "PRAGMA"}:
+            return
+        self.counts.statements += 1
+        if text == "SELECT":
+            self.counts.reads += 1
+        self.log.append(statement.strip().split("\n")[0][:80])
+        if conn.get_isolation_level() == "AUTOCOMMIT":
+            self.counts.transactions += 1
+
+    def _on_end(self, conn: Any) -> None:
+        if conn.get_isolation_level() != "AUTOCOMMIT" and conn.in_transaction():
+            self.counts.transactions += 1

@@ -1,0 +1,208 @@
+"""What the SQL storage holds while steps run, and how it fails: bad contexts, lost
+connections, locks."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from sagakit import (
+    Saga,
+    SagaSerializationError,
+    SagaStatus,
+    SagaStepHandler,
+    SagaStorageError,
+    recover_saga,
+)
+from sagakit.exceptions import SagaNotFoundError
+from sagakit.storage.sqlalchemy import SqlAlchemySagaStorage
+from tests.conftest import MYSQL_DSN, POSTGRES_DSN
+from tests.integration.sagas import OrderContext, OrderSaga, Recorder
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def _reset_recorder() -> None:
+    Recorder.reset()
+
+
+async def test_no_connection_is_held_while_a_step_runs(sql_storage: Any) -> None:
+    seen: list[int] = []
+
+    async def look() -> None:
+        seen.append(sql_storage.engine.pool.checkedout())
+
+    for step in OrderSaga.steps:
+        Recorder.hooks[step.__name__] = look
+    status = await OrderSaga().transaction(context=OrderContext("h-1"), storage=sql_storage).run()
+    assert status is SagaStatus.COMPLETED
+    assert seen == [0] * len(OrderSaga.steps)
+
+
+async def test_postgres_has_no_open_transaction_of_ours_during_a_step() -> None:
+    app = f"sagakit-held-{uuid.uuid4().hex[:8]}"
+    storage = SqlAlchemySagaStorage.from_url(
+        POSTGRES_DSN, connect_args={"server_settings": {"application_name": app}}
+    )
+    observer = SqlAlchemySagaStorage.from_url(POSTGRES_DSN)
+    await storage.create_schema()
+    states: list[list[str]] = []
+
+    async def look() -> None:
+        async with observer.engine.connect() as conn:
+            rows = await conn.execute(
+                sa.text("SELECT state FROM pg_stat_activity WHERE application_name = :app"),
+                {"app": app},
+            )
+            states.append([r[0] for r in rows])
+
+    for step in OrderSaga.steps:
+        Recorder.hooks[step.__name__] = look
+    try:
+        status = await OrderSaga().transaction(context=OrderContext("h-2"), storage=storage).run()
+    finally:
+        await storage.close()
+        await observer.close()
+    assert status is SagaStatus.COMPLETED
+    assert len(states) == len(OrderSaga.steps)
+    for during_step in states:  # pooled connections may idle, none is in a transaction
+        assert all(state == "idle" for state in during_step), states
+
+
+async def test_an_unserialisable_context_is_refused_before_anything_is_written(
+    sql_storage: Any,
+) -> None:
+    @dataclasses.dataclass
+    class Bad(OrderContext):
+        blob: Any = None
+
+    class BadSaga(Saga[Bad]):
+        steps = list(OrderSaga.steps)
+
+    saga_id = uuid.uuid4()
+    with pytest.raises(SagaSerializationError) as info:
+        BadSaga().transaction(context=Bad("x", blob=object()), storage=sql_storage, saga_id=saga_id)
+    assert info.value.field == "blob"
+    assert "BadSaga" in str(info.value)
+    with pytest.raises(SagaNotFoundError):
+        await sql_storage.get_saga(saga_id)
+
+
+async def test_a_context_too_large_for_the_storage_fails_the_step_and_compensates(
+    sql_storage: Any, tmp_path: Any
+) -> None:
+    small = SqlAlchemySagaStorage(sql_storage.engine, max_context_bytes=2000)
+
+    async def grow() -> None:
+        context = current_context.pop()
+        context.order_id = "x" * 5000
+
+    current_context: list[OrderContext] = []
+
+    class Capture(SagaStepHandler[OrderContext, None]):
+        async def act(self, context: OrderContext) -> None:
+            current_context.append(context)
+
+        async def compensate(self, context: OrderContext) -> None:
+            Recorder.calls.append("compensate:Capture")
+
+    class GrowSaga(Saga[OrderContext]):
+        name = "GrowSaga"
+        steps = [Capture, *OrderSaga.steps]
+
+    Recorder.hooks["Charge"] = grow
+    saga_id = uuid.uuid4()
+    with pytest.raises(SagaSerializationError) as info:
+        await GrowSaga().transaction(
+            context=OrderContext("g"), storage=small, saga_id=saga_id, compensation_retry_delay=0
+        ).run()
+    assert info.value.step_name == "Charge"
+    assert "max_context_bytes" in str(info.value)
+    state = await small.get_saga(saga_id)
+    assert state.status is SagaStatus.FAILED
+    assert state.context["order_id"] == "g"  # the last context the storage accepted
+    assert Recorder.calls[-2:] == ["compensate:Reserve", "compensate:Capture"]
+
+
+async def _kill_connections(url: str, app_marker: str) -> None:
+    """Terminate the server connections of the storage under test, from another connection."""
+    admin = SqlAlchemySagaStorage.from_url(url)
+    try:
+        async with admin.engine.connect() as conn:
+            if admin.dialect.is_postgres:
+                await conn.execute(sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name = :app"), {"app": app_marker})
+            else:
+                me = (await conn.execute(sa.text("SELECT CONNECTION_ID()"))).scalar()
+                rows = await conn.execute(sa.text(
+                    "SELECT ID FROM information_schema.PROCESSLIST WHERE DB = 'test' AND ID <> :me"
+                ), {"me": me})
+                for (pid,) in rows.all():
+                    await conn.execute(sa.text(f"KILL {int(pid)}"))
+    finally:
+        await admin.close()
+
+
+@pytest.mark.parametrize("backend", ["postgres", "mysql"])
+async def test_a_lost_database_connection_leaves_the_saga_recoverable(backend: str) -> None:
+    app = f"sagakit-kill-{uuid.uuid4().hex[:8]}"
+    if backend == "postgres":
+        url, kwargs = POSTGRES_DSN, {"connect_args": {"server_settings": {"application_name": app}}}
+    else:
+        url, kwargs = MYSQL_DSN, {}
+    storage = SqlAlchemySagaStorage.from_url(url, **kwargs)
+    await storage.create_schema()
+
+    async def kill() -> None:
+        await _kill_connections(url, app)
+
+    Recorder.hooks["Ship"] = kill
+    saga_id = uuid.uuid4()
+    try:
+        with pytest.raises(SagaStorageError) as info:
+            await OrderSaga().transaction(
+                context=OrderContext("k"), storage=storage, saga_id=saga_id, lease_seconds=1
+            ).run()
+        assert info.value.saga_id == saga_id
+        state = await storage.get_saga(saga_id)
+        assert state.status is SagaStatus.RUNNING
+        assert state.context["done"] == ["Reserve", "Charge"]  # the last checkpoint, intact
+        Recorder.hooks.clear()
+        await asyncio.sleep(1.2)  # in case the lease could not be released
+        status = await recover_saga(OrderSaga(), saga_id, OrderContext, None, storage)
+        assert status is SagaStatus.COMPLETED
+        final = await storage.get_saga(saga_id)
+        assert final.context["done"] == ["Reserve", "Charge", "Ship", "Notify", "Invoice"]
+        assert Recorder.calls.count("act:Reserve") == 1
+        assert Recorder.calls.count("act:Charge") == 1
+        assert Recorder.calls.count("act:Ship") == 2  # its completion was never checkpointed
+    finally:
+        await storage.close()
+
+
+@pytest.mark.parametrize("url", [POSTGRES_DSN, MYSQL_DSN], ids=["postgres", "mysql"])
+async def test_read_for_update_locks_the_row_until_the_run_commits(url: str) -> None:
+    storage = SqlAlchemySagaStorage.from_url(url)
+    await storage.create_schema()
+    saga_id = uuid.uuid4()
+    await storage.create_saga(saga_id, "Locked", {"n": 1})
+    try:
+        async with storage.create_run() as run:
+            status, context, version = await run.load_saga_state(saga_id, read_for_update=True)
+            assert (status, context, version) == (SagaStatus.PENDING, {"n": 1}, 1)
+            other = asyncio.create_task(storage.update_context(saga_id, {"n": 3}))
+            await asyncio.sleep(0.3)
+            assert not other.done()  # blocked by the row lock
+            await run.update_context(saga_id, {"n": 2}, current_version=version)
+            await run.commit()
+            await other
+        assert (await storage.load_saga_state(saga_id))[1:] == ({"n": 3}, 3)
+    finally:
+        await storage.close()
