@@ -79,8 +79,9 @@ async def prepare_resume(
 ) -> Resumption[C]:
     """Decide how to continue a claimed saga. Parks it (and returns a Finished plan) when its
     recovery attempts are exhausted. Raises SagaDefinitionError, writing nothing, when the
-    stored saga is another saga's."""
-    if state.name != saga.name:
+    stored saga is another saga's. (A commit-per-call storage without ``get_saga`` cannot tell
+    the stored name: the state then has an empty name, and the check is skipped.)"""
+    if state.name and state.name != saga.name:
         raise SagaDefinitionError(
             f"saga {state.saga_id} is a {state.name!r} saga, not {saga.name!r}",
             saga_id=state.saga_id,
@@ -96,7 +97,7 @@ async def prepare_resume(
             saga.name, state.saga_id, state.recovery_attempts, max_recovery_attempts,
         )
         await run.update_status(state.saga_id, SagaStatus.PARKED)
-        await self.commit()
+        await run.commit()
         return Resumption(Finished(SagaStatus.PARKED), None, state.context)
     history = await run.get_step_history(state.saga_id)
     plan = decide(state.status, saga.step_specs, history, resume_parked=resume_parked)
@@ -316,6 +317,8 @@ class Execution(Generic[C]):
     async def _backward(self, to_compensate: Sequence[CompletedStep]) -> None:
         if self.status is not SagaStatus.COMPENSATING:
             await self.run.update_status(self.saga_id, SagaStatus.COMPENSATING)
+            if to_compensate:  # durable before the first compensate(), never after
+                await self.commit()
         if not to_compensate:
             await self.run.update_status(self.saga_id, SagaStatus.FAILED)
             await self.commit()

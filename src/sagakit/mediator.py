@@ -22,6 +22,16 @@ from sagakit.storage.protocol import SagaStorage
 
 __all__ = ["SagaMap", "SagaMediator", "bootstrap"]
 
+# The transaction options that also apply when the mediator recovers a saga.
+_RECOVERY_OPTIONS = frozenset({
+    "compensation_retry_count",
+    "compensation_retry_delay",
+    "compensation_retry_backoff",
+    "compensation_retry_max_delay",
+    "lease_seconds",
+    "max_recovery_attempts",
+})
+
 
 class SagaMap:
     """Which saga runs for which context type (and, for recovery, which saga has which name)."""
@@ -94,8 +104,10 @@ class SagaMediator:
         """Recover one stored saga, finding its definition by its stored name."""
         state = await self.storage.get_saga(saga_id)
         saga = self.saga_map.saga_named(state.name)
+        options = {k: v for k, v in self.options.items() if k in _RECOVERY_OPTIONS}
         return await recover_saga(
-            saga(), saga_id, None, self.container, self.storage, middlewares=self.middlewares
+            saga(), saga_id, None, self.container, self.storage, middlewares=self.middlewares,
+            **options,
         )
 
 

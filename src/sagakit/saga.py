@@ -91,6 +91,7 @@ class Saga(Generic[ContextT]):
         compensation_retry_jitter: float = 0.0,
         middlewares: Sequence[Middleware] = (),
         lease_seconds: float = 30.0,
+        max_recovery_attempts: int = 5,
     ) -> SagaTransaction[ContextT]:
         """Run this saga: returns a :class:`SagaTransaction` to iterate (optionally inside
         ``async with``). Without a storage, a fresh in-memory storage is used.
@@ -113,6 +114,7 @@ class Saga(Generic[ContextT]):
             compensation_retry_jitter=compensation_retry_jitter,
             middlewares=middlewares,
             lease_seconds=lease_seconds,
+            max_recovery_attempts=max_recovery_attempts,
         )
 
 

@@ -133,7 +133,7 @@ async def _native_scope(
     storage: SagaStorage, scope: AbstractAsyncContextManager[Any]
 ) -> AsyncIterator[LeasedRun]:
     async with scope as run:
-        if isinstance(run, LeasedRun):
+        if hasattr(run, "start") and hasattr(run, "claim"):  # a LeasedRun (cheap check)
             yield run
         else:  # a seed-style run without leases: drive it through its own commit()
             yield CommitPerCallRun(storage, seed_run=run)

@@ -36,6 +36,7 @@ class Dialect:
             self.context_in = sa.bindparam("ctx", type_=sa.Text())
             self.context_out = t.c.context
         self.checkpoint_sql = _pg_checkpoint(tables) if self.is_postgres else None
+        self.insert_leased_sql = pg_insert_leased(tables) if self.is_postgres else None
 
     # -- time ---------------------------------------------------------------------------------
 
@@ -87,37 +88,50 @@ def _plus(now: datetime, seconds: float) -> datetime:
     return now + timedelta(seconds=seconds)
 
 
-def _pg_checkpoint(tables: SagaTables) -> sa.TextClause:
-    """One statement: the fenced row update and the log inserts, or nothing at all.
+def _pg_checkpoint(tables: SagaTables) -> str:
+    """One asyncpg statement: the fenced row update and the log inserts, or nothing at all.
 
-    Returns the new version, or no row when the fence (version / lease owner) did not match.
+    Parameters: $1 saga_id, $2 has_ctx, $3 ctx, $4 status, $5 reset attempts, $6 release lease,
+    $7 lease seconds, $8 fence version, $9 expected version, $10 fence owner, $11-$15 arrays of
+    the log entries' step names, actions, statuses, details and error types. Returns the new
+    version, or no row when the fence (version / lease owner) did not match.
     """
     ex, logs = tables.executions.name, tables.logs.name
-    return sa.text(f"""
+    return f"""
 WITH u AS (
   UPDATE {ex} SET
     version = version + 1,
     updated_at = now(),
-    context = CASE WHEN CAST(:has_ctx AS boolean) THEN CAST(:ctx AS jsonb) ELSE context END,
-    status = COALESCE(CAST(:status AS varchar), status),
-    recovery_attempts = CASE WHEN CAST(:reset AS boolean) THEN 0 ELSE recovery_attempts END,
-    lease_owner = CASE WHEN CAST(:release AS boolean) THEN NULL ELSE lease_owner END,
+    context = CASE WHEN $2::boolean THEN $3::text::jsonb ELSE context END,
+    status = COALESCE($4::varchar, status),
+    recovery_attempts = CASE WHEN $5::boolean THEN 0 ELSE recovery_attempts END,
+    lease_owner = CASE WHEN $6::boolean THEN NULL ELSE lease_owner END,
     lease_expires_at = CASE
-      WHEN CAST(:release AS boolean) THEN NULL
-      WHEN CAST(:lease AS float8) IS NULL THEN lease_expires_at
-      ELSE now() + make_interval(secs => CAST(:lease AS float8)) END
-  WHERE saga_id = :sid
-    AND (CAST(:fv AS integer) IS NULL OR version = CAST(:fv AS integer))
-    AND (CAST(:ev AS integer) IS NULL OR version = CAST(:ev AS integer))
-    AND (CAST(:owner AS varchar) IS NULL OR lease_owner = CAST(:owner AS varchar))
+      WHEN $6::boolean THEN NULL
+      WHEN $7::float8 IS NULL THEN lease_expires_at
+      ELSE now() + make_interval(secs => $7::float8) END
+  WHERE saga_id = $1::uuid
+    AND ($8::integer IS NULL OR version = $8::integer)
+    AND ($9::integer IS NULL OR version = $9::integer)
+    AND ($10::varchar IS NULL OR lease_owner = $10::varchar)
   RETURNING version
 ), i AS (
   INSERT INTO {logs} (saga_id, step_name, action, status, details, error_type, created_at)
-  SELECT :sid, e.step_name, e.action, e.status, e.details, e.error_type, now()
-  FROM u, unnest(CAST(:steps AS text[]), CAST(:actions AS text[]), CAST(:statuses AS text[]),
-                 CAST(:details AS text[]), CAST(:errors AS text[]))
+  SELECT $1::uuid, e.step_name, e.action, e.status, e.details, e.error_type, now()
+  FROM u, unnest($11::text[], $12::text[], $13::text[], $14::text[], $15::text[])
        WITH ORDINALITY AS e(step_name, action, status, details, error_type, n)
   ORDER BY e.n
 )
 SELECT version FROM u
-""")
+"""
+
+
+def pg_insert_leased(tables: SagaTables) -> str:
+    """asyncpg statement creating a saga RUNNING and leased: $1 saga_id, $2 name, $3 context,
+    $4 fingerprint, $5 lease owner, $6 lease seconds."""
+    return f"""
+INSERT INTO {tables.executions.name} (saga_id, name, status, context, version, recovery_attempts,
+    fingerprint, lease_owner, lease_expires_at, created_at, updated_at)
+VALUES ($1::uuid, $2, 'RUNNING', $3::text::jsonb, 1, 0, $4, $5,
+    now() + make_interval(secs => $6::float8), now(), now())
+"""

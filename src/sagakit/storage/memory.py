@@ -247,7 +247,8 @@ class MemorySagaStorage(RunBackedStorage):
         row.lease_expires_at = now + lease_seconds
         row.version += 1
         row.updated_at = now
-        pass
+        if count_attempt:
+            row.recovery_attempts += 1
         if row.status is SagaStatus.PENDING:
             row.status = SagaStatus.RUNNING
         return row.state()

@@ -40,6 +40,19 @@ _CLAIMABLE = {
 }
 
 
+async def _raw(conn: AsyncConnection, method: str, sql: str, *args: Any) -> Any:
+    """Run one statement on the driver's own connection (asyncpg's, on PostgreSQL), skipping
+    SQLAlchemy's per-statement overhead. A connection the driver reports closed is invalidated,
+    so the pool replaces it instead of handing it out again."""
+    raw = (await conn.get_raw_connection()).driver_connection
+    try:
+        return await getattr(raw, method)(sql, *args)
+    except Exception:
+        if raw.is_closed():
+            await conn.invalidate()
+        raise
+
+
 def row_to_state(row: Any) -> SagaState:
     m = row._mapping
     context = m["context"]
@@ -99,8 +112,6 @@ class Queries:
             .values(lease_owner=None, lease_expires_at=None)
         )
         self._updates: dict[tuple[bool, ...], Any] = {}
-        if d.checkpoint_sql is not None:
-            self._pg_checkpoint = d.checkpoint_sql.bindparams(sid)
 
     def _claim_stmt(self, sid: Any, allow_parked: bool) -> Any:
         t, d = self.t, self.d
@@ -185,9 +196,18 @@ class Queries:
         self, conn: AsyncConnection, saga_id: UUID, name: str, text: str,
         context: dict[str, Any], fingerprint: str | None, owner: str, lease: float,
     ) -> SagaState:
-        params = {"sid": saga_id, "name": name, "ctx": text, "fingerprint": fingerprint,
-                  "owner": owner, **self.d.time_params(lease=lease)}
-        await conn.execute(self._insert_leased, params)
+        if self.d.insert_leased_sql is not None:  # PostgreSQL: straight to asyncpg
+            try:
+                await _raw(conn, "execute", self.d.insert_leased_sql, saga_id, name, text,
+                           fingerprint, owner, lease)
+            except Exception as error:
+                if type(error).__name__ == "UniqueViolationError":
+                    raise sa.exc.IntegrityError("INSERT", None, error) from error
+                raise
+        else:
+            params = {"sid": saga_id, "name": name, "ctx": text, "fingerprint": fingerprint,
+                      "owner": owner, **self.d.time_params(lease=lease)}
+            await conn.execute(self._insert_leased, params)
         return SagaState(saga_id, name, SagaStatus.RUNNING, context, 1, 0,
                          lease_owner=owner, fingerprint=fingerprint)
 
@@ -234,19 +254,17 @@ class Queries:
         self, conn: AsyncConnection, cp: Checkpoint, text: str | None
     ) -> int:
         entries = cp.entries
-        params = {
-            "sid": cp.saga_id, "has_ctx": text is not None, "ctx": text,
-            "status": None if cp.status is None else cp.status.value,
-            "reset": cp.reset_attempts, "release": cp.releases_lease, "lease": cp.lease_seconds,
-            "fv": cp.fence_version, "ev": cp.expected_version, "owner": cp.fence_owner,
-            "steps": [e.step_name for e in entries], "actions": [e.action.value for e in entries],
-            "statuses": [e.status.value for e in entries], "details": [e.details for e in entries],
-            "errors": [e.error_type for e in entries],
-        }
-        row = (await conn.execute(self._pg_checkpoint, params)).first()
-        if row is None:
+        version = await _raw(
+            conn, "fetchval", self.d.checkpoint_sql, cp.saga_id, text is not None, text,
+            None if cp.status is None else cp.status.value, cp.reset_attempts,
+            cp.releases_lease, cp.lease_seconds, cp.fence_version, cp.expected_version,
+            cp.fence_owner, [e.step_name for e in entries], [e.action.value for e in entries],
+            [e.status.value for e in entries], [e.details for e in entries],
+            [e.error_type for e in entries],
+        )
+        if version is None:
             await self._diagnose(conn, cp)
-        return int(row[0])  # type: ignore[index]
+        return int(version)
 
     async def write_checkpoint(
         self, conn: AsyncConnection, cp: Checkpoint, text: str | None, owner: str
