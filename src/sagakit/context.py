@@ -214,7 +214,7 @@ def _locate(context: Any, exc: BaseException) -> SagaSerializationError:
 def _walk_for_bad(value: Any, path: str) -> str | None:
     if isinstance(value, float) and not math.isfinite(value):
         return path
-    if isinstance(value, _JSON_SCALARS) or isinstance(value, _KNOWN):
+    if isinstance(value, _JSON_SCALARS + _KNOWN):
         return None
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         items: Any = ((f.name, getattr(value, f.name)) for f in dataclasses.fields(value))

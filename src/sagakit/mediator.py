@@ -43,8 +43,8 @@ class SagaMap:
     def bind(self, context_type: type[Any], saga_type: type[Saga[Any]]) -> None:
         """Run ``saga_type`` for contexts of ``context_type`` (or its subclasses). Raises
         ValueError if the type or the saga's name is already bound to another saga."""
-        for key, table in ((context_type, self._by_type), (saga_type.name, self._by_name)):
-            bound = table.get(key)  # type: ignore[call-overload]
+        for key, bound in ((context_type, self._by_type.get(context_type)),
+                           (saga_type.name, self._by_name.get(saga_type.name))):
             if bound is not None and bound is not saga_type:
                 raise ValueError(f"{key!r} is already bound to saga {bound.name!r}")
         self._by_type[context_type] = saga_type

@@ -44,7 +44,7 @@ async def _raw(conn: AsyncConnection, method: str, sql: str, *args: Any) -> Any:
     """Run one statement on the driver's own connection (asyncpg's, on PostgreSQL), skipping
     SQLAlchemy's per-statement overhead. A connection the driver reports closed is invalidated,
     so the pool replaces it instead of handing it out again."""
-    raw = (await conn.get_raw_connection()).driver_connection
+    raw: Any = (await conn.get_raw_connection()).driver_connection
     try:
         return await getattr(raw, method)(sql, *args)
     except Exception:
@@ -115,7 +115,7 @@ class Queries:
 
     def _claim_stmt(self, sid: Any, allow_parked: bool) -> Any:
         t, d = self.t, self.d
-        owner = sa.bindparam("owner")
+        owner: Any = sa.bindparam("owner")
         stmt = (
             sa.update(t)
             .where(
@@ -254,6 +254,7 @@ class Queries:
         self, conn: AsyncConnection, cp: Checkpoint, text: str | None
     ) -> int:
         entries = cp.entries
+        assert self.d.checkpoint_sql is not None
         version = await _raw(
             conn, "fetchval", self.d.checkpoint_sql, cp.saga_id, text is not None, text,
             None if cp.status is None else cp.status.value, cp.reset_attempts,

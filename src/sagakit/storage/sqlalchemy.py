@@ -24,7 +24,12 @@ from uuid import UUID
 import orjson
 import sqlalchemy as sa
 from sqlalchemy import event, exc
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    async_sessionmaker,
+    create_async_engine,
+)
 
 from sagakit.exceptions import SagaNotFoundError, SagaSerializationError
 from sagakit.records import SagaLogEntry, SagaState, SagaStatus
