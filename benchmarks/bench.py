@@ -25,9 +25,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sagakit import Saga, SagaContext, SagaStepHandler  # noqa: E402
-from sagakit.storage.memory import MemorySagaStorage  # noqa: E402
-from sagakit.storage.sqlalchemy import SqlAlchemySagaStorage  # noqa: E402
+from sagakit import Saga, SagaContext, SagaStepHandler
+from sagakit.storage.memory import MemorySagaStorage
+from sagakit.storage.sqlalchemy import SqlAlchemySagaStorage
 
 PG = os.environ.get("SAGAKIT_POSTGRES_DSN", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 MYSQL = os.environ.get("SAGAKIT_MYSQL_DSN", "mysql+asyncmy://root@127.0.0.1:3306/test")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import Iterator
 
 import pytest
 
@@ -20,3 +22,30 @@ def server_unavailable(what: str, error: BaseException) -> None:
     if IN_CI:
         pytest.fail(message + " (CI=true: a missing server is a failure, not a skip)")
     pytest.skip(message)
+
+
+# Each pytest process gets its own table names on the shared servers, so two test runs on one
+# machine (a developer's and CI's, or parallel sessions) cannot delete each other's rows.
+TABLES = {
+    "executions_table": f"saga_executions_t{os.getpid()}",
+    "logs_table": f"saga_logs_t{os.getpid()}",
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_test_tables() -> Iterator[None]:
+    yield
+    asyncio.run(_drop_tables())
+
+
+async def _drop_tables() -> None:
+    from sagakit.storage.sqlalchemy import SqlAlchemySagaStorage
+
+    for url in (POSTGRES_DSN, MYSQL_DSN):
+        storage = SqlAlchemySagaStorage.from_url(url, **TABLES)
+        try:
+            await storage.drop_schema()
+        except Exception:  # the server may be down; the tests said so already
+            pass
+        finally:
+            await storage.close()

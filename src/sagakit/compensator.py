@@ -63,9 +63,11 @@ class CompensationFailure:
 class SagaCompensator:
     """Runs compensation tasks in the order given.
 
-    After each step's outcome, ``record(step_name, error_or_None, attempts)`` is awaited and then
-    ``on_after_compensate_step()``: the orchestrator uses them to buffer the step's log entry and
-    commit it as a checkpoint, so each compensated step is durable before the next one starts.
+    After each step's outcome, ``record(step_name, error_or_None, attempts)`` is awaited; after
+    each *successfully* compensated step, ``on_after_compensate_step()`` is awaited too. The
+    orchestrator buffers the step's log entry in ``record`` and commits it in the callback, so
+    each compensated step is durable before the next one starts (a compensation that failed for
+    good is committed by ``record`` itself).
     """
 
     def __init__(
@@ -87,7 +89,7 @@ class SagaCompensator:
                 failures.append(CompensationFailure(task.step_name, error, attempts))
             if self._record is not None:
                 await self._record(task.step_name, error, attempts)
-            if self._after is not None:
+            if error is None and self._after is not None:
                 await self._after()
         return failures
 

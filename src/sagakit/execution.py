@@ -345,6 +345,8 @@ class Execution(Generic[C]):
             await self._buffer_context_if_possible()
             if step_name == last and not failed:
                 await run.update_status(self.saga_id, SagaStatus.FAILED)
+            if error is not None:
+                await self.commit()  # the compensator calls back only after successes
 
         compensator = SagaCompensator(self.retry, record=record,
                                       on_after_compensate_step=self.commit)

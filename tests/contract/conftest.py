@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from sagakit.storage.memory import MemorySagaStorage
-from tests.conftest import MYSQL_DSN, POSTGRES_DSN, server_unavailable
+from tests.conftest import MYSQL_DSN, POSTGRES_DSN, TABLES, server_unavailable
 
 BACKENDS = ["memory", "sqlite", "postgres", "mysql"]
 
@@ -27,7 +27,7 @@ async def make_storage(backend: str, tmp_path: Any) -> Any:
         "postgres": POSTGRES_DSN,
         "mysql": MYSQL_DSN,
     }[backend]
-    storage = SqlAlchemySagaStorage.from_url(url)
+    storage = SqlAlchemySagaStorage.from_url(url, **TABLES)
     try:
         await storage.create_schema()
         await storage.delete_all()

@@ -1,0 +1,147 @@
+"""Storages with only the seed's commit-per-call protocol (create_run() raises
+NotImplementedError): the orchestrator falls back to committing per call."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+
+from sagakit import MemorySagaStorage, SagaStatus, recover_saga
+from tests.unit.support import Crash, Ctx, Script, ThreeStepSaga, drive, transaction
+
+SEED_METHODS = (
+    "create_saga",
+    "update_context",
+    "update_status",
+    "log_step",
+    "load_saga_state",
+    "get_step_history",
+    "get_sagas_for_recovery",
+    "increment_recovery_attempts",
+    "set_recovery_attempts",
+)
+
+
+class SeedStorage:
+    """Exposes only the seed's methods of a memory storage, logging each call by name."""
+
+    def __init__(self, *, with_get_saga: bool = True) -> None:
+        self.inner = MemorySagaStorage()
+        self.calls: list[str] = []
+        self.create_run_calls = 0
+        if with_get_saga:
+            self.get_saga = self._get_saga
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in SEED_METHODS:
+            raise AttributeError(name)
+        method = getattr(self.inner, name)
+
+        async def logged(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append(name)
+            return await method(*args, **kwargs)
+
+        return logged
+
+    async def _get_saga(self, saga_id: uuid.UUID) -> Any:
+        return await self.inner.get_saga(saga_id)
+
+    def create_run(self) -> Any:
+        self.create_run_calls += 1
+        raise NotImplementedError
+
+    def writes(self) -> list[str]:
+        return [c for c in self.calls if c not in ("load_saga_state", "get_step_history")]
+
+
+async def history(storage: SeedStorage, saga_id: uuid.UUID) -> list[tuple[str, str, str]]:
+    entries = await storage.inner.get_step_history(saga_id)
+    return [(e.step_name, e.action.value, e.status.value) for e in entries]
+
+
+async def test_a_saga_runs_on_a_commit_per_call_storage():
+    storage, script, saga_id = SeedStorage(), Script(), uuid.uuid4()
+    results = await drive(transaction(ThreeStepSaga(), script, storage, saga_id=saga_id))
+    assert [r.step_name for r in results] == ["StepA", "StepB", "StepC"]
+    assert storage.create_run_calls == 1
+    row = await storage.inner.get_saga(saga_id)
+    assert row.status is SagaStatus.COMPLETED
+    assert row.context["trail"] == ["StepA", "StepB", "StepC"]
+    assert storage.writes()[:2] == ["create_saga", "update_status"]
+    assert await history(storage, saga_id) == [
+        ("StepA", "act", "COMPLETED"), ("StepB", "act", "COMPLETED"), ("StepC", "act", "COMPLETED"),
+    ]
+
+
+async def test_each_checkpoint_writes_context_then_log_then_status():
+    storage, script = SeedStorage(), Script()
+    await drive(transaction(ThreeStepSaga(), script, storage))
+    assert storage.writes()[2:] == [
+        "update_context", "log_step",
+        "update_context", "log_step",
+        "update_context", "log_step", "update_status",
+    ]
+
+
+async def test_failure_compensates_on_a_commit_per_call_storage():
+    storage, script, saga_id = SeedStorage(), Script(), uuid.uuid4()
+    boom = RuntimeError("boom")
+    script.fail("StepC", "act", boom)
+    with pytest.raises(RuntimeError) as caught:
+        await drive(transaction(ThreeStepSaga(), script, storage, saga_id=saga_id))
+    assert caught.value is boom
+    assert script.compensations() == ["StepB", "StepA"]
+    assert (await storage.inner.get_saga(saga_id)).status is SagaStatus.FAILED
+    assert (await history(storage, saga_id))[2:] == [
+        ("StepC", "act", "FAILED"),
+        ("StepB", "compensate", "COMPENSATED"),
+        ("StepA", "compensate", "COMPENSATED"),
+    ]
+
+
+@pytest.mark.parametrize("with_get_saga", [True, False], ids=["get_saga", "seed-only"])
+async def test_recovery_on_a_commit_per_call_storage(with_get_saga):
+    storage, script, saga_id = SeedStorage(with_get_saga=with_get_saga), Script(), uuid.uuid4()
+    script.fail("StepB", "act", Crash())
+    with pytest.raises(Crash):
+        await drive(transaction(ThreeStepSaga(), script, storage, saga_id=saga_id))
+    assert (await storage.inner.get_saga(saga_id)).status is SagaStatus.RUNNING
+    status = await recover_saga(ThreeStepSaga, saga_id, Ctx, script.container, storage)
+    assert status is SagaStatus.COMPLETED
+    assert script.acts() == ["StepA", "StepB", "StepB", "StepC"]
+    assert "increment_recovery_attempts" in storage.calls
+    assert (await storage.inner.get_saga(saga_id)).recovery_attempts == 1
+
+
+async def test_recovery_of_a_compensating_saga_on_a_commit_per_call_storage():
+    storage, script, saga_id = SeedStorage(), Script(), uuid.uuid4()
+    script.fail("StepC", "act", RuntimeError("boom"))
+    script.fail("StepA", "compensate", Crash())
+    with pytest.raises(Crash):
+        await drive(transaction(ThreeStepSaga(), script, storage, saga_id=saga_id))
+    assert (await storage.inner.get_saga(saga_id)).status is SagaStatus.COMPENSATING
+    status = await recover_saga(ThreeStepSaga, saga_id, Ctx, script.container, storage,
+                                compensation_retry_delay=0)
+    assert status is SagaStatus.FAILED
+    assert script.compensations() == ["StepB", "StepA", "StepA"]
+    assert script.acts() == ["StepA", "StepB", "StepC"]
+
+
+async def test_a_storage_without_create_run_uses_the_same_fallback():
+    class NoRun(SeedStorage):
+        create_run = None  # type: ignore[assignment]
+
+    storage, script, saga_id = NoRun(), Script(), uuid.uuid4()
+    await drive(transaction(ThreeStepSaga(), script, storage, saga_id=saga_id))
+    assert (await storage.inner.get_saga(saga_id)).status is SagaStatus.COMPLETED
+
+
+async def test_starting_a_terminal_saga_on_a_commit_per_call_storage_writes_nothing():
+    storage, script, saga_id = SeedStorage(), Script(), uuid.uuid4()
+    await drive(transaction(ThreeStepSaga(), script, storage, saga_id=saga_id))
+    storage.calls.clear()
+    assert await drive(transaction(ThreeStepSaga(), script, storage, saga_id=saga_id)) == []
+    assert storage.writes() == []
+    assert script.acts() == ["StepA", "StepB", "StepC"]

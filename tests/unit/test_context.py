@@ -1,0 +1,376 @@
+"""Context codecs: dataclass, pydantic and dict contexts, their JSON form and their errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import decimal
+import enum
+import uuid
+from typing import Any
+
+import orjson
+import pydantic
+import pytest
+
+from sagakit import (
+    MemorySagaStorage,
+    Saga,
+    SagaContext,
+    SagaError,
+    SagaSerializationError,
+    SagaStatus,
+    SagaStepHandler,
+    recover_saga,
+)
+from sagakit.context import codec_for
+from tests.unit.support import Crash, Ctx, Script, ThreeStepSaga, drive, state, transaction
+
+
+class Color(enum.Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+@dataclasses.dataclass
+class Line:
+    sku: str
+    price: decimal.Decimal
+    color: Color = Color.RED
+
+
+@dataclasses.dataclass
+class RichContext(SagaContext):
+    orderId: uuid.UUID
+    placed_at: dt.datetime
+    ship_on: dt.date
+    total: decimal.Decimal
+    color: Color
+    lines: list[Line]
+    note: str | None = None
+    gift: Line | None = None
+
+
+def rich() -> RichContext:
+    return RichContext(
+        orderId=uuid.UUID("12345678-1234-5678-1234-567812345678"),
+        placed_at=dt.datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=dt.UTC),
+        ship_on=dt.date(2024, 5, 8),
+        total=decimal.Decimal("19.90"),
+        color=Color.BLUE,
+        lines=[Line("a", decimal.Decimal("9.95")), Line("b", decimal.Decimal("9.95"), Color.BLUE)],
+        gift=Line("g", decimal.Decimal("0")),
+    )
+
+
+class ModelLine(pydantic.BaseModel):
+    sku: str
+    price: decimal.Decimal
+
+
+class ModelContext(pydantic.BaseModel):
+    order_id: uuid.UUID = pydantic.Field(alias="orderRef")
+    placed_at: dt.datetime
+    total: decimal.Decimal
+    color: Color
+    lines: list[ModelLine] = []
+    note: str | None = None
+
+
+def model() -> ModelContext:
+    return ModelContext(
+        orderRef=uuid.uuid4(), placed_at=dt.datetime(2024, 1, 1, tzinfo=dt.UTC),
+        total=decimal.Decimal("5.00"), color=Color.RED, lines=[ModelLine(sku="x", price=5)],
+    )
+
+
+# -- dataclass contexts ----------------------------------------------------------------------------
+
+
+def test_dataclass_context_round_trips_rich_values():
+    context = rich()
+    data = context.to_dict()
+    assert RichContext.from_dict(data) == context
+    restored = RichContext.from_dict(orjson.loads(orjson.dumps(data)))
+    assert restored == context
+    assert isinstance(restored.orderId, uuid.UUID)
+    assert isinstance(restored.lines[0], Line)
+    assert restored.lines[1].color is Color.BLUE
+
+
+def test_dataclass_context_is_stored_as_json_with_field_names_as_written():
+    data = rich().to_dict()
+    assert list(data) == [
+        "orderId", "placed_at", "ship_on", "total", "color", "lines", "note", "gift",
+    ]
+    assert data["orderId"] == "12345678-1234-5678-1234-567812345678"
+    assert data["total"] == "19.90"
+    assert data["color"] == "blue"
+    assert data["ship_on"] == "2024-05-08"
+    assert data["note"] is None
+    assert data["lines"][0] == {"sku": "a", "price": "9.95", "color": "red"}
+    assert orjson.loads(orjson.dumps(data)) == data
+
+
+def test_copy_is_independent():
+    context = rich()
+    copy = codec_for(RichContext).copy(context)
+    copy.lines.append(Line("c", decimal.Decimal(1)))
+    assert len(context.lines) == 2
+
+
+def test_unserialisable_dataclass_field_is_named_by_path():
+    context = rich()
+    context.lines[1].price = object()  # type: ignore[assignment]
+    with pytest.raises(SagaSerializationError) as caught:
+        context.to_dict()
+    assert caught.value.field == "lines[1].price"
+    assert "lines[1].price" in str(caught.value)
+    assert isinstance(caught.value, SagaError)
+
+
+def test_non_finite_float_is_refused():
+    @dataclasses.dataclass
+    class FloatContext(SagaContext):
+        amount: float
+
+    with pytest.raises(SagaSerializationError) as caught:
+        FloatContext(float("inf")).to_dict()
+    assert caught.value.field == "amount"
+
+
+def test_stored_data_that_does_not_fit_raises_serialization_error():
+    with pytest.raises(SagaSerializationError):
+        RichContext.from_dict({"orderId": "not-a-uuid"})
+
+
+def test_unsupported_context_type_is_refused():
+    class Plain:
+        pass
+
+    with pytest.raises(SagaSerializationError, match="unsupported context type"):
+        codec_for(Plain)
+
+
+def test_encoding_a_context_of_the_wrong_type_is_refused():
+    with pytest.raises(SagaSerializationError, match="expected a Ctx"):
+        codec_for(Ctx).encode({"order_id": "x"})
+
+
+# -- pydantic contexts -----------------------------------------------------------------------------
+
+
+def test_pydantic_context_round_trips_and_ignores_aliases():
+    context = model()
+    data = codec_for(ModelContext).encode(context)
+    assert "order_id" in data
+    assert "orderRef" not in data
+    assert data["total"] == "5.00"
+    assert data["color"] == "red"
+    restored = codec_for(ModelContext).decode(orjson.loads(orjson.dumps(data)))
+    assert restored == context
+    assert isinstance(restored.lines[0], ModelLine)
+
+
+def test_unserialisable_pydantic_field_is_named():
+    class Loose(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(arbitrary_types_allowed=True)
+        ok: int
+        thing: object
+
+    with pytest.raises(SagaSerializationError) as caught:
+        codec_for(Loose).encode(Loose(ok=1, thing=object()))
+    assert caught.value.field == "thing"
+
+
+# -- dict contexts ---------------------------------------------------------------------------------
+
+
+def test_dict_context_round_trips_as_an_independent_copy():
+    context: dict[str, Any] = {"order": "o-1", "items": [{"sku": "a", "qty": 2}], "paid": False}
+    data = codec_for(dict).encode(context)
+    assert data == context
+    data["items"].append({"sku": "b"})
+    assert len(context["items"]) == 1
+    assert codec_for(dict).decode(data) == data
+
+
+@pytest.mark.parametrize(
+    ("context", "field"),
+    [
+        ({"a": {"b": {1, 2}}}, "a.b"),
+        ({"a": [1, object()]}, "a[1]"),
+        ({"a": float("nan")}, "a"),
+        ({"a": {1: "x"}}, "a[1]"),
+    ],
+)
+def test_dict_context_with_non_json_values_is_refused(context, field):
+    with pytest.raises(SagaSerializationError) as caught:
+        codec_for(dict).encode(context)
+    assert caught.value.field == field
+
+
+# -- contexts inside sagas -------------------------------------------------------------------------
+
+
+async def test_an_unserialisable_context_is_refused_before_anything_is_written():
+    storage, script = MemorySagaStorage(), Script()
+    context = Ctx()
+    context.trail.append(object())  # type: ignore[arg-type]
+    with pytest.raises(SagaSerializationError) as caught:
+        transaction(ThreeStepSaga(), script, storage, context)
+    assert caught.value.field == "trail[0]"
+    assert caught.value.saga_name == "ThreeStepSaga"
+    assert await storage.list_sagas() == []
+    assert script.calls == []
+
+
+async def test_a_step_leaving_the_context_unserialisable_fails_like_a_raising_step():
+    storage, script, saga_id = MemorySagaStorage(), Script(), uuid.uuid4()
+
+    async def spoil(handler, context):
+        context.trail.append(object())
+
+    script.hook("StepB", "act", spoil)
+    with pytest.raises(SagaSerializationError) as caught:
+        await drive(transaction(ThreeStepSaga(), script, storage, saga_id=saga_id))
+    assert caught.value.step_name == "StepB"
+    assert caught.value.field is not None
+    assert "trail" in caught.value.field
+    assert script.compensations() == ["StepA"]
+    assert "StepC" not in script.acts()
+    row = await state(storage, saga_id)
+    assert row.status is SagaStatus.FAILED
+    assert row.context["trail"] == ["StepA"]  # the last good context
+
+
+class SetTotal(SagaStepHandler[ModelContext, None]):
+    async def act(self, context: ModelContext) -> None:
+        context.total += decimal.Decimal("1.25")
+        context.note = "charged"
+
+    async def compensate(self, context: ModelContext) -> None:
+        context.note = "refunded"
+
+
+class ModelSaga(Saga[ModelContext]):
+    steps = [SetTotal]
+
+
+async def test_pydantic_context_is_checkpointed():
+    storage, saga_id = MemorySagaStorage(), uuid.uuid4()
+    context = model()
+    await drive(ModelSaga().transaction(context=context, storage=storage, saga_id=saga_id))
+    stored = (await state(storage, saga_id)).context
+    assert stored["total"] == "6.25"
+    assert stored["note"] == "charged"
+    assert stored["order_id"] == str(context.order_id)
+
+
+class DictStep(SagaStepHandler[dict, None]):
+    async def act(self, context: dict) -> None:
+        context.setdefault("done", []).append(type(self).__name__)
+
+    async def compensate(self, context: dict) -> None:
+        context["done"].remove(type(self).__name__)
+
+
+class DictStepTwo(DictStep):
+    pass
+
+
+class DictSaga(Saga[dict]):
+    steps = [DictStep, DictStepTwo]
+
+
+async def test_dict_context_survives_a_crash_and_recovery():
+    storage, saga_id = MemorySagaStorage(), uuid.uuid4()
+
+    class Crashing(DictStepTwo):
+        async def act(self, context: dict) -> None:
+            raise Crash
+
+    crashing = {DictStepTwo: Crashing()}
+    with pytest.raises(Crash):
+        await drive(DictSaga().transaction({"order": "o-9"}, crashing, storage, saga_id=saga_id))
+    assert (await state(storage, saga_id)).context == {"order": "o-9", "done": ["DictStep"]}
+    assert await recover_saga(DictSaga, saga_id, None, None, storage) is SagaStatus.COMPLETED
+    assert (await state(storage, saga_id)).context == {
+        "order": "o-9", "done": ["DictStep", "DictStepTwo"],
+    }
+
+
+async def test_a_rich_dataclass_context_round_trips_through_a_saga():
+    storage, saga_id = MemorySagaStorage(), uuid.uuid4()
+
+    class Touch(SagaStepHandler[RichContext, None]):
+        async def act(self, context: RichContext) -> None:
+            context.note = "touched"
+
+        async def compensate(self, context: RichContext) -> None:
+            pass
+
+    class RichSaga(Saga[RichContext]):
+        steps = [Touch]
+
+    txn = RichSaga().transaction(context=rich(), storage=storage, saga_id=saga_id)
+    await drive(txn)
+    stored = (await state(storage, saga_id)).context
+    expected = dataclasses.replace(rich(), note="touched")
+    assert RichContext.from_dict(stored) == expected
+
+
+
+
+@dataclasses.dataclass
+class LooseContext(SagaContext):
+    meta: dict[str, Any]
+    anything: Any = None
+
+
+class LooseModel(pydantic.BaseModel):
+    meta: dict[str, Any]
+    anything: Any = None
+
+
+@pytest.mark.parametrize("context_type", [LooseContext, LooseModel, dict])
+def test_a_decoded_context_shares_no_mutable_value_with_the_stored_data(context_type):
+    data = {"meta": {"seen": ["a"]}, "anything": {"nested": [1]}}
+    context = codec_for(context_type).decode(data)
+    meta = context["meta"] if isinstance(context, dict) else context.meta
+    anything = context["anything"] if isinstance(context, dict) else context.anything
+    meta["seen"].append("b")
+    anything["nested"].append(2)
+    assert data == {"meta": {"seen": ["a"]}, "anything": {"nested": [1]}}
+
+
+class AppendMeta(SagaStepHandler[LooseContext, None]):
+    async def act(self, context: LooseContext) -> None:
+        context.anything["steps"].append(type(self).__name__)
+
+    async def compensate(self, context: LooseContext) -> None:
+        pass
+
+
+class AppendMetaTwo(AppendMeta):
+    pass
+
+
+class LooseSaga(Saga[LooseContext]):
+    steps = [AppendMeta, AppendMetaTwo]
+
+
+async def test_in_place_changes_to_a_resumed_context_are_checkpointed():
+    storage, saga_id = MemorySagaStorage(), uuid.uuid4()
+
+    class Crashing(AppendMetaTwo):
+        async def act(self, context: LooseContext) -> None:
+            raise Crash
+
+    context = LooseContext(meta={}, anything={"steps": []})
+    with pytest.raises(Crash):
+        await drive(LooseSaga().transaction(context, {AppendMetaTwo: Crashing()}, storage,
+                                            saga_id=saga_id))
+    await drive(LooseSaga().transaction(LooseContext({}), None, storage, saga_id=saga_id))
+    stored = (await state(storage, saga_id)).context
+    assert stored["anything"] == {"steps": ["AppendMeta", "AppendMetaTwo"]}

@@ -1,0 +1,203 @@
+"""decide(): the pure Strict Backward Recovery rules, one test per rule of plan.py's docstring."""
+
+from __future__ import annotations
+
+import types
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+
+from sagakit.plan import Backward, CompletedStep, Finished, Forward, Mismatch, decide
+from sagakit.records import SagaAction, SagaLogEntry, SagaStatus, SagaStepStatus
+from sagakit.saga import StepSpec
+from tests.unit.support import StepA, StepB, StepC, StepD
+
+SAGA_ID = uuid.uuid4()
+SPECS = (StepSpec(StepA), StepSpec(StepB), StepSpec(StepC))
+ACT, COMP = SagaAction.ACT, SagaAction.COMPENSATE
+DONE, FAILED, COMPENSATED, STARTED = (
+    SagaStepStatus.COMPLETED, SagaStepStatus.FAILED, SagaStepStatus.COMPENSATED,
+    SagaStepStatus.STARTED,
+)
+
+
+def log(*entries: tuple[str, SagaAction, SagaStepStatus]) -> list[SagaLogEntry]:
+    now = datetime.now(UTC)
+    return [SagaLogEntry(SAGA_ID, name, action, status, now) for name, action, status in entries]
+
+
+A_DONE = ("StepA", ACT, DONE)
+B_DONE = ("StepB", ACT, DONE)
+C_DONE = ("StepC", ACT, DONE)
+C_FAILED = ("StepC", ACT, FAILED)
+
+
+# -- terminal and parked -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [SagaStatus.COMPLETED, SagaStatus.FAILED])
+@pytest.mark.parametrize("entries", [(), (A_DONE,), (A_DONE, B_DONE, C_FAILED)])
+def test_terminal_statuses_are_finished_whatever_the_log(status, entries):
+    assert decide(status, SPECS, log(*entries)) == Finished(status)
+
+
+def test_terminal_status_is_finished_even_when_resuming_parked_is_asked():
+    assert decide(SagaStatus.FAILED, SPECS, log(A_DONE), resume_parked=True) == Finished(
+        SagaStatus.FAILED
+    )
+
+
+def test_parked_does_nothing_unless_resumed():
+    assert decide(SagaStatus.PARKED, SPECS, log(A_DONE, C_FAILED)) == Finished(SagaStatus.PARKED)
+
+
+# -- forward ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [SagaStatus.PENDING, SagaStatus.RUNNING])
+def test_new_saga_goes_forward_from_the_first_step(status):
+    assert decide(status, SPECS, []) == Forward(0, ())
+
+
+@pytest.mark.parametrize("status", [SagaStatus.PENDING, SagaStatus.RUNNING])
+def test_forward_skips_steps_recorded_completed(status):
+    plan = decide(status, SPECS, log(A_DONE, B_DONE))
+    assert plan == Forward(2, (CompletedStep(0, "StepA"), CompletedStep(1, "StepB")))
+
+
+def test_a_started_but_unrecorded_act_runs_again():
+    plan = decide(SagaStatus.RUNNING, SPECS, log(A_DONE, ("StepB", ACT, STARTED)))
+    assert plan == Forward(1, (CompletedStep(0, "StepA"),))
+
+
+def test_all_steps_completed_means_only_mark_completed():
+    plan = decide(SagaStatus.RUNNING, SPECS, log(A_DONE, B_DONE, C_DONE))
+    assert isinstance(plan, Forward)
+    assert plan.start == len(SPECS)
+
+
+def test_a_step_completed_twice_is_counted_once():
+    plan = decide(SagaStatus.RUNNING, SPECS, log(A_DONE, A_DONE))
+    assert plan == Forward(1, (CompletedStep(0, "StepA"),))
+
+
+def test_completed_steps_are_listed_in_step_order_whatever_the_log_order():
+    plan = decide(SagaStatus.RUNNING, SPECS, log(B_DONE, A_DONE))
+    assert plan == Forward(2, (CompletedStep(0, "StepA"), CompletedStep(1, "StepB")))
+
+
+def test_running_with_a_failed_act_in_the_log_goes_backward():
+    # The status write (COMPENSATING) was cut off after the failure was logged.
+    plan = decide(SagaStatus.RUNNING, SPECS, log(A_DONE, B_DONE, C_FAILED))
+    assert plan == Backward((CompletedStep(1, "StepB"), CompletedStep(0, "StepA")))
+
+
+# -- backward --------------------------------------------------------------------------------------
+
+
+def test_compensating_compensates_completed_steps_in_reverse_order():
+    plan = decide(SagaStatus.COMPENSATING, SPECS, log(A_DONE, B_DONE, C_FAILED))
+    assert plan == Backward((CompletedStep(1, "StepB"), CompletedStep(0, "StepA")))
+
+
+def test_the_failed_step_itself_is_not_compensated():
+    plan = decide(SagaStatus.COMPENSATING, SPECS, log(A_DONE, B_DONE, C_FAILED))
+    assert isinstance(plan, Backward)
+    assert "StepC" not in [c.handler_name for c in plan.to_compensate]
+
+
+def test_compensating_never_goes_forward_even_without_a_failure_logged():
+    plan = decide(SagaStatus.COMPENSATING, SPECS, log(A_DONE))
+    assert plan == Backward((CompletedStep(0, "StepA"),))
+
+
+def test_compensating_with_nothing_completed_only_marks_failed():
+    assert decide(SagaStatus.COMPENSATING, SPECS, log(("StepA", ACT, FAILED))) == Backward(())
+
+
+def test_steps_already_compensated_are_skipped():
+    entries = log(A_DONE, B_DONE, C_FAILED, ("StepB", COMP, COMPENSATED))
+    assert decide(SagaStatus.COMPENSATING, SPECS, entries) == Backward((CompletedStep(0, "StepA"),))
+
+
+def test_all_compensated_means_only_mark_failed():
+    entries = log(
+        A_DONE, B_DONE, C_FAILED, ("StepB", COMP, COMPENSATED), ("StepA", COMP, COMPENSATED)
+    )
+    assert decide(SagaStatus.COMPENSATING, SPECS, entries) == Backward(())
+
+
+def test_a_failed_compensation_is_tried_again():
+    entries = log(A_DONE, B_DONE, C_FAILED, ("StepB", COMP, FAILED), ("StepA", COMP, COMPENSATED))
+    assert decide(SagaStatus.COMPENSATING, SPECS, entries) == Backward((CompletedStep(1, "StepB"),))
+
+
+def test_backward_order_is_the_reverse_of_completion_order():
+    plan = decide(SagaStatus.COMPENSATING, SPECS, log(B_DONE, A_DONE))
+    assert plan == Backward((CompletedStep(0, "StepA"), CompletedStep(1, "StepB")))
+
+
+# -- resumed parked sagas --------------------------------------------------------------------------
+
+
+def test_resumed_parked_saga_with_a_failure_goes_backward():
+    plan = decide(SagaStatus.PARKED, SPECS, log(A_DONE, C_FAILED), resume_parked=True)
+    assert plan == Backward((CompletedStep(0, "StepA"),))
+
+
+def test_resumed_parked_saga_with_any_compensation_goes_backward():
+    entries = log(A_DONE, B_DONE, ("StepB", COMP, FAILED))
+    plan = decide(SagaStatus.PARKED, SPECS, entries, resume_parked=True)
+    assert plan == Backward((CompletedStep(1, "StepB"), CompletedStep(0, "StepA")))
+
+
+def test_resumed_parked_saga_without_failure_goes_forward():
+    plan = decide(SagaStatus.PARKED, SPECS, log(A_DONE), resume_parked=True)
+    assert plan == Forward(1, (CompletedStep(0, "StepA"),))
+
+
+# -- mismatches ------------------------------------------------------------------------------------
+
+
+def test_a_logged_step_the_saga_no_longer_has_is_a_mismatch():
+    plan = decide(SagaStatus.RUNNING, SPECS, log(A_DONE, ("Removed", ACT, DONE)))
+    assert isinstance(plan, Mismatch)
+    assert "Removed" in plan.reason
+
+
+def test_unknown_step_is_a_mismatch_even_when_compensating():
+    plan = decide(SagaStatus.COMPENSATING, SPECS, log(("StepD", ACT, DONE)))
+    assert isinstance(plan, Mismatch)
+
+
+def test_completed_steps_that_are_not_a_prefix_are_a_mismatch():
+    plan = decide(SagaStatus.RUNNING, SPECS, log(B_DONE))
+    assert isinstance(plan, Mismatch)
+    assert "StepB" in plan.reason
+
+
+# -- fallback steps --------------------------------------------------------------------------------
+
+
+def fallback_specs() -> tuple[StepSpec, ...]:
+    spec = StepSpec(StepB, fallback=types.SimpleNamespace(fallback=StepD))
+    return (StepSpec(StepA), spec, StepSpec(StepC))
+
+
+def test_failed_primary_of_a_fallback_does_not_fail_the_step():
+    entries = log(A_DONE, ("StepB", ACT, FAILED), ("StepD", ACT, DONE))
+    plan = decide(SagaStatus.RUNNING, fallback_specs(), entries)
+    assert plan == Forward(2, (CompletedStep(0, "StepA"), CompletedStep(1, "StepD")))
+
+
+def test_failed_alternative_of_a_fallback_fails_the_step():
+    entries = log(A_DONE, ("StepB", ACT, FAILED), ("StepD", ACT, FAILED))
+    plan = decide(SagaStatus.RUNNING, fallback_specs(), entries)
+    assert plan == Backward((CompletedStep(0, "StepA"),))
+
+
+def test_the_handler_that_completed_a_fallback_step_is_the_one_compensated():
+    entries = log(A_DONE, ("StepB", ACT, FAILED), ("StepD", ACT, DONE), C_FAILED)
+    plan = decide(SagaStatus.COMPENSATING, fallback_specs(), entries)
+    assert plan == Backward((CompletedStep(1, "StepD"), CompletedStep(0, "StepA")))
