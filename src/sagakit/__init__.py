@@ -26,11 +26,12 @@ from sagakit.invocation import StepInvocation, current_invocation
 from sagakit.mediator import SagaMap, SagaMediator, bootstrap
 from sagakit.middleware import LoggingMiddleware, Middleware
 from sagakit.records import SagaAction, SagaLogEntry, SagaState, SagaStatus, SagaStepStatus
-from sagakit.recovery import abort_saga, recover_saga, resume_saga
+from sagakit.recovery import RecoveryOptions, abort_saga, recover_saga, resume_saga
 from sagakit.saga import Saga
 from sagakit.step import SagaStepHandler, SagaStepResult
 from sagakit.storage import ISagaStorage, MemorySagaStorage, SagaStorage, SagaStorageRun
 from sagakit.transaction import SagaTransaction
+from sagakit.worker import RecoveryOutcome, RecoveryWorker
 
 if TYPE_CHECKING:
     from sagakit.storage.sqlalchemy import SqlAlchemySagaStorage
@@ -43,6 +44,9 @@ __all__ = [
     "LoggingMiddleware",
     "MemorySagaStorage",
     "Middleware",
+    "RecoveryOptions",
+    "RecoveryOutcome",
+    "RecoveryWorker",
     "RetryPolicy",
     "Saga",
     "SagaAction",

@@ -76,14 +76,21 @@ class SagaCompensator:
         *,
         record: Callable[[str, Exception | None, int], Awaitable[None]] | None = None,
         on_after_compensate_step: Callable[[], Awaitable[None]] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> None:
         self.retry = retry
         self._record = record
         self._after = on_after_compensate_step
+        self._should_stop = should_stop
+        self.stopped = False
+        """True when ``should_stop()`` ended the run before every task was compensated."""
 
     async def compensate(self, tasks: Sequence[CompensationTask]) -> list[CompensationFailure]:
         failures: list[CompensationFailure] = []
-        for task in tasks:
+        for position, task in enumerate(tasks):
+            if position and self._should_stop is not None and self._should_stop():
+                self.stopped = True
+                break
             error, attempts = await self._run(task)
             if error is not None:
                 failures.append(CompensationFailure(task.step_name, error, attempts))

@@ -141,6 +141,8 @@ class Execution(Generic[C]):
         self._chain = build_chain(middlewares, _invoke)
         self._failed_handler = ""
         self._unstorable = False
+        self.should_stop: Callable[[], bool] = _never
+        """Checked after each checkpoint; True makes the run stop there (graceful shutdown)."""
 
     # -- entry point -----------------------------------------------------------------------------
 
@@ -231,6 +233,8 @@ class Execution(Generic[C]):
             if last:
                 self.status = SagaStatus.COMPLETED
             yield result
+            if not last and self.should_stop():
+                return  # a graceful shutdown: the saga rests at this checkpoint
 
     async def _fail_and_compensate(self, exc: Exception, completed: list[CompletedStep]) -> None:
         # With nothing to undo, the failure record and FAILED are one checkpoint.
@@ -349,9 +353,11 @@ class Execution(Generic[C]):
                 await self.commit()  # the compensator calls back only after successes
 
         compensator = SagaCompensator(self.retry, record=record,
-                                      on_after_compensate_step=self.commit)
+                                      on_after_compensate_step=self.commit,
+                                      should_stop=self.should_stop)
         self.compensation_failures = await compensator.compensate(tasks)
-        self.status = SagaStatus.COMPENSATING if self.compensation_failures else SagaStatus.FAILED
+        done = not self.compensation_failures and not compensator.stopped
+        self.status = SagaStatus.FAILED if done else SagaStatus.COMPENSATING
 
     async def _call_compensate(self, handler_name: str, attempt: int) -> None:
         handler = await self._handler(handler_name)
@@ -367,6 +373,10 @@ class Execution(Generic[C]):
             handler = await self.container.resolve(self._types[handler_name])
             self._handlers[handler_name] = handler
         return handler
+
+
+def _never() -> bool:
+    return False
 
 
 def _handler_type(spec: StepSpec, name: str) -> type[SagaStepHandler[Any, Any]]:

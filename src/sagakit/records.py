@@ -98,3 +98,5 @@ class SagaState:
     lease_owner: str | None = None
     lease_expires_at: datetime | None = None
     fingerprint: str | None = None
+    next_attempt_at: datetime | None = None
+    """Recovery backs off: the saga is not listed for recovery before this time."""

@@ -11,6 +11,7 @@ is written.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from uuid import UUID
@@ -22,12 +23,12 @@ from sagakit.exceptions import SagaDefinitionError
 from sagakit.execution import Execution, Resumption, prepare_resume
 from sagakit.middleware import Middleware
 from sagakit.plan import Backward, Finished, Forward, Mismatch
-from sagakit.records import SagaAction, SagaStatus, SagaStepStatus
+from sagakit.records import TERMINAL_STATUSES, SagaAction, SagaStatus, SagaStepStatus
 from sagakit.saga import Saga
 from sagakit.storage.compat import open_run
 from sagakit.storage.protocol import LeasedRun, SagaStorage
 
-__all__ = ["abort_saga", "recover_saga", "resume_saga"]
+__all__ = ["RecoveryOptions", "abort_saga", "recover_saga", "resume_saga"]
 
 C = TypeVar("C")
 
@@ -75,13 +76,14 @@ async def recover_saga(
     SagaDefinitionError (the stored saga is another saga, or its log no longer fits the
     definition: it is then parked).
     """
-    return await _drive(
-        _instance(saga), saga_id, context_builder, container, _require(storage),
+    options = RecoveryOptions(
         middlewares=middlewares, max_recovery_attempts=max_recovery_attempts,
         retry=RetryPolicy(compensation_retry_count, compensation_retry_delay,
                           compensation_retry_backoff, compensation_retry_max_delay),
-        lease_seconds=lease_seconds, mode="recover",
+        lease_seconds=lease_seconds,
     )
+    return await _drive(_instance(saga), saga_id, context_builder, container, _require(storage),
+                        options, "recover")
 
 
 async def resume_saga(
@@ -100,12 +102,12 @@ async def resume_saga(
     and it continues in the direction its log shows (backward once anything failed or was
     compensated, forward otherwise). Any other non-terminal saga is recovered as by
     :func:`recover_saga` without counting an attempt."""
-    return await _drive(
-        _instance(saga), saga_id, context_builder, container, _require(storage),
-        middlewares=middlewares, max_recovery_attempts=1 << 30,
+    options = RecoveryOptions(
+        middlewares=middlewares, max_recovery_attempts=1 << 30, lease_seconds=lease_seconds,
         retry=RetryPolicy(compensation_retry_count, compensation_retry_delay),
-        lease_seconds=lease_seconds, mode="resume",
     )
+    return await _drive(_instance(saga), saga_id, context_builder, container, _require(storage),
+                        options, "resume")
 
 
 async def abort_saga(
@@ -125,12 +127,12 @@ async def abort_saga(
     live run) is switched to COMPENSATING, with the abort recorded as a failed act of its next
     step (error type ``SagaAborted``), and its completed steps are compensated. Returns FAILED
     when every compensation succeeded. Terminal sagas are returned as they are."""
-    return await _drive(
-        _instance(saga), saga_id, context_builder, container, _require(storage),
-        middlewares=middlewares, max_recovery_attempts=1 << 30,
+    options = RecoveryOptions(
+        middlewares=middlewares, max_recovery_attempts=1 << 30, lease_seconds=lease_seconds,
         retry=RetryPolicy(compensation_retry_count, compensation_retry_delay),
-        lease_seconds=lease_seconds, mode="abort", reason=reason,
     )
+    return await _drive(_instance(saga), saga_id, context_builder, container, _require(storage),
+                        options, "abort", reason)
 
 
 def _require(storage: SagaStorage | None) -> SagaStorage:
@@ -139,17 +141,32 @@ def _require(storage: SagaStorage | None) -> SagaStorage:
     return storage
 
 
+@dataclasses.dataclass(frozen=True)
+class RecoveryOptions:
+    """How recovery runs a saga. ``backoff``/``backoff_max``: after a recovery attempt that
+    ends without a terminal status, the saga is not listed for recovery again for
+    ``min(backoff * 2**(attempts-1), backoff_max)`` seconds. ``should_stop`` is checked after each
+    checkpoint (a worker's graceful shutdown)."""
+
+    middlewares: Sequence[Middleware] = ()
+    max_recovery_attempts: int = 5
+    retry: RetryPolicy = RetryPolicy()
+    lease_seconds: float = 30.0
+    backoff: float = 5.0
+    backoff_max: float = 300.0
+    should_stop: Callable[[], bool] | None = None
+
+    def wait_after(self, attempts: int) -> float:
+        return float(min(self.backoff * 2 ** max(attempts - 1, 0), self.backoff_max))
+
+
 async def _drive(
     saga: Saga[C],
     saga_id: UUID,
     context_builder: Any,
     container: Any,
     storage: SagaStorage,
-    *,
-    middlewares: Sequence[Middleware],
-    max_recovery_attempts: int,
-    retry: RetryPolicy,
-    lease_seconds: float,
+    options: RecoveryOptions,
     mode: str,
     reason: str = "",
 ) -> SagaStatus:
@@ -165,11 +182,11 @@ async def _drive(
     explicit = mode != "recover"
     async with open_run(storage) as run:
         state = await run.claim(
-            saga_id, lease_seconds=lease_seconds, count_attempt=not explicit,
+            saga_id, lease_seconds=options.lease_seconds, count_attempt=not explicit,
             allow_parked=explicit,
         )
         resumption = await prepare_resume(
-            run, state, saga, decode, max_recovery_attempts=max_recovery_attempts,
+            run, state, saga, decode, max_recovery_attempts=options.max_recovery_attempts,
             resume_parked=explicit,
         )
         if isinstance(resumption.plan, Finished):
@@ -177,24 +194,45 @@ async def _drive(
         execution = Execution(
             saga=saga, saga_id=saga_id, run=run, codec=codec_for(saga.context_type or dict),
             context=resumption.context, stored_context=resumption.stored,
-            container=as_container(container), middlewares=middlewares, retry=retry,
-            lease_seconds=lease_seconds, status=state.status,
+            container=as_container(container), middlewares=options.middlewares,
+            retry=options.retry, lease_seconds=options.lease_seconds, status=state.status,
         )
-        if isinstance(resumption.plan, Mismatch):
-            async for _ in execution.execute(resumption.plan):
-                pass  # parks and raises SagaDefinitionError
-        if explicit:
-            await _set_direction(run, saga, saga_id, resumption, mode, reason, execution)
-        if mode == "abort" and isinstance(resumption.plan, Forward):
-            await execution.compensate(tuple(reversed(resumption.plan.completed)))
-            return execution.status
+        stopping = options.should_stop
+        if stopping is not None:
+            execution.should_stop = stopping
         try:
-            async for _ in execution.execute(resumption.plan):
-                pass
-        except Exception as exc:
-            if exc is not execution.step_error:
-                raise
+            return await _carry_out(execution, run, saga, saga_id, resumption, mode, reason)
+        finally:
+            if mode == "recover" and execution.status not in TERMINAL_STATUSES and not (
+                stopping is not None and stopping()
+            ):
+                run.retry_after = options.wait_after(state.recovery_attempts)
+
+
+async def _carry_out(
+    execution: Execution[Any],
+    run: LeasedRun,
+    saga: Saga[Any],
+    saga_id: UUID,
+    resumption: Resumption[Any],
+    mode: str,
+    reason: str,
+) -> SagaStatus:
+    if isinstance(resumption.plan, Mismatch):
+        async for _ in execution.execute(resumption.plan):
+            pass  # parks and raises SagaDefinitionError
+    if mode != "recover":
+        await _set_direction(run, saga, saga_id, resumption, mode, reason, execution)
+    if mode == "abort" and isinstance(resumption.plan, Forward):
+        await execution.compensate(tuple(reversed(resumption.plan.completed)))
         return execution.status
+    try:
+        async for _ in execution.execute(resumption.plan):
+            pass
+    except Exception as exc:
+        if exc is not execution.step_error:
+            raise
+    return execution.status
 
 
 async def _set_direction(

@@ -49,6 +49,7 @@ class _Row:
     lease_owner: str | None = None
     lease_expires_at: float | None = None
     fingerprint: str | None = None
+    next_attempt_at: float | None = None
 
     def state(self) -> SagaState:
         return SagaState(
@@ -63,6 +64,7 @@ class _Row:
             lease_owner=self.lease_owner,
             lease_expires_at=None if self.lease_expires_at is None else _dt(self.lease_expires_at),
             fingerprint=self.fingerprint,
+            next_attempt_at=None if self.next_attempt_at is None else _dt(self.next_attempt_at),
         )
 
 
@@ -127,6 +129,7 @@ class MemorySagaStorage(RunBackedStorage):
             if row.status in RECOVERABLE_STATUSES
             and row.recovery_attempts <= max_recovery_attempts
             and (row.lease_owner is None or (row.lease_expires_at or 0.0) <= now)
+            and (row.next_attempt_at is None or row.next_attempt_at <= now)
             and (saga_name is None or row.name == saga_name)
             and (stale_after_seconds is None or row.updated_at <= now - stale_after_seconds)
         ]
@@ -325,3 +328,5 @@ class _MemoryRun(BufferedRun):
         row = self._storage._rows.get(self.saga_id)
         if row is not None and row.lease_owner == self.owner:
             row.lease_owner = row.lease_expires_at = None
+            if self.retry_after is not None:
+                row.next_attempt_at = self._storage.clock() + self.retry_after

@@ -68,6 +68,7 @@ def row_to_state(row: Any) -> SagaState:
         lease_owner=m["lease_owner"],
         lease_expires_at=Dialect.aware(m["lease_expires_at"]),
         fingerprint=m["fingerprint"],
+        next_attempt_at=Dialect.aware(m["next_attempt_at"]),
     )
 
 
@@ -111,6 +112,7 @@ class Queries:
             sa.update(t).where(t.c.saga_id == sid, t.c.lease_owner == sa.bindparam("owner"))
             .values(lease_owner=None, lease_expires_at=None)
         )
+        self._release_later = self._release.values(next_attempt_at=d.now_plus("retry"))
         self._updates: dict[tuple[bool, ...], Any] = {}
 
     def _claim_stmt(self, sid: Any, allow_parked: bool) -> Any:
@@ -168,6 +170,7 @@ class Queries:
             t.c.status.in_(_RECOVERABLE),
             t.c.recovery_attempts <= max_attempts,
             sa.or_(t.c.lease_owner.is_(None), t.c.lease_expires_at <= d.now()),
+            sa.or_(t.c.next_attempt_at.is_(None), t.c.next_attempt_at <= d.now()),
         )
         if saga_name is not None:
             stmt = stmt.where(t.c.name == saga_name)
@@ -239,8 +242,14 @@ class Queries:
         params = {"sid": saga_id, "owner": owner, **self.d.time_params(lease=lease)}
         return bool((await conn.execute(self._renew, params)).rowcount)
 
-    async def release(self, conn: AsyncConnection, saga_id: UUID, owner: str) -> None:
-        await conn.execute(self._release, {"sid": saga_id, "owner": owner})
+    async def release(
+        self, conn: AsyncConnection, saga_id: UUID, owner: str, retry_after: float | None
+    ) -> None:
+        if retry_after is None:
+            await conn.execute(self._release, {"sid": saga_id, "owner": owner})
+        else:
+            params = {"sid": saga_id, "owner": owner, **self.d.time_params(retry=retry_after)}
+            await conn.execute(self._release_later, params)
 
     def lease_lost(self, saga_id: UUID, owner: str) -> SagaLeaseLostError:
         return SagaLeaseLostError(

@@ -84,6 +84,8 @@ class BufferedRun(abc.ABC):
         self.version: int | None = None
         self.lease_seconds: float | None = None
         self.holds_lease = False
+        self.retry_after: float | None = None
+        """Set before the run ends to make recovery wait this long before the next attempt."""
         self.last_commit: float | None = None  # time.monotonic() of the last durable write
         self._pending: Checkpoint | None = None
 

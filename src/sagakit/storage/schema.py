@@ -2,7 +2,8 @@
 
 ``saga_executions``
     saga_id (PK), name, status, context (JSON; JSONB on PostgreSQL), version, recovery_attempts,
-    fingerprint, lease_owner, lease_expires_at, created_at, updated_at.
+    fingerprint, lease_owner, lease_expires_at, next_attempt_at (recovery backoff), created_at,
+    updated_at.
     Indexes: (status, updated_at) for the recovery scan, (name, status), (created_at) for listing.
 
 ``saga_logs``
@@ -70,6 +71,7 @@ class SagaTables:
             sa.Column("fingerprint", sa.String(64), nullable=True),
             sa.Column("lease_owner", sa.String(128), nullable=True),
             sa.Column("lease_expires_at", _timestamp(), nullable=True),
+            sa.Column("next_attempt_at", _timestamp(), nullable=True),
             sa.Column("created_at", _timestamp(), nullable=False),
             sa.Column("updated_at", _timestamp(), nullable=False),
             sa.Index(f"ix_{executions_table}_status_updated", "status", "updated_at"),

@@ -322,7 +322,7 @@ class _SqlRun(BufferedRun):
             return
         self.holds_lease = False
         async with self._s.single(write=True) as conn:
-            await self._s.queries.release(conn, self.saga_id, self.owner)
+            await self._s.queries.release(conn, self.saga_id, self.owner, self.retry_after)
 
 
 def _engine_of(obj: AsyncEngine | async_sessionmaker[Any]) -> AsyncEngine:

@@ -40,6 +40,7 @@ def upgrade() -> None:
         sa.Column("fingerprint", sa.String(64), nullable=True),
         sa.Column("lease_owner", sa.String(128), nullable=True),
         sa.Column("lease_expires_at", _timestamp(), nullable=True),
+        sa.Column("next_attempt_at", _timestamp(), nullable=True),
         sa.Column("created_at", _timestamp(), nullable=False),
         sa.Column("updated_at", _timestamp(), nullable=False),
     )

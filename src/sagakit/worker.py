@@ -1,0 +1,179 @@
+"""The recovery worker: finds interrupted sagas and drives each to a terminal state.
+
+Run one or many, on one machine or many, against one database: the database is the only
+coordination point. Each saga is claimed atomically through its lease (a conditional UPDATE), so
+exactly one worker runs it at a time; a worker that finds a saga taken simply moves on.
+
+Shutdown is graceful: after :meth:`RecoveryWorker.stop` (or SIGTERM/SIGINT when
+:meth:`RecoveryWorker.run` installs its handlers) the worker takes no new saga, and each saga in
+hand stops at its next checkpoint with its lease released, for any worker to continue. Sagas
+still busy after ``shutdown_timeout`` seconds are cancelled: they too rest at their last
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import random
+import signal
+from collections.abc import Iterable
+from typing import Any
+from uuid import UUID
+
+from sagakit.exceptions import SagaBusyError, SagaNotFoundError
+from sagakit.mediator import SagaMap
+from sagakit.records import SagaStatus
+from sagakit.recovery import RecoveryOptions, _drive
+from sagakit.saga import Saga
+from sagakit.storage.protocol import SagaStorage
+
+__all__ = ["RecoveryOutcome", "RecoveryWorker"]
+
+logger = logging.getLogger("sagakit.worker")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RecoveryOutcome:
+    """What one recovery attempt did: the saga's status afterwards, or the error it raised
+    (``busy`` when another worker had it first)."""
+
+    saga_id: UUID
+    status: SagaStatus | None = None
+    error: BaseException | None = None
+    busy: bool = False
+
+
+class RecoveryWorker:
+    """Polls the storage for interrupted sagas and recovers them, ``concurrency`` at a time.
+
+    ``sagas`` is a :class:`SagaMap` or saga classes; a stored saga whose name none of them has is
+    skipped (logged), never touched. Every other option is a :class:`RecoveryOptions` field or
+    the polling behaviour: ``poll_interval`` seconds between polls that found nothing,
+    ``batch_size`` sagas listed per poll, ``stale_after_seconds`` (only sagas not updated for
+    that long), ``saga_name`` (only that saga).
+    """
+
+    def __init__(
+        self,
+        storage: SagaStorage,
+        sagas: SagaMap | Iterable[type[Saga[Any]]],
+        container: Any = None,
+        *,
+        concurrency: int = 4,
+        poll_interval: float = 1.0,
+        batch_size: int | None = None,
+        stale_after_seconds: float | None = None,
+        saga_name: str | None = None,
+        shutdown_timeout: float = 30.0,
+        options: RecoveryOptions | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        self.storage = storage
+        self.container = container
+        self._sagas = {s.name: s for s in sagas}
+        self.concurrency = concurrency
+        self.poll_interval = poll_interval
+        self.batch_size = batch_size or concurrency * 4
+        self.stale_after_seconds = stale_after_seconds
+        self.saga_name = saga_name
+        self.shutdown_timeout = shutdown_timeout
+        base = options or RecoveryOptions()
+        self.options = dataclasses.replace(base, should_stop=self.stopping)
+        self.outcomes: list[RecoveryOutcome] = []
+        """Every attempt this worker made, in order (handy for tests and operators)."""
+        self._stop = asyncio.Event()
+        self._in_hand: set[UUID] = set()
+
+    def stopping(self) -> bool:
+        """True once a shutdown was asked for."""
+        return self._stop.is_set()
+
+    def stop(self) -> None:
+        """Ask for a graceful shutdown (safe to call from a signal handler)."""
+        self._stop.set()
+
+    async def run_once(self) -> list[RecoveryOutcome]:
+        """One poll: list due sagas and recover them, ``concurrency`` at a time."""
+        due = await self.storage.get_sagas_for_recovery(
+            self.batch_size,
+            max_recovery_attempts=self.options.max_recovery_attempts,
+            stale_after_seconds=self.stale_after_seconds,
+            saga_name=self.saga_name,
+        )
+        random.shuffle(due)  # workers polling together then collide less
+        slots = asyncio.Semaphore(self.concurrency)
+
+        async def one(saga_id: UUID) -> RecoveryOutcome:
+            async with slots:
+                if self.stopping():
+                    return RecoveryOutcome(saga_id, busy=True)
+                return await self.recover(saga_id)
+
+        return list(await asyncio.gather(*(one(i) for i in due if i not in self._in_hand)))
+
+    async def recover(self, saga_id: UUID) -> RecoveryOutcome:
+        """Recover one saga by id, recording the outcome; never raises for a saga's failure."""
+        self._in_hand.add(saga_id)
+        try:
+            outcome = await self._recover(saga_id)
+        finally:
+            self._in_hand.discard(saga_id)
+        self.outcomes.append(outcome)
+        return outcome
+
+    async def _recover(self, saga_id: UUID) -> RecoveryOutcome:
+        try:
+            state = await self.storage.get_saga(saga_id)
+            saga = self._sagas.get(state.name)
+            if saga is None:
+                logger.warning("saga %s: no definition named %r here; skipped", saga_id, state.name)
+                return RecoveryOutcome(saga_id, state.status)
+            status = await _drive(saga(), saga_id, None, self.container, self.storage,
+                                  self.options, "recover")
+        except (SagaBusyError, SagaNotFoundError) as exc:
+            return RecoveryOutcome(saga_id, error=exc, busy=isinstance(exc, SagaBusyError))
+        except Exception as exc:
+            logger.exception("saga %s: recovery attempt failed", saga_id)
+            return RecoveryOutcome(saga_id, error=exc)
+        logger.info("saga %s (%s): recovered to %s", saga_id, saga.name, status.value)
+        return RecoveryOutcome(saga_id, status)
+
+    async def run(self, *, install_signal_handlers: bool = True) -> None:
+        """Poll and recover until :meth:`stop` (or SIGTERM/SIGINT) — then shut down gracefully."""
+        loop = asyncio.get_running_loop()
+        installed: list[signal.Signals] = []
+        if install_signal_handlers:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.add_signal_handler(sig, self.stop)
+                    installed.append(sig)
+        try:
+            await self._loop()
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+    async def _loop(self) -> None:
+        while not self.stopping():
+            poll = asyncio.ensure_future(self.run_once())
+            stopped = asyncio.ensure_future(self._stop.wait())
+            await asyncio.wait({poll, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not poll.done():  # shutting down: sagas in hand stop at their next checkpoint
+                done, _ = await asyncio.wait({poll}, timeout=self.shutdown_timeout)
+                if not done:
+                    logger.warning("shutdown timeout: cancelling sagas still in hand")
+                    poll.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await poll
+                stopped.cancel()
+                return
+            stopped.cancel()
+            outcomes = poll.result()
+            if not any(o.status is not None or o.error is not None and not o.busy
+                       for o in outcomes):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), self.poll_interval)

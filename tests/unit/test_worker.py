@@ -1,0 +1,147 @@
+"""The recovery worker on the memory storage: what it picks up, backoff, parking, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from sagakit import (
+    MemorySagaStorage,
+    RecoveryOptions,
+    RecoveryWorker,
+    SagaMap,
+    SagaStatus,
+)
+from tests.unit.support import Crash, Ctx, FourStepSaga, Gate, Script, ThreeStepSaga, transaction
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def _crash_after(saga: Any, script: Script, storage: Any, step: str, **options: Any) -> Any:
+    script.fail(step, "act", Crash())
+    txn = transaction(saga, script, storage, **options)
+    with pytest.raises(Crash):
+        async for _ in txn:
+            pass
+    return txn.saga_id
+
+
+def _worker(storage: Any, script: Script, **kwargs: Any) -> RecoveryWorker:
+    return RecoveryWorker(storage, [ThreeStepSaga, FourStepSaga], script.container, **kwargs)
+
+
+async def test_run_once_recovers_every_interrupted_saga_and_skips_finished_ones() -> None:
+    storage, script = MemorySagaStorage(), Script()
+    crashed = [await _crash_after(ThreeStepSaga(), script, storage, "StepB") for _ in range(3)]
+    finished = transaction(ThreeStepSaga(), script, storage)
+    await finished.run()
+    script.calls.clear()
+    outcomes = await _worker(storage, script, concurrency=2).run_once()
+    assert sorted(o.saga_id for o in outcomes) == sorted(crashed)
+    assert all(o.status is SagaStatus.COMPLETED for o in outcomes)
+    assert sorted(script.acts()) == sorted(["StepB", "StepC"] * 3)
+    assert script.count("StepA", "act") == 0  # checkpointed steps never run again
+    assert await _worker(storage, script).run_once() == []
+
+
+async def test_a_saga_map_selects_definitions_and_unknown_names_are_left_alone() -> None:
+    storage, script = MemorySagaStorage(), Script()
+    four = await _crash_after(FourStepSaga(), script, storage, "StepC")
+    three = await _crash_after(ThreeStepSaga(), script, storage, "StepC")
+    untouched = await storage.get_saga(three)
+    saga_map = SagaMap()
+    saga_map.bind(Ctx, FourStepSaga)
+    worker = RecoveryWorker(storage, saga_map, script.container)
+    outcomes = {o.saga_id: o for o in await worker.run_once()}
+    assert outcomes[four].status is SagaStatus.COMPLETED
+    assert outcomes[three].status is SagaStatus.RUNNING  # no definition here: untouched
+    assert await storage.get_saga(three) == untouched
+
+
+async def test_a_saga_leased_by_a_live_run_is_not_listed_nor_touched() -> None:
+    storage, script = MemorySagaStorage(), Script()
+    gate = Gate()
+    script.hook("StepB", "act", gate)
+    live = asyncio.create_task(transaction(ThreeStepSaga(), script, storage).run())
+    await gate.entered.wait()
+    assert await _worker(storage, script).run_once() == []
+    gate.release.set()
+    assert await live is SagaStatus.COMPLETED
+    assert script.count("StepB", "act") == 1
+
+
+async def test_failed_attempts_back_off_and_end_parked() -> None:
+    clock = FakeClock()
+    storage, script = MemorySagaStorage(clock=clock), Script()
+    script.fail("StepC", "act", RuntimeError("boom"))
+    script.always("StepA", "compensate", RuntimeError("still down"))
+    txn = transaction(ThreeStepSaga(), script, storage)
+    with pytest.raises(RuntimeError):
+        await txn.run()
+    assert (await storage.get_saga(txn.saga_id)).status is SagaStatus.COMPENSATING
+    options = RecoveryOptions(max_recovery_attempts=2, backoff=10.0, backoff_max=15.0,
+                              retry=txn.retry)
+    worker = _worker(storage, script, options=options)
+    waits = []
+    for _ in range(2):  # two attempts allowed
+        outcomes = await worker.run_once()
+        assert [o.status for o in outcomes] == [SagaStatus.COMPENSATING]
+        state = await storage.get_saga(txn.saga_id)
+        assert state.next_attempt_at is not None
+        waits.append(state.next_attempt_at.timestamp() - clock.now)
+        assert await worker.run_once() == []  # backing off: not listed yet
+        clock.now += 100
+    assert waits == [10.0, 15.0]  # 10 * 2**(n-1), capped at 15
+    outcomes = await worker.run_once()
+    assert [o.status for o in outcomes] == [SagaStatus.PARKED]
+    assert await worker.run_once() == []  # parked: never retried automatically
+    assert script.count("StepB", "compensate") == 1  # compensated once, never again
+
+
+async def test_stop_lets_the_saga_in_hand_reach_its_next_checkpoint() -> None:
+    storage, script = MemorySagaStorage(), Script()
+    saga_id = await _crash_after(FourStepSaga(), script, storage, "StepA")
+    gate = Gate()
+    script.hook("StepB", "act", gate)
+    worker = _worker(storage, script, poll_interval=0.01)
+    running = asyncio.create_task(worker.run(install_signal_handlers=False))
+    await gate.entered.wait()
+    worker.stop()
+    gate.release.set()
+    await running
+    state = await storage.get_saga(saga_id)
+    assert state.status is SagaStatus.RUNNING
+    assert state.lease_owner is None  # released for any worker to continue
+    assert state.next_attempt_at is None  # a shutdown is not a failure: no backoff
+    assert script.acts() == ["StepA", "StepA", "StepB"]  # B checkpointed, C not started
+    history = [(e.step_name, e.status.value) for e in await storage.get_step_history(saga_id)]
+    assert history == [("StepA", "COMPLETED"), ("StepB", "COMPLETED")]
+
+
+async def test_run_polls_until_stopped() -> None:
+    storage, script = MemorySagaStorage(), Script()
+    worker = _worker(storage, script, poll_interval=0.01)
+    running = asyncio.create_task(worker.run(install_signal_handlers=False))
+    await asyncio.sleep(0.05)
+    saga_id = await _crash_after(ThreeStepSaga(), script, storage, "StepB")
+    for _ in range(200):
+        if (await storage.get_saga(saga_id)).status is SagaStatus.COMPLETED:
+            break
+        await asyncio.sleep(0.01)
+    worker.stop()
+    await running
+    assert (await storage.get_saga(saga_id)).status is SagaStatus.COMPLETED
+    assert [o.saga_id for o in worker.outcomes] == [saga_id]
+
+
+def test_concurrency_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="concurrency"):
+        RecoveryWorker(MemorySagaStorage(), [ThreeStepSaga], concurrency=0)
