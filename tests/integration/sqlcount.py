@@ -3,6 +3,11 @@
 A server transaction is counted once per COMMIT or ROLLBACK sent, plus once per statement run
 on an autocommit connection (each is its own transaction on the server). BEGINs the drivers send
 implicitly are not statements of ours and are not counted.
+
+On PostgreSQL the storage sends its hot-path statements straight through asyncpg, below
+SQLAlchemy's events: those are counted by an asyncpg query logger attached to every connection at
+checkout. They are single statements outside any transaction block (autocommit), so each is one
+server transaction.
 """
 
 from __future__ import annotations
@@ -31,14 +36,33 @@ class SqlCounter:
         self.counts = Counts()
         self.log: list[str] = []
         self._engine = engine.sync_engine
+        self._watched: list[Any] = []
         event.listen(self._engine, "before_cursor_execute", self._on_execute)
         event.listen(self._engine, "commit", self._on_end)
         event.listen(self._engine, "rollback", self._on_end)
+        event.listen(self._engine.pool, "checkout", self._on_checkout)
 
     def close(self) -> None:
         event.remove(self._engine, "before_cursor_execute", self._on_execute)
         event.remove(self._engine, "commit", self._on_end)
         event.remove(self._engine, "rollback", self._on_end)
+        event.remove(self._engine.pool, "checkout", self._on_checkout)
+        for driver in self._watched:
+            driver.remove_query_logger(self._on_driver_query)
+
+    def _on_checkout(self, dbapi_connection: Any, *args: Any) -> None:
+        driver = getattr(dbapi_connection, "driver_connection", None)
+        if hasattr(driver, "add_query_logger") and driver not in self._watched:
+            driver.add_query_logger(self._on_driver_query)
+            self._watched.append(driver)
+
+    def _on_driver_query(self, record: Any) -> None:
+        text = record.query.lstrip().split(None, 1)[0].upper()
+        self.counts.statements += 1
+        self.counts.transactions += 1
+        if text == "SELECT":
+            self.counts.reads += 1
+        self.log.append("raw: " + record.query.strip().split("\n")[0][:80])
 
     def _on_execute(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         text = statement.lstrip().split(None, 1)[0].upper()

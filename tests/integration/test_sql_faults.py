@@ -21,7 +21,7 @@ from sagakit import (
 )
 from sagakit.exceptions import SagaNotFoundError
 from sagakit.storage.sqlalchemy import SqlAlchemySagaStorage
-from tests.conftest import MYSQL_DSN, POSTGRES_DSN
+from tests.conftest import MYSQL_DSN, POSTGRES_DSN, TABLES
 from tests.integration.sagas import OrderContext, OrderSaga, Recorder
 
 pytestmark = pytest.mark.integration
@@ -48,9 +48,9 @@ async def test_no_connection_is_held_while_a_step_runs(sql_storage: Any) -> None
 async def test_postgres_has_no_open_transaction_of_ours_during_a_step() -> None:
     app = f"sagakit-held-{uuid.uuid4().hex[:8]}"
     storage = SqlAlchemySagaStorage.from_url(
-        POSTGRES_DSN, connect_args={"server_settings": {"application_name": app}}
+        POSTGRES_DSN, connect_args={"server_settings": {"application_name": app}}, **TABLES
     )
-    observer = SqlAlchemySagaStorage.from_url(POSTGRES_DSN)
+    observer = SqlAlchemySagaStorage.from_url(POSTGRES_DSN, **TABLES)
     await storage.create_schema()
     states: list[list[str]] = []
 
@@ -97,7 +97,7 @@ async def test_an_unserialisable_context_is_refused_before_anything_is_written(
 async def test_a_context_too_large_for_the_storage_fails_the_step_and_compensates(
     sql_storage: Any, tmp_path: Any
 ) -> None:
-    small = SqlAlchemySagaStorage(sql_storage.engine, max_context_bytes=2000)
+    small = SqlAlchemySagaStorage(sql_storage.engine, max_context_bytes=2000, **TABLES)
 
     async def grow() -> None:
         context = current_context.pop()
@@ -157,7 +157,7 @@ async def test_a_lost_database_connection_leaves_the_saga_recoverable(backend: s
         url, kwargs = POSTGRES_DSN, {"connect_args": {"server_settings": {"application_name": app}}}
     else:
         url, kwargs = MYSQL_DSN, {}
-    storage = SqlAlchemySagaStorage.from_url(url, **kwargs)
+    storage = SqlAlchemySagaStorage.from_url(url, **kwargs, **TABLES)
     await storage.create_schema()
 
     async def kill() -> None:
@@ -189,7 +189,7 @@ async def test_a_lost_database_connection_leaves_the_saga_recoverable(backend: s
 
 @pytest.mark.parametrize("url", [POSTGRES_DSN, MYSQL_DSN], ids=["postgres", "mysql"])
 async def test_read_for_update_locks_the_row_until_the_run_commits(url: str) -> None:
-    storage = SqlAlchemySagaStorage.from_url(url)
+    storage = SqlAlchemySagaStorage.from_url(url, **TABLES)
     await storage.create_schema()
     saga_id = uuid.uuid4()
     await storage.create_saga(saga_id, "Locked", {"n": 1})

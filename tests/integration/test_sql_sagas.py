@@ -10,6 +10,7 @@ import pytest
 
 from sagakit import SagaBusyError, SagaMap, SagaStatus, bootstrap, recover_saga
 from sagakit.storage.sqlalchemy import SqlAlchemySagaStorage
+from tests.conftest import TABLES
 from tests.integration.sagas import OrderContext, OrderSaga, Recorder
 from tests.integration.sqlcount import SqlCounter
 
@@ -106,7 +107,9 @@ async def test_a_second_storage_instance_recovers_the_saga(sql_storage: Any) -> 
     async for _ in stream:
         break
     await stream.aclose()
-    other = SqlAlchemySagaStorage.from_url(str(sql_storage.engine.url.render_as_string(False)))
+    other = SqlAlchemySagaStorage.from_url(
+        sql_storage.engine.url.render_as_string(hide_password=False), **TABLES
+    )
     try:
         assert await other.get_sagas_for_recovery(10) == [saga_id]
         status = await recover_saga(OrderSaga(), saga_id, OrderContext, None, other)
