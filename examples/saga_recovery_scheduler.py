@@ -12,6 +12,7 @@ Without ``--forever`` the worker stops once nothing is left to recover.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import sys
@@ -68,12 +69,10 @@ async def main(url: str, forever: bool) -> None:
     storage = SqlAlchemySagaStorage.from_url(url)
     await storage.create_schema()
     for n in range(3):
-        try:
+        with contextlib.suppress(Crash):
             await SignupSaga().transaction(
                 context=SignupContext(f"user{n}@example.com"), storage=storage
             ).run()
-        except Crash:
-            pass
     print("interrupted:", len(await storage.get_sagas_for_recovery(100)), "sagas")
     SendWelcome.crash = False  # the "bug" is fixed; the worker can finish them
     worker = RecoveryWorker(

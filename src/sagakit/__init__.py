@@ -8,6 +8,7 @@ crash is finished by recovery under Strict Backward Recovery.
 
 from typing import TYPE_CHECKING, Any
 
+from sagakit.breaker import CircuitBreaker, CircuitBreakerProtocol, CircuitOpenError, CircuitState
 from sagakit.compensator import RetryPolicy, SagaCompensator
 from sagakit.container import Container, as_container
 from sagakit.context import SagaContext
@@ -22,6 +23,7 @@ from sagakit.exceptions import (
     SagaSerializationError,
     SagaStorageError,
 )
+from sagakit.fallback import Fallback
 from sagakit.invocation import StepInvocation, current_invocation
 from sagakit.mediator import SagaMap, SagaMediator, bootstrap
 from sagakit.middleware import LoggingMiddleware, Middleware
@@ -34,12 +36,18 @@ from sagakit.transaction import SagaTransaction
 from sagakit.worker import RecoveryOutcome, RecoveryWorker
 
 if TYPE_CHECKING:
+    from sagakit.redis_breaker import RedisCircuitBreaker
     from sagakit.storage.sqlalchemy import SqlAlchemySagaStorage
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CircuitBreaker",
+    "CircuitBreakerProtocol",
+    "CircuitOpenError",
+    "CircuitState",
     "Container",
+    "Fallback",
     "ISagaStorage",
     "LoggingMiddleware",
     "MemorySagaStorage",
@@ -47,6 +55,7 @@ __all__ = [
     "RecoveryOptions",
     "RecoveryOutcome",
     "RecoveryWorker",
+    "RedisCircuitBreaker",
     "RetryPolicy",
     "Saga",
     "SagaAction",
@@ -84,7 +93,11 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # Imported lazily: sagakit with the memory storage never imports SQLAlchemy.
+    # Imported lazily: sagakit with the memory storage never imports SQLAlchemy (nor redis).
+    if name == "RedisCircuitBreaker":
+        from sagakit.redis_breaker import RedisCircuitBreaker
+
+        return RedisCircuitBreaker
     if name == "SqlAlchemySagaStorage":
         from sagakit.storage.sqlalchemy import SqlAlchemySagaStorage
 

@@ -24,6 +24,9 @@ from collections.abc import Sequence
 from sagakit.records import SagaAction, SagaLogEntry, SagaStatus, SagaStepStatus
 from sagakit.saga import StepSpec
 
+ABORTED = "SagaAborted"
+"""The error type an explicit abort records as the failed act of the saga's next step."""
+
 __all__ = ["Backward", "CompletedStep", "Finished", "Forward", "Mismatch", "Plan", "decide"]
 
 
@@ -123,5 +126,6 @@ def _handler_positions(specs: Sequence[StepSpec]) -> dict[str, int]:
 
 
 def _fails_step(spec: StepSpec, entry: SagaLogEntry) -> bool:
-    """A failed act of a fallback's primary does not fail the step: the alternative takes over."""
-    return spec.fallback is None or entry.step_name != spec.name
+    """A failed act of a fallback's primary does not fail the step: the alternative takes over
+    (but an explicit abort recorded against the primary does)."""
+    return spec.fallback is None or entry.step_name != spec.name or entry.error_type == ABORTED

@@ -21,8 +21,8 @@ from sagakit.container import as_container
 from sagakit.context import codec_for
 from sagakit.exceptions import SagaDefinitionError
 from sagakit.execution import Execution, Resumption, prepare_resume
-from sagakit.middleware import Middleware
-from sagakit.plan import Backward, Finished, Forward, Mismatch
+from sagakit.middleware import Middleware, SagaRun, observe_saga, saga_log_context
+from sagakit.plan import ABORTED, Backward, Finished, Forward, Mismatch
 from sagakit.records import TERMINAL_STATUSES, SagaAction, SagaStatus, SagaStepStatus
 from sagakit.saga import Saga
 from sagakit.storage.compat import open_run
@@ -150,7 +150,7 @@ class RecoveryOptions:
 
     middlewares: Sequence[Middleware] = ()
     max_recovery_attempts: int = 5
-    retry: RetryPolicy = RetryPolicy()
+    retry: RetryPolicy = dataclasses.field(default_factory=RetryPolicy)
     lease_seconds: float = 30.0
     backoff: float = 5.0
     backoff_max: float = 300.0
@@ -180,33 +180,38 @@ async def _drive(
                 saga_id=saga_id, saga_name=saga.name,
             )
     explicit = mode != "recover"
-    async with open_run(storage) as run:
-        state = await run.claim(
-            saga_id, lease_seconds=options.lease_seconds, count_attempt=not explicit,
-            allow_parked=explicit,
-        )
-        resumption = await prepare_resume(
-            run, state, saga, decode, max_recovery_attempts=options.max_recovery_attempts,
-            resume_parked=explicit,
-        )
-        if isinstance(resumption.plan, Finished):
-            return resumption.plan.status
-        execution = Execution(
-            saga=saga, saga_id=saga_id, run=run, codec=codec_for(saga.context_type or dict),
-            context=resumption.context, stored_context=resumption.stored,
-            container=as_container(container), middlewares=options.middlewares,
-            retry=options.retry, lease_seconds=options.lease_seconds, status=state.status,
-        )
-        stopping = options.should_stop
-        if stopping is not None:
-            execution.should_stop = stopping
-        try:
-            return await _carry_out(execution, run, saga, saga_id, resumption, mode, reason)
-        finally:
-            if mode == "recover" and execution.status not in TERMINAL_STATUSES and not (
-                stopping is not None and stopping()
-            ):
-                run.retry_after = options.wait_after(state.recovery_attempts)
+    with saga_log_context(saga_id, saga.name):
+        async with open_run(storage) as run:
+            state = await run.claim(
+                saga_id, lease_seconds=options.lease_seconds, count_attempt=not explicit,
+                allow_parked=explicit,
+            )
+            observed = SagaRun(saga_id, saga.name, mode, state.status)
+            async with observe_saga(options.middlewares, observed):
+                resumption = await prepare_resume(
+                    run, state, saga, decode, max_recovery_attempts=options.max_recovery_attempts,
+                    resume_parked=explicit,
+                )
+                if isinstance(resumption.plan, Finished):
+                    observed.status = resumption.plan.status
+                    return resumption.plan.status
+                execution = Execution(
+                    saga=saga, saga_id=saga_id, run=run, codec=codec_for(saga.context_type or dict),
+                    context=resumption.context, stored_context=resumption.stored,
+                    container=as_container(container), middlewares=options.middlewares,
+                    retry=options.retry, lease_seconds=options.lease_seconds, status=state.status,
+                )
+                stopping = options.should_stop
+                if stopping is not None:
+                    execution.should_stop = stopping
+                try:
+                    return await _carry_out(execution, run, saga, saga_id, resumption, mode, reason)
+                finally:
+                    observed.status, observed.error = execution.status, execution.step_error
+                    if mode == "recover" and execution.status not in TERMINAL_STATUSES and not (
+                        stopping is not None and stopping()
+                    ):
+                        run.retry_after = options.wait_after(state.recovery_attempts)
 
 
 async def _carry_out(
@@ -251,7 +256,7 @@ async def _set_direction(
         specs = saga.step_specs
         step = specs[min(plan.start, len(specs) - 1)].name
         await run.log_step(saga_id, step, SagaAction.ACT, SagaStepStatus.FAILED,
-                           f"SagaAborted: {reason}", error_type="SagaAborted")
+                           f"{ABORTED}: {reason}", error_type=ABORTED)
         status = SagaStatus.COMPENSATING
     else:
         status = SagaStatus.COMPENSATING if isinstance(plan, Backward) else SagaStatus.RUNNING

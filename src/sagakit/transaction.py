@@ -12,7 +12,7 @@ from sagakit.container import as_container
 from sagakit.context import codec_for
 from sagakit.exceptions import SagaParkedError, SagaSerializationError
 from sagakit.execution import Execution, prepare_resume
-from sagakit.middleware import Middleware
+from sagakit.middleware import Middleware, SagaRun, in_saga_log_context, observe_saga
 from sagakit.plan import Forward
 from sagakit.records import SagaStatus
 from sagakit.saga import Saga
@@ -104,7 +104,7 @@ class SagaTransaction(Generic[C]):
 
     def __aiter__(self) -> AsyncGenerator[SagaStepResult[C, Any], None]:
         if self._iterator is None:
-            self._iterator = self._iterate()
+            self._iterator = in_saga_log_context(self._iterate(), self.saga_id, self.saga.name)
         return self._iterator
 
     async def aclose(self) -> None:
@@ -127,30 +127,39 @@ class SagaTransaction(Generic[C]):
                 fingerprint=saga.fingerprint, lease_seconds=self.lease_seconds,
             )
             self.status = state.status
-            if created:
-                plan: Any = Forward(0, ())
-                stored = self._initial
-            else:
-                self.resumed = True
-                if state.status is SagaStatus.PARKED:
-                    raise SagaParkedError(
-                        f"saga {saga.name!r} {self.saga_id} is parked; resume or abort it "
-                        "explicitly", saga_id=self.saga_id, saga_name=saga.name,
+            observed = SagaRun(self.saga_id, saga.name, "run" if created else "resume",
+                               state.status)
+            async with observe_saga(self.middlewares, observed):
+                try:
+                    if created:
+                        plan: Any = Forward(0, ())
+                        stored = self._initial
+                    else:
+                        self.resumed = True
+                        if state.status is SagaStatus.PARKED:
+                            raise SagaParkedError(
+                                f"saga {saga.name!r} {self.saga_id} is parked; resume or abort "
+                                "it explicitly", saga_id=self.saga_id, saga_name=saga.name,
+                            )
+                        resumption = await prepare_resume(
+                            run, state, saga, self.codec.decode,
+                            max_recovery_attempts=self.max_recovery_attempts,
+                        )
+                        plan, stored = resumption.plan, resumption.stored
+                        if resumption.context is not None:
+                            self.context = resumption.context
+                    execution = self.execution = Execution(
+                        saga=saga, saga_id=self.saga_id, run=run, codec=self.codec,
+                        context=self.context, stored_context=stored, container=self.container,
+                        middlewares=self.middlewares, retry=self.retry,
+                        lease_seconds=self.lease_seconds, status=state.status,
                     )
-                resumption = await prepare_resume(
-                    run, state, saga, self.codec.decode,
-                    max_recovery_attempts=self.max_recovery_attempts,
-                )
-                plan, stored = resumption.plan, resumption.stored
-                if resumption.context is not None:
-                    self.context = resumption.context
-            execution = self.execution = Execution(
-                saga=saga, saga_id=self.saga_id, run=run, codec=self.codec, context=self.context,
-                stored_context=stored, container=self.container, middlewares=self.middlewares,
-                retry=self.retry, lease_seconds=self.lease_seconds, status=state.status,
-            )
-            try:
-                async for result in execution.execute(plan):
-                    yield result
-            finally:
-                self.status = execution.status
+                    try:
+                        async for result in execution.execute(plan):
+                            yield result
+                    finally:
+                        self.status = execution.status
+                finally:
+                    observed.status = self.status
+                    if self.execution is not None:
+                        observed.error = self.execution.step_error

@@ -173,7 +173,7 @@ class RecoveryWorker:
                 return
             stopped.cancel()
             outcomes = poll.result()
-            if not any(o.status is not None or o.error is not None and not o.busy
+            if not any(o.status is not None or (o.error is not None and not o.busy)
                        for o in outcomes):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), self.poll_interval)

@@ -11,7 +11,12 @@ import pytest
 import sagakit
 
 PUBLIC = [
+    "CircuitBreaker",
+    "CircuitBreakerProtocol",
+    "CircuitOpenError",
+    "CircuitState",
     "Container",
+    "Fallback",
     "ISagaStorage",
     "LoggingMiddleware",
     "MemorySagaStorage",
@@ -19,6 +24,7 @@ PUBLIC = [
     "RecoveryOptions",
     "RecoveryOutcome",
     "RecoveryWorker",
+    "RedisCircuitBreaker",
     "RetryPolicy",
     "Saga",
     "SagaAction",
@@ -85,6 +91,7 @@ def test_seed_import_paths_work():
 
 
 ERRORS = [
+    sagakit.CircuitOpenError,
     sagakit.SagaBusyError,
     sagakit.SagaConcurrencyError,
     sagakit.SagaDefinitionError,

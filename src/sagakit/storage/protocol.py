@@ -78,6 +78,8 @@ class LeasedRun(SagaStorageRun, Protocol):
     """The lease-aware part of a run that sagakit's orchestrator uses when a storage offers it."""
 
     owner: str
+    retry_after: float | None
+    """Set before the run ends: releasing the lease then makes recovery wait this long."""
 
     async def start(
         self,

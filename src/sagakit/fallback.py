@@ -1,0 +1,165 @@
+"""Fallback steps: a primary step with an alternative that runs when the primary cannot.
+
+``Fallback(step=Primary, fallback=Alternative, failure_exceptions=(...), circuit_breaker=...)``
+stands in a saga's ``steps`` beside plain steps. Running it:
+
+1. With a breaker, ``check(Primary name)`` first: an open circuit skips the primary.
+2. Otherwise ``Primary.act`` runs. Success: the step is done, as a plain step. An error listed
+   in ``failure_exceptions`` (any ``Exception`` when none are listed) hands over to the
+   alternative; any other error fails the step as usual (the saga compensates; the alternative
+   never runs). The breaker learns the outcome of every call (its ``exclude`` decides what
+   counts). Cancellations and crashes pass straight through.
+3. Handing over: the primary's act is logged FAILED with the reason (its error, or
+   ``sagakit.CircuitOpenError`` for an open circuit), the live context is restored in place to
+   the context as it was before the primary started, and ``Alternative.act`` runs under its own
+   name. Its failure fails the step.
+
+The primary's FAILED entry is part of the step's checkpoint, so a crash inside the alternative
+leaves no trace of the step: recovery runs the whole fallback step again, primary first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING, Any
+
+from sagakit.breaker import CIRCUIT_OPEN_ERROR_TYPE, CircuitBreakerProtocol, CircuitOpenError
+from sagakit.breaker import exception_types as _exception_types
+from sagakit.exceptions import SagaDefinitionError
+from sagakit.execution import describe_error
+from sagakit.records import SagaAction, SagaStepStatus
+from sagakit.saga import StepSpec
+from sagakit.step import SagaStepHandler, SagaStepResult
+
+if TYPE_CHECKING:
+    from sagakit.context import ContextCodec
+    from sagakit.execution import Execution
+
+__all__ = ["Fallback", "restore_context"]
+
+logger = logging.getLogger("sagakit")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fallback:
+    """A saga step with an alternative. See the module documentation for the rules.
+
+    ``step`` and ``fallback`` are step handler classes (their names must be unique in the saga,
+    as for any step). ``failure_exceptions``: the errors of the primary that hand over to the
+    fallback (empty: any ``Exception``). ``circuit_breaker``: optional; a breaker object (e.g.
+    :class:`sagakit.CircuitBreaker`, :class:`sagakit.RedisCircuitBreaker`) guarding the
+    primary, keyed by the primary's name.
+    """
+
+    step: type[SagaStepHandler[Any, Any]]
+    fallback: type[SagaStepHandler[Any, Any]]
+    failure_exceptions: tuple[type[Exception], ...] = ()
+    circuit_breaker: CircuitBreakerProtocol | None = None
+
+    def __post_init__(self) -> None:
+        for role, handler in (("step", self.step), ("fallback", self.fallback)):
+            if not (isinstance(handler, type) and issubclass(handler, SagaStepHandler)):
+                raise SagaDefinitionError(
+                    f"Fallback {role} must be a SagaStepHandler subclass, got {handler!r}"
+                )
+        if self.step is self.fallback:
+            raise SagaDefinitionError(
+                f"Fallback step and fallback are the same class {self.step.__name__!r}",
+                step_name=self.step.__name__,
+            )
+        errors = _exception_types(self.failure_exceptions, "Fallback failure_exceptions")
+        object.__setattr__(self, "failure_exceptions", errors)
+        breaker = self.circuit_breaker
+        if breaker is not None and not isinstance(breaker, CircuitBreakerProtocol):
+            raise SagaDefinitionError(
+                f"Fallback circuit_breaker {breaker!r} has no async check(name), "
+                "record_success(name) and record_failure(name, error)"
+            )
+
+    def __repr__(self) -> str:
+        return f"Fallback({self.step.__name__} -> {self.fallback.__name__})"
+
+    def to_step_spec(self) -> StepSpec:
+        """The engine's view of this entry of ``Saga.steps``."""
+        return StepSpec(self.step, fallback=self)
+
+    def hands_over(self, error: BaseException) -> bool:
+        """Whether this error of the primary makes the fallback run."""
+        if not isinstance(error, Exception):
+            return False
+        return not self.failure_exceptions or isinstance(error, self.failure_exceptions)
+
+    async def run(self, execution: Execution[Any], spec: StepSpec) -> tuple[SagaStepResult[Any, Any], str]:
+        """Run the step (called by the engine); return (result, name of the handler that
+        completed it). Raises the error that failed the step."""
+        primary = spec.name
+        breaker = self.circuit_breaker
+        reason: Exception
+        execution._failed_handler = primary  # a breaker's own error fails the primary's step
+        try:
+            if breaker is not None:
+                await breaker.check(primary)
+        except CircuitOpenError as exc:
+            reason = exc
+        else:
+            try:
+                result = await execution.call_act(primary)
+            except Exception as exc:
+                if breaker is not None:
+                    await _record(breaker.record_failure(primary, exc), primary)
+                if not self.hands_over(exc):
+                    raise
+                reason = exc
+                restore_context(execution.codec, execution.context, execution._stored)
+            else:
+                if breaker is not None:
+                    await _record(breaker.record_success(primary), primary)
+                return result, primary
+        return await self._run_fallback(execution, primary, reason)
+
+    async def _run_fallback(
+        self, execution: Execution[Any], primary: str, reason: Exception
+    ) -> tuple[SagaStepResult[Any, Any], str]:
+        error_type, details = describe_error(reason)
+        if isinstance(reason, CircuitOpenError):
+            error_type = CIRCUIT_OPEN_ERROR_TYPE
+        name = self.fallback.__name__
+        # An open circuit is routine while it lasts; a primary's own failure is worth a warning.
+        level = logging.INFO if isinstance(reason, CircuitOpenError) else logging.WARNING
+        logger.log(level, "saga %s %s: step %s did not complete (%s); running fallback %s",
+                   execution.saga.name, execution.saga_id, primary, details, name)
+        await execution.run.log_step(
+            execution.saga_id, primary, SagaAction.ACT, SagaStepStatus.FAILED, details,
+            error_type=error_type,
+        )
+        result = await execution.call_act(name)
+        return dataclasses.replace(result, error_type=error_type, error_message=details), name
+
+
+async def _record(call: Any, name: str) -> None:
+    try:
+        await call
+    except Exception:  # bookkeeping must not decide the step's outcome
+        logger.warning("circuit breaker could not record the outcome of %s", name, exc_info=True)
+
+
+def restore_context(codec: ContextCodec[Any], context: Any, stored: dict[str, Any]) -> None:
+    """Put the stored form's values back into the live ``context`` object, in place (callers
+    hold references to it): dataclass and pydantic fields are set one by one, a dict is
+    cleared and refilled."""
+    fresh = codec.decode(stored)
+    if codec.kind == "dict":
+        context.clear()
+        context.update(fresh)
+    elif codec.kind == "pydantic":
+        for name in type(context).model_fields:
+            object.__setattr__(context, name, getattr(fresh, name))
+        object.__setattr__(context, "__pydantic_fields_set__", set(fresh.model_fields_set))
+        if getattr(fresh, "__pydantic_extra__", None) is not None:
+            object.__setattr__(context, "__pydantic_extra__", dict(fresh.__pydantic_extra__))
+    else:
+        params = getattr(type(context), "__dataclass_params__", None)
+        assign = object.__setattr__ if params is not None and params.frozen else setattr
+        for field in dataclasses.fields(context):
+            assign(context, field.name, getattr(fresh, field.name))
