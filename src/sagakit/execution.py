@@ -39,7 +39,7 @@ from sagakit.exceptions import (
     SagaStorageError,
 )
 from sagakit.invocation import StepInvocation, reset_current, set_current
-from sagakit.middleware import Middleware, build_chain
+from sagakit.middleware import Middleware, build_chain, saga_log_context
 from sagakit.plan import CompletedStep, Finished, Forward, Mismatch, Plan, decide
 from sagakit.records import TERMINAL_STATUSES, SagaAction, SagaState, SagaStatus, SagaStepStatus
 from sagakit.saga import Saga, StepSpec
@@ -171,6 +171,16 @@ class Execution(Generic[C]):
         async with LeaseKeeper(self.run, self.lease_seconds):
             await self._backward(to_compensate)
 
+    @property
+    def checkpointed_context(self) -> dict[str, Any]:
+        """The context's stored form as of the last checkpoint: during a step, the context as
+        it was before the step started."""
+        return self._stored
+
+    def blame(self, handler_name: str) -> None:
+        """Record a failure now being handled under this handler's name in the step log."""
+        self._failed_handler = handler_name
+
     async def commit(self) -> None:
         """Commit the buffered checkpoint. A driver error becomes SagaStorageError naming the
         saga; sagakit's own errors (fencing, serialisation) pass through unchanged."""
@@ -250,10 +260,11 @@ class Execution(Generic[C]):
 
     async def run_step(self, spec: StepSpec) -> tuple[SagaStepResult[C, Any], str]:
         """Run one step's act (through its fallback, if it has one); return (result, handler)."""
-        if spec.fallback is not None:
-            result, name = await spec.fallback.run(self, spec)
-            return result, name
-        return await self.call_act(spec.name), spec.name
+        with saga_log_context(self.saga_id, self.saga.name, spec.name):
+            if spec.fallback is not None:
+                result, name = await spec.fallback.run(self, spec)
+                return result, name
+            return await self.call_act(spec.name), spec.name
 
     async def call_act(self, handler_name: str) -> SagaStepResult[C, Any]:
         self._failed_handler = handler_name
@@ -365,7 +376,8 @@ class Execution(Generic[C]):
             self.saga_id, self.saga.name, handler_name, SagaAction.COMPENSATE, attempt,
             self.context, handler,
         )
-        await self._chain(invocation)
+        with saga_log_context(self.saga_id, self.saga.name, handler_name):
+            await self._chain(invocation)
 
     async def _handler(self, handler_name: str) -> SagaStepHandler[Any, Any]:
         handler = self._handlers.get(handler_name)

@@ -96,7 +96,7 @@ class Fallback:
         primary = spec.name
         breaker = self.circuit_breaker
         reason: Exception
-        execution._failed_handler = primary  # a breaker's own error fails the primary's step
+        execution.blame(primary)  # a breaker's own error fails the primary's step
         try:
             if breaker is not None:
                 await breaker.check(primary)
@@ -111,7 +111,7 @@ class Fallback:
                 if not self.hands_over(exc):
                     raise
                 reason = exc
-                restore_context(execution.codec, execution.context, execution._stored)
+                restore_context(execution.codec, execution.context, execution.checkpointed_context)
             else:
                 if breaker is not None:
                     await _record(breaker.record_success(primary), primary)
