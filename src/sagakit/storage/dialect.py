@@ -37,6 +37,7 @@ class Dialect:
             self.context_out = t.c.context
         self.checkpoint_sql = _pg_checkpoint(tables) if self.is_postgres else None
         self.insert_leased_sql = pg_insert_leased(tables) if self.is_postgres else None
+        self.checkpoint_batch_sql = pg_checkpoint_batch(tables) if self.is_postgres else None
 
     # -- time ---------------------------------------------------------------------------------
 
@@ -134,4 +135,49 @@ INSERT INTO {tables.executions.name} (saga_id, name, status, context, version, r
     fingerprint, lease_owner, lease_expires_at, created_at, updated_at)
 VALUES ($1::uuid, $2, 'RUNNING', $3::text::jsonb, 1, 0, $4, $5,
     now() + make_interval(secs => $6::float8), now(), now())
+"""
+
+
+def pg_checkpoint_batch(tables: SagaTables) -> str:
+    """One asyncpg statement writing the checkpoints of many sagas (group commit).
+
+    $1-$10 are parallel arrays, one element per saga (saga_id, has_ctx, ctx, status, reset,
+    release, lease seconds, fence version, expected version, fence owner); $11-$16 are parallel
+    arrays, one element per log entry (saga_id, step, action, status, details, error type).
+    Returns (saga_id, new version) for each saga whose fence matched; a fenced-out saga is
+    neither updated nor logged, and does not affect the others.
+    """
+    ex, logs = tables.executions.name, tables.logs.name
+    return f"""
+WITH v AS (
+  SELECT * FROM unnest($1::uuid[], $2::boolean[], $3::text[], $4::varchar[], $5::boolean[],
+                       $6::boolean[], $7::float8[], $8::integer[], $9::integer[], $10::varchar[])
+    AS v(sid, has_ctx, ctx, status, reset, release, lease, fv, ev, owner)
+), u AS (
+  UPDATE {ex} AS x SET
+    version = x.version + 1,
+    updated_at = now(),
+    context = CASE WHEN v.has_ctx THEN v.ctx::jsonb ELSE x.context END,
+    status = COALESCE(v.status, x.status),
+    recovery_attempts = CASE WHEN v.reset THEN 0 ELSE x.recovery_attempts END,
+    lease_owner = CASE WHEN v.release THEN NULL ELSE x.lease_owner END,
+    lease_expires_at = CASE
+      WHEN v.release THEN NULL
+      WHEN v.lease IS NULL THEN x.lease_expires_at
+      ELSE now() + make_interval(secs => v.lease) END
+  FROM v
+  WHERE x.saga_id = v.sid
+    AND (v.fv IS NULL OR x.version = v.fv)
+    AND (v.ev IS NULL OR x.version = v.ev)
+    AND (v.owner IS NULL OR x.lease_owner = v.owner)
+  RETURNING x.saga_id, x.version
+), i AS (
+  INSERT INTO {logs} (saga_id, step_name, action, status, details, error_type, created_at)
+  SELECT e.sid, e.step_name, e.action, e.status, e.details, e.error_type, now()
+  FROM unnest($11::uuid[], $12::text[], $13::text[], $14::text[], $15::text[], $16::text[])
+       WITH ORDINALITY AS e(sid, step_name, action, status, details, error_type, n)
+  JOIN u ON u.saga_id = e.sid
+  ORDER BY e.n
+)
+SELECT saga_id, version FROM u
 """

@@ -277,7 +277,7 @@ class Queries:
         return int(version)
 
     async def write_checkpoint(
-        self, conn: AsyncConnection, cp: Checkpoint, text: str | None, owner: str
+        self, conn: AsyncConnection, cp: Checkpoint, text: str | None
     ) -> int:
         d = self.d
         time = d.time_params(lease=cp.lease_seconds)
@@ -303,6 +303,58 @@ class Queries:
                 for e in cp.entries
             ])
         return version
+
+    # -- group commit: many sagas' checkpoints in one transaction -------------------------------
+
+    async def write_batch(
+        self, conn: AsyncConnection, items: list[tuple[Checkpoint, str | None]]
+    ) -> dict[UUID, int]:
+        """Write fenced update checkpoints of distinct sagas in one transaction (the caller's).
+        Returns the new version of each saga whose fence matched; the others are left as they
+        were, without their log entries."""
+        if self.d.checkpoint_batch_sql is not None:
+            return await self._write_batch_pg(conn, items)
+        written: dict[UUID, int] = {}
+        logs: list[dict[str, Any]] = []
+        for cp, text in items:
+            stmt, params = self._update_for(cp, text)
+            time = self.d.time_params(lease=cp.lease_seconds)
+            if (await conn.execute(stmt, {**params, **time})).rowcount != 1:
+                continue
+            written[cp.saga_id] = await self._version_after(conn, cp)
+            logs.extend(
+                {"sid": cp.saga_id, "step_name": e.step_name, "action": e.action.value,
+                 "status": e.status.value, "details": e.details, "error_type": e.error_type,
+                 **time}
+                for e in cp.entries
+            )
+        if logs:
+            await conn.execute(self._insert_log, logs)
+        return written
+
+    async def _write_batch_pg(
+        self, conn: AsyncConnection, items: list[tuple[Checkpoint, str | None]]
+    ) -> dict[UUID, int]:
+        assert self.d.checkpoint_batch_sql is not None
+        cps = [cp for cp, _ in items]
+        entries = [(cp.saga_id, e) for cp in cps for e in cp.entries]
+        rows = await _raw(
+            conn, "fetch", self.d.checkpoint_batch_sql,
+            [cp.saga_id for cp in cps], [text is not None for _, text in items],
+            [text for _, text in items],
+            [None if cp.status is None else cp.status.value for cp in cps],
+            [cp.reset_attempts for cp in cps], [cp.releases_lease for cp in cps],
+            [cp.lease_seconds for cp in cps], [cp.fence_version for cp in cps],
+            [cp.expected_version for cp in cps], [cp.fence_owner for cp in cps],
+            [sid for sid, _ in entries], [e.step_name for _, e in entries],
+            [e.action.value for _, e in entries], [e.status.value for _, e in entries],
+            [e.details for _, e in entries], [e.error_type for _, e in entries],
+        )
+        return {row[0]: row[1] for row in rows}
+
+    async def diagnose(self, conn: AsyncConnection, cp: Checkpoint) -> None:
+        """Raise why a fenced checkpoint matched no row (not found, lease lost, version)."""
+        await self._diagnose(conn, cp)
 
     async def _version_after(self, conn: AsyncConnection, cp: Checkpoint) -> int:
         known = cp.fence_version if cp.fence_version is not None else cp.expected_version

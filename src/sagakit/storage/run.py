@@ -144,11 +144,14 @@ class BufferedRun(abc.ABC):
         pending = self._pending
         if pending is None:
             return
-        if self.holds_lease and pending.saga_id == self.saga_id:
-            pending.fence_owner = self.owner
+        if pending.saga_id == self.saga_id and pending.create_name is None:
+            # Once a run knows the saga's version, every later write of it is fenced by that
+            # version; while it holds (or held and lost) the lease, by its owner id as well.
             pending.fence_version = self.version
-            if not pending.releases_lease:
-                pending.lease_seconds = self.lease_seconds
+            if self.holds_lease:
+                pending.fence_owner = self.owner
+                if not pending.releases_lease:
+                    pending.lease_seconds = self.lease_seconds
         try:
             version = await self._write(pending)
         finally:

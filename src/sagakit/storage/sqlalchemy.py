@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import (
 from sagakit.exceptions import SagaNotFoundError, SagaSerializationError
 from sagakit.records import SagaLogEntry, SagaState, SagaStatus
 from sagakit.storage.dialect import Dialect
+from sagakit.storage.group_commit import GroupCommitter
 from sagakit.storage.queries import Queries, row_to_state
 from sagakit.storage.run import BufferedRun, Checkpoint, RunBackedStorage
 from sagakit.storage.schema import SagaTables
@@ -60,6 +61,7 @@ class SqlAlchemySagaStorage(RunBackedStorage):
         executions_table: str = "saga_executions",
         logs_table: str = "saga_logs",
         max_context_bytes: int = DEFAULT_MAX_CONTEXT_BYTES,
+        group_commit: bool = False,
         _owns_engine: bool = False,
     ) -> None:
         self.engine = _engine_of(engine_or_sessionmaker)
@@ -69,6 +71,7 @@ class SqlAlchemySagaStorage(RunBackedStorage):
         self.max_context_bytes = max_context_bytes
         self._owns_engine = _owns_engine
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.group_commit = GroupCommitter(self) if group_commit else None
         if self.dialect.is_sqlite:
             _configure_sqlite(self.engine)
 
@@ -80,11 +83,13 @@ class SqlAlchemySagaStorage(RunBackedStorage):
         executions_table: str = "saga_executions",
         logs_table: str = "saga_logs",
         max_context_bytes: int = DEFAULT_MAX_CONTEXT_BYTES,
+        group_commit: bool = False,
         **engine_options: Any,
     ) -> SqlAlchemySagaStorage:
         """Build the storage and its own engine from a database URL, e.g.
         ``sqlite+aiosqlite:///sagas.db`` or ``postgresql+asyncpg://user@host/db``.
         Raises ImportError naming the extra to install when the driver is missing."""
+        SagaTables(executions_table, logs_table)  # validate names before building anything
         try:
             engine = create_async_engine(url, **engine_options)
         except ImportError as error:
@@ -93,7 +98,8 @@ class SqlAlchemySagaStorage(RunBackedStorage):
             hint = f"pip install 'sagakit[{extra}]'" if extra else f"pip install {driver}"
             raise ImportError(f"the {driver!r} database driver is not installed: {hint}") from error
         return cls(engine, executions_table=executions_table, logs_table=logs_table,
-                   max_context_bytes=max_context_bytes, _owns_engine=True)
+                   max_context_bytes=max_context_bytes, group_commit=group_commit,
+                   _owns_engine=True)
 
     async def create_schema(self) -> None:
         """Create the tables and indexes if they do not exist (idempotent)."""
@@ -113,6 +119,8 @@ class SqlAlchemySagaStorage(RunBackedStorage):
 
     async def close(self) -> None:
         """Dispose of the engine if this storage created it (``from_url``)."""
+        if self.group_commit is not None:
+            await self.group_commit.close()
         if self._owns_engine:
             await self.engine.dispose()
 
@@ -135,6 +143,14 @@ class SqlAlchemySagaStorage(RunBackedStorage):
     def transaction(self) -> Any:
         """A connection inside a transaction, committed on success."""
         return self.engine.begin()
+
+    async def write_one(self, cp: Checkpoint, text: str | None) -> int:
+        """Write one update checkpoint in its own transaction; return the new version."""
+        if self.dialect.checkpoint_sql is not None:
+            async with self.single(write=True) as conn:
+                return await self.queries.write_checkpoint_pg(conn, cp, text)
+        async with self.transaction() as conn:
+            return await self.queries.write_checkpoint(conn, cp, text)
 
     def dump(self, saga_id: UUID, context: dict[str, Any]) -> str:
         """The context's JSON text; SagaSerializationError if it is not JSON or too large."""
@@ -235,14 +251,15 @@ class _SqlRun(BufferedRun):
         text = None if cp.context is None else s.dump(cp.saga_id, cp.context)
         if self._pinned is not None:
             try:
-                return await s.queries.write_checkpoint(self._pinned, cp, text, self.owner)
+                return await s.queries.write_checkpoint(self._pinned, cp, text)
             finally:
                 await self._unpin(commit=True)
-        if cp.create_name is None and s.dialect.checkpoint_sql is not None:
-            async with s.single(write=True) as conn:
-                return await s.queries.write_checkpoint_pg(conn, cp, text)
-        async with s.transaction() as conn:
-            return await s.queries.write_checkpoint(conn, cp, text, self.owner)
+        if cp.create_name is not None:
+            async with s.transaction() as conn:
+                return await s.queries.write_checkpoint(conn, cp, text)
+        if s.group_commit is not None:
+            return await s.group_commit.submit(cp, text)
+        return await s.write_one(cp, text)
 
     async def rollback(self) -> None:
         await super().rollback()
@@ -313,8 +330,7 @@ class _SqlRun(BufferedRun):
             return
         async with self._s.single(write=True) as conn:
             lost = not await self._s.queries.renew(conn, self.saga_id, self.owner, lease_seconds)
-        if lost:
-            self.holds_lease = False
+        if lost:  # keep holds_lease: it fences this run's later commits
             raise self._s.queries.lease_lost(self.saga_id, self.owner)
 
     async def release(self) -> None:
