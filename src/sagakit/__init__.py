@@ -26,7 +26,7 @@ from sagakit.exceptions import (
 from sagakit.fallback import Fallback
 from sagakit.invocation import StepInvocation, current_invocation
 from sagakit.mediator import SagaMap, SagaMediator, bootstrap
-from sagakit.middleware import LoggingMiddleware, Middleware
+from sagakit.middleware import LoggingMiddleware, Middleware, SagaLogFilter, SagaRun
 from sagakit.records import SagaAction, SagaLogEntry, SagaState, SagaStatus, SagaStepStatus
 from sagakit.recovery import RecoveryOptions, abort_saga, recover_saga, resume_saga
 from sagakit.saga import Saga
@@ -67,10 +67,12 @@ __all__ = [
     "SagaError",
     "SagaLeaseLostError",
     "SagaLogEntry",
+    "SagaLogFilter",
     "SagaMap",
     "SagaMediator",
     "SagaNotFoundError",
     "SagaParkedError",
+    "SagaRun",
     "SagaSerializationError",
     "SagaState",
     "SagaStatus",

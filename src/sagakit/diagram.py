@@ -127,7 +127,7 @@ def _has_breaker(spec: StepSpec) -> bool:
 def _handover_label(spec: StepSpec) -> str:
     errors = _exception_names(spec)
     parts = ["raises " + ", ".join(errors) if errors else "fails"]
-    if _has_breaker(spec) or not errors:
+    if _has_breaker(spec):
         parts.append("circuit open")
     return " / ".join(parts)
 
@@ -151,24 +151,25 @@ def _build(saga: Saga[Any] | type[Saga[Any]]) -> _Chart:
     chart.add(_Node("completed", "COMPLETED", "round"))
     chart.add(_Node("failed", "FAILED", "round"))
 
-    edges = chart.edges
-    edges.append(_Edge("start", "step1" if specs else "completed"))
+    success: list[_Edge] = [_Edge("start", "step1" if specs else "completed")]
+    handover: list[_Edge] = []
+    failure: list[_Edge] = []
     for index, spec in enumerate(specs, start=1):
         primary, alternative = f"step{index}", f"step{index}_alt"
         following = f"step{index + 1}" if index < len(specs) else "completed"
         on_failure = f"undo{index - 1}" if index > 1 else "failed"
+        success.append(_Edge(primary, following, "success"))
         if spec.fallback is None:
-            edges.append(_Edge(primary, following, "success"))
-            edges.append(_Edge(primary, on_failure, "failure"))
+            failure.append(_Edge(primary, on_failure, "failure"))
             continue
-        edges.append(_Edge(primary, alternative, escape(_handover_label(spec)), "dashed"))
-        edges.append(_Edge(primary, following, "success"))
-        edges.append(_Edge(alternative, following, "success"))
-        if _exception_names(spec):  # other errors of the primary fail the step
-            edges.append(_Edge(primary, on_failure, "other error"))
-        edges.append(_Edge(alternative, on_failure, "failure"))
-    for index in range(len(specs) - 1, 0, -1):
-        edges.append(_Edge(f"undo{index}", f"undo{index - 1}" if index > 1 else "failed"))
+        handover.append(_Edge(primary, alternative, escape(_handover_label(spec)), "dashed"))
+        success.append(_Edge(alternative, following, "success"))
+        if _exception_names(spec):  # the primary's other errors fail the step
+            failure.append(_Edge(primary, on_failure, "other error"))
+        failure.append(_Edge(alternative, on_failure, "failure"))
+    chain = [_Edge(f"undo{index}", f"undo{index - 1}" if index > 1 else "failed")
+             for index in range(len(specs) - 1, 0, -1)]
+    chart.edges.extend(success + handover + failure + chain)
     return chart
 
 
@@ -278,7 +279,10 @@ def instance_flowchart(
     chart.nodes["start"].label = escape(f"{chart.name}: start") + "<br/>" + escape(short)
     if status not in (SagaStatus.COMPLETED, SagaStatus.FAILED):
         where, what = _resting_place(chart, status, history)
-        chart.add(_Node("status", escape(f"{status.value}: {what}"), "hexagon"))
+        label = f"{status.value}<br/>{escape(what)}"
+        if status is SagaStatus.PARKED:
+            label += "<br/>" + escape("parked: needs resume or abort")
+        chart.add(_Node("status", label, "hexagon"))
         chart.edges.append(_Edge("status", where, "", "dotted"))
         classes["status"] = "current"
     return _render(chart, classes, legend)
@@ -315,19 +319,18 @@ def _resting_place(
 ) -> tuple[str, str]:
     """(node id, description) of where a non-terminal saga continues from."""
     plan = decide(status, chart.specs, history, resume_parked=status is SagaStatus.PARKED)
-    suffix = "; needs resume or abort" if status is SagaStatus.PARKED else ""
     if isinstance(plan, Mismatch):
         return "start", f"the log does not fit this definition ({plan.reason})"
     if isinstance(plan, Forward):
         if plan.start >= len(chart.specs):
-            return "completed", "every step completed; COMPLETED not written yet" + suffix
-        return f"step{plan.start + 1}", f"next: {chart.specs[plan.start].name}" + suffix
+            return "completed", "every step completed; COMPLETED not written yet"
+        return f"step{plan.start + 1}", f"next: {chart.specs[plan.start].name}"
     if isinstance(plan, Backward):
         if not plan.to_compensate:
-            return "failed", "nothing left to compensate; FAILED not written yet" + suffix
+            return "failed", "nothing left to compensate; FAILED not written yet"
         step = plan.to_compensate[0]
         node = chart.undo.get(step.index, f"step{step.index + 1}")
-        return node, f"next: compensate {step.handler_name}" + suffix
+        return node, f"next: compensate {step.handler_name}"
     assert isinstance(plan, Finished)  # only for a terminal status, excluded by the caller
     return "start", plan.status.value
 
@@ -335,85 +338,93 @@ def _resting_place(
 # -- sequence diagram --------------------------------------------------------------------------
 
 
+class _Lines:
+    """Sequence diagram statements; every text is escaped here, once."""
+
+    def __init__(self) -> None:
+        self.lines = ["sequenceDiagram"]
+
+    def add(self, depth: int, statement: str, text: str | None = None) -> None:
+        pad = "    " * depth
+        self.lines.append(f"{pad}{statement}" if text is None else f"{pad}{statement}{escape(text)}")
+
+    def message(self, depth: int, src: str, arrow: str, dst: str, text: str) -> None:
+        self.add(depth, f"{src}{arrow}{dst}: ", text)
+
+
 def sequence(saga: Saga[Any] | type[Saga[Any]]) -> str:
     """A Mermaid ``sequenceDiagram`` of a saga definition: the orchestrator, the storage and
     each step handler; every act call and checkpoint, and for each step an ``alt`` block whose
     failure branch compensates the steps before it in reverse order."""
     name, specs = _definition(saga)
-    lines = ["sequenceDiagram"]
-    lines.append(f"    participant saga as {escape(name)} (orchestrator)")
-    lines.append("    participant storage as Storage")
+    out = _Lines()
+    out.add(1, "participant saga as ", f"{name} (orchestrator)")
+    out.add(1, "participant storage as Storage")
     for index, spec in enumerate(specs, start=1):
-        lines.append(f"    participant step{index} as {escape(spec.name)}")
+        out.add(1, f"participant step{index} as ", spec.name)
         alternative = _alternative_name(spec)
         if alternative is not None:
-            lines.append(f"    participant step{index}_alt as {escape(alternative)} (fallback)")
-    lines.append("    saga->>storage: write the saga row: RUNNING, leased to this run")
+            out.add(1, f"participant step{index}_alt as ", f"{alternative} (fallback)")
+    out.message(1, "saga", "->>", "storage", "write the saga row: RUNNING, leased to this run")
     if not specs:
-        lines.append("    saga->>storage: checkpoint: COMPLETED, lease released")
+        out.message(1, "saga", "->>", "storage", "checkpoint: COMPLETED, lease released")
     for index, spec in enumerate(specs, start=1):
-        last = index == len(specs)
-        done = ", status COMPLETED, lease released" if last else ""
+        done = ", status COMPLETED, lease released" if index == len(specs) else ""
         pid, aid = f"step{index}", f"step{index}_alt"
-        lines.append(f"    saga->>{pid}: act(context)")
-        if spec.fallback is None:
-            lines.append(f"    alt {escape(spec.name)} returns")
-            lines.append(f"        {pid}-->>saga: result")
-            lines.append(f"        saga->>storage: checkpoint: {escape(spec.name)} COMPLETED"
-                         f" + context{done}")
-            lines.append(f"    else {escape(spec.name)} raises")
-            lines.append(f"        {pid}--xsaga: error")
-            lines.extend(_failure_path(specs, index, spec.name, "        "))
-            lines.append("    end")
+        primary = spec.name
+        out.message(1, "saga", "->>", pid, "act(context)")
+        out.add(1, "alt ", f"{primary} returns")
+        out.message(2, pid, "-->>", "saga", "result")
+        out.message(2, "saga", "->>", "storage", f"checkpoint: {primary} COMPLETED + context{done}")
+        alternative = _alternative_name(spec)
+        if alternative is None:
+            out.add(1, "else ", f"{primary} raises")
+            out.message(2, pid, "--x", "saga", "error")
+            _failure_path(out, 2, specs, index, primary)
+            out.add(1, "end")
             continue
-        alternative = _alternative_name(spec) or ""
-        p, a = escape(spec.name), escape(alternative)
-        lines.append(f"    alt {p} returns")
-        lines.append(f"        {pid}-->>saga: result")
-        lines.append(f"        saga->>storage: checkpoint: {p} COMPLETED + context{done}")
-        lines.append(f"    else {p} {escape(_handover_label(spec))}")
-        lines.append(f"        {pid}--xsaga: error (or its circuit is open: not called)"
-                     if _has_breaker(spec) else f"        {pid}--xsaga: error")
-        lines.append(f"        Note over saga: context restored to its state before {p}")
-        lines.append(f"        saga->>{aid}: act(context)")
-        lines.append(f"        alt {a} returns")
-        lines.append(f"            {aid}-->>saga: result")
-        lines.append(f"            saga->>storage: checkpoint: {p} FAILED, {a} COMPLETED"
-                     f" + context{done}")
-        lines.append(f"        else {a} raises")
-        lines.append(f"            {aid}--xsaga: error")
-        lines.extend(_failure_path(specs, index, f"{spec.name} FAILED, {alternative}",
-                                   "            "))
-        lines.append("        end")
+        out.add(1, "else ", f"{primary} {_handover_label(spec)}")
+        skipped = " (an open circuit skips the call)" if _has_breaker(spec) else ""
+        out.message(2, pid, "--x", "saga", f"error{skipped}")
+        out.add(2, "Note over saga: ", f"the context is restored to what it was before {primary}")
+        out.message(2, "saga", "->>", aid, "act(context)")
+        out.add(2, "alt ", f"{alternative} returns")
+        out.message(3, aid, "-->>", "saga", "result")
+        out.message(3, "saga", "->>", "storage",
+                    f"checkpoint: {primary} FAILED, {alternative} COMPLETED + context{done}")
+        out.add(2, "else ", f"{alternative} raises")
+        out.message(3, aid, "--x", "saga", "error")
+        _failure_path(out, 3, specs, index, f"{primary} FAILED, {alternative}")
+        out.add(2, "end")
         if _exception_names(spec):
-            lines.append(f"    else {p} raises another error")
-            lines.append(f"        {pid}--xsaga: error")
-            lines.extend(_failure_path(specs, index, spec.name, "        "))
-        lines.append("    end")
+            out.add(1, "else ", f"{primary} raises another error")
+            out.message(2, pid, "--x", "saga", "error")
+            _failure_path(out, 2, specs, index, primary)
+        out.add(1, "end")
     if len(specs) > 1:
-        lines.append("    Note over saga,storage: a compensation still failing after its retries "
-                     "leaves the saga COMPENSATING, for recovery to finish")
-    return "\n".join(lines) + "\n"
+        out.add(1, "Note over saga,storage: ", "a compensation still failing after its retries "
+                "leaves the saga COMPENSATING, for recovery to finish")
+    return "\n".join(out.lines) + "\n"
 
 
-def _failure_path(specs: Sequence[StepSpec], index: int, failed: str, pad: str) -> list[str]:
-    """The failure branch of step ``index`` (1-based): log, then compensate steps before it."""
-    out = []
+def _failure_path(
+    out: _Lines, depth: int, specs: Sequence[StepSpec], index: int, failed: str
+) -> None:
+    """The failure branch of step ``index`` (1-based): log it, compensate the steps before it."""
     if index == 1:
-        out.append(f"{pad}saga->>storage: checkpoint: {escape(failed)} FAILED + context, "
-                   "status FAILED, lease released")
-        out.append(f"{pad}Note over saga: FAILED, nothing to compensate; the error is re-raised")
-        return out
-    out.append(f"{pad}saga->>storage: checkpoint: {escape(failed)} FAILED + context, "
-               "status COMPENSATING")
+        out.message(depth, "saga", "->>", "storage",
+                    f"checkpoint: {failed} FAILED + context, status FAILED, lease released")
+        out.add(depth, "Note over saga: ", "FAILED, nothing to compensate. The error is re-raised")
+        return
+    out.message(depth, "saga", "->>", "storage",
+                f"checkpoint: {failed} FAILED + context, status COMPENSATING")
     for k in range(index - 1, 0, -1):
         spec = specs[k - 1]
         alternative = _alternative_name(spec)
-        target = escape(spec.name)
-        extra = f" (or {escape(alternative)}, if the fallback completed)" if alternative else ""
-        out.append(f"{pad}saga->>step{k}: compensate(context){extra}")
+        which = f" (or {alternative}, if the fallback completed)" if alternative else ""
+        out.message(depth, "saga", "->>", f"step{k}", f"compensate(context){which}")
         end = ", status FAILED, lease released" if k == 1 else ""
-        out.append(f"{pad}saga->>storage: checkpoint: {target} COMPENSATED{end}")
-    out.append(f"{pad}Note over saga: FAILED, every completed step compensated; the error "
-               "is re-raised")
-    return out
+        whose = f"{spec.name} (or {alternative})" if alternative else spec.name
+        out.message(depth, "saga", "->>", "storage", f"checkpoint: {whose} COMPENSATED{end}")
+    out.add(depth, "Note over saga: ",
+            "FAILED, every completed step compensated. The error is re-raised")

@@ -101,6 +101,13 @@ async def prepare_resume(
         return Resumption(Finished(SagaStatus.PARKED), None, state.context)
     history = await run.get_step_history(state.saga_id)
     plan = decide(state.status, saga.step_specs, history, resume_parked=resume_parked)
+    if state.fingerprint and state.fingerprint != saga.fingerprint:
+        logger.warning(
+            "saga %s %s was started by another version of its definition (steps %s, now %s); "
+            "%s", saga.name, state.saga_id, state.fingerprint, saga.fingerprint,
+            "its log no longer fits: parking it" if isinstance(plan, Mismatch)
+            else "its log still fits the current steps: continuing",
+        )
     return Resumption(plan, decode(state.context), state.context)
 
 

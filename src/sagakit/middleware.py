@@ -185,7 +185,7 @@ class SagaLogFilter(logging.Filter):
         return True
 
 
-SAGAKIT_LOGGERS = ("sagakit", "sagakit.steps", "sagakit.storage", "sagakit.worker")
+SAGAKIT_LOGGERS = ("sagakit", "sagakit.cli", "sagakit.steps", "sagakit.storage", "sagakit.worker")
 """The loggers sagakit writes to; each has a :class:`SagaLogFilter`."""
 
 _FILTER = SagaLogFilter()
@@ -202,17 +202,24 @@ _install_filter()
 
 
 class LoggingMiddleware:
-    """Logs each saga run's beginning and end, and each invocation's start, end and failure,
-    with the saga id, saga name and step.
+    """Logs each invocation's start, end and failure with the saga id, saga name and step — and,
+    with ``saga_runs=True``, each saga run's beginning and end (mode, status, error).
 
     Records carry ``saga_id``, ``saga_name``, ``step_name``, ``action`` and ``attempt`` as
     ``extra`` attributes (the last three are None on a saga run's records), so structured log
     handlers can index them. A failed invocation is logged at WARNING, the rest at ``level``.
     """
 
-    def __init__(self, logger: logging.Logger | None = None, level: int = logging.INFO) -> None:
+    def __init__(
+        self,
+        logger: logging.Logger | None = None,
+        level: int = logging.INFO,
+        *,
+        saga_runs: bool = False,
+    ) -> None:
         self.logger = logger or logging.getLogger("sagakit.steps")
         self.level = level
+        self.saga_runs = saga_runs
 
     async def __call__(self, invocation: StepInvocation, call_next: CallNext) -> Any:
         extra = {
@@ -238,6 +245,9 @@ class LoggingMiddleware:
 
     @contextlib.asynccontextmanager
     async def observe_saga(self, run: SagaRun) -> AsyncIterator[None]:
+        if not self.saga_runs:
+            yield
+            return
         extra = {"saga_id": str(run.saga_id), "saga_name": run.saga_name,
                  "step_name": None, "action": None, "attempt": None}
         where = f"saga {run.saga_name} {run.saga_id}"

@@ -63,6 +63,7 @@ async def recover_saga(
     compensation_retry_delay: float = 1.0,
     compensation_retry_backoff: float = 2.0,
     compensation_retry_max_delay: float = 60.0,
+    compensation_retry_jitter: float = 0.0,
     lease_seconds: float = 30.0,
 ) -> SagaStatus:
     """Finish one interrupted saga from storage; return its status afterwards.
@@ -79,7 +80,8 @@ async def recover_saga(
     options = RecoveryOptions(
         middlewares=middlewares, max_recovery_attempts=max_recovery_attempts,
         retry=RetryPolicy(compensation_retry_count, compensation_retry_delay,
-                          compensation_retry_backoff, compensation_retry_max_delay),
+                          compensation_retry_backoff, compensation_retry_max_delay,
+                          compensation_retry_jitter),
         lease_seconds=lease_seconds,
     )
     return await _drive(_instance(saga), saga_id, context_builder, container, _require(storage),

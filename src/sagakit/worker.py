@@ -25,6 +25,7 @@ from uuid import UUID
 
 from sagakit.exceptions import SagaBusyError, SagaNotFoundError
 from sagakit.mediator import SagaMap
+from sagakit.middleware import saga_log_context
 from sagakit.records import SagaStatus
 from sagakit.recovery import RecoveryOptions, _drive
 from sagakit.saga import Saga
@@ -119,7 +120,8 @@ class RecoveryWorker:
         """Recover one saga by id, recording the outcome; never raises for a saga's failure."""
         self._in_hand.add(saga_id)
         try:
-            outcome = await self._recover(saga_id)
+            with saga_log_context(saga_id):
+                outcome = await self._recover(saga_id)
         finally:
             self._in_hand.discard(saga_id)
         self.outcomes.append(outcome)

@@ -64,3 +64,26 @@ async def test_upgrade_twice_is_a_no_op(sql_storage: Any) -> None:
         async with sql_storage.engine.begin() as conn:
             await conn.run_sync(SagaTables(**names).metadata.drop_all)
             await conn.execute(sa.text(f"DROP TABLE IF EXISTS {prefix}_ex_alembic"))
+
+
+def test_the_alembic_command_line_runs_the_migrations(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    db = tmp_path / "cli.db"
+    ini = tmp_path / "alembic.ini"
+    ini.write_text(
+        "[alembic]\nscript_location = sagakit:migrations\n"
+        f"sqlalchemy.url = sqlite+aiosqlite:///{db}\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "alembic", "-c", str(ini), "-x", "executions_table=cli_ex",
+         "-x", "logs_table=cli_logs", "upgrade", "head"],
+        capture_output=True, text=True, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"cli_ex", "cli_logs", "cli_ex_alembic"} <= tables

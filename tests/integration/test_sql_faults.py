@@ -130,8 +130,9 @@ async def test_a_context_too_large_for_the_storage_fails_the_step_and_compensate
     assert Recorder.calls[-2:] == ["compensate:Reserve", "compensate:Capture"]
 
 
-async def _kill_connections(url: str, app_marker: str) -> None:
-    """Terminate the server connections of the storage under test, from another connection."""
+async def _kill_connections(url: str, app_marker: str, mysql_ids: list[int]) -> None:
+    """Terminate the server connections of the storage under test (and only those), from
+    another connection."""
     admin = SqlAlchemySagaStorage.from_url(url)
     try:
         async with admin.engine.connect() as conn:
@@ -140,14 +141,23 @@ async def _kill_connections(url: str, app_marker: str) -> None:
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                     "WHERE application_name = :app"), {"app": app_marker})
             else:
-                me = (await conn.execute(sa.text("SELECT CONNECTION_ID()"))).scalar()
-                rows = await conn.execute(sa.text(
-                    "SELECT ID FROM information_schema.PROCESSLIST WHERE DB = 'test' AND ID <> :me"
-                ), {"me": me})
-                for (pid,) in rows.all():
+                for pid in mysql_ids:
                     await conn.execute(sa.text(f"KILL {int(pid)}"))
     finally:
         await admin.close()
+
+
+def _remember_mysql_connection_ids(storage: SqlAlchemySagaStorage) -> list[int]:
+    ids: list[int] = []
+
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("SELECT CONNECTION_ID()")
+        ids.append(int(cursor.fetchone()[0]))
+        cursor.close()
+
+    sa.event.listen(storage.engine.sync_engine, "connect", on_connect)
+    return ids
 
 
 @pytest.mark.parametrize("backend", ["postgres", "mysql"])
@@ -158,10 +168,11 @@ async def test_a_lost_database_connection_leaves_the_saga_recoverable(backend: s
     else:
         url, kwargs = MYSQL_DSN, {}
     storage = SqlAlchemySagaStorage.from_url(url, **kwargs, **TABLES)
+    mysql_ids = _remember_mysql_connection_ids(storage) if backend == "mysql" else []
     await storage.create_schema()
 
     async def kill() -> None:
-        await _kill_connections(url, app)
+        await _kill_connections(url, app, mysql_ids)
 
     Recorder.hooks["Ship"] = kill
     saga_id = uuid.uuid4()
