@@ -1,0 +1,352 @@
+"""The invariants the crash-injection harness checks, as pure functions over what it read back.
+
+Inputs: each saga's configuration (its initial context), its final row (status, context), its
+step log *with the log's ids*, and the events table (see :mod:`tests.acceptance.crashsaga`),
+including one ``exit`` event per process the harness started, written by the harness after it
+saw the process end (so its id is greater than the id of every event that process wrote).
+
+Orders are compared by ids, never by clocks: the events' autoincrement id, and the ids of
+sagakit's log entries as seen in the *snapshot* a step's ``start`` event carries (one SELECT of
+the saga's committed row and log, taken when the act/compensate began). A snapshot read after a
+checkpoint committed sees that checkpoint; so "the act started after the saga became
+COMPENSATING" is exactly "the act's snapshot shows COMPENSATING (or the failed act)".
+
+The invariants (each check counted under its name):
+
+I1 terminal
+    ``I1.terminal``: the saga is COMPLETED or FAILED, or PARKED and configured with a permanently
+    failing compensation. ``I1.expected-status``: the status is the one its configuration
+    implies (PARKED if a compensation fails for good, else FAILED if an act fails, else
+    COMPLETED).
+I2 no act after COMPENSATING
+    ``I2.act-state``: every act's snapshot shows the saga RUNNING with no failed act in its log.
+    ``I2.act-before-compensation``: every act start event precedes (by id) the saga's first
+    compensate start event.
+I3 compensations in reverse order, each at most once after it succeeded
+    ``I3.compensated-once``: at most one COMPENSATED log entry per step.
+    ``I3.compensates-completed``: each COMPENSATED entry follows an ACT COMPLETED of that step.
+    ``I3.reverse-order-log``: the COMPENSATED entries' step indexes strictly decrease.
+    ``I3.all-compensated``: a FAILED saga has compensated exactly the steps whose act completed.
+    ``I3.comp-state``: a compensation's snapshot shows the saga COMPENSATING, the step's act
+    COMPLETED.
+    ``I3.reverse-order-start``: when step k's compensation starts, every later step whose act
+    completed is already COMPENSATED, and no earlier step is. Exception, sagakit's documented
+    behaviour: a compensation that failed for good does not stop the earlier ones (the
+    compensator gives every step its chance), so the configured permanently failing step is
+    exempt on both sides.
+    ``I3.reverse-order-events``: the successful compensate ``end`` events of a saga, in id order,
+    have non-increasing step indexes (a compensation re-run after a crash that cut it off
+    before its checkpoint repeats the same index).
+I4 one process in a saga at a time
+    ``I4.lease-holder``: each act/compensate snapshot shows the saga leased by the process
+    running it (the lease owner id embeds the pid).
+    ``I4.no-overlap``: per saga, the intervals [start event id, end event id] of different
+    processes do not overlap. A start without an end (the process was SIGKILLed) ends at the
+    process's ``exit`` event; with no exit event it never ends.
+I5 a checkpointed step is never run again
+    ``I5.act-not-rerun``: no act's snapshot already holds an ACT COMPLETED entry for that step.
+    ``I5.comp-not-rerun``: no compensation's snapshot already holds a COMPENSATED entry for it.
+    ``I5.act-completed-once``: at most one ACT COMPLETED log entry per step.
+    ``I5.log-append-only``: every snapshot's log is a prefix of the final log (same ids, same
+    entries): nothing written was ever rewritten or lost.
+I6 the final context matches the steps in effect
+    ``I6.context``: the final ``context.done`` lists exactly the steps whose act is COMPLETED
+    and not COMPENSATED in the log, in step order.
+    ``I6.log-shape``: a COMPLETED saga logs every act COMPLETED and no compensation; a FAILED or
+    PARKED one logs the configured act as FAILED.
+    ``I6.no-anomaly``: no act found its own effect already in the context it received, and no
+    compensation found its effect missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from tests.acceptance.crashsaga import STEP_NAMES
+
+INDEX = {name: i for i, name in enumerate(STEP_NAMES)}
+INFINITY = float("inf")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Event:
+    id: int
+    saga_id: str | None
+    step: str | None
+    action: str | None
+    phase: str
+    outcome: str | None
+    label: str
+    pid: int
+    snapshot: dict[str, Any] | None = None
+
+    @classmethod
+    def from_row(cls, row: Any) -> Event:
+        snap = row.snapshot
+        return cls(row.id, row.saga_id, row.step, row.action, row.phase, row.outcome, row.label,
+                   row.pid, None if snap is None else json.loads(snap))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LogRow:
+    id: int
+    step: str
+    action: str
+    status: str
+
+    def key(self) -> tuple[int, str, str, str]:
+        return (self.id, self.step, self.action, self.status)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FinalSaga:
+    saga_id: str
+    status: str
+    context: dict[str, Any]
+    attempts: int
+
+
+@dataclasses.dataclass
+class Findings:
+    checks: Counter[str] = dataclasses.field(default_factory=Counter)
+    violations: list[str] = dataclasses.field(default_factory=list)
+
+    def check(self, name: str, ok: bool, saga: str, message: str) -> None:
+        self.checks[name] += 1
+        if not ok:
+            self.violations.append(f"[{name}] saga {saga}: {message}")
+
+    @property
+    def total(self) -> int:
+        return sum(self.checks.values())
+
+
+def expected_status(config: dict[str, Any]) -> str:
+    if config.get("comp_permanent") is not None:
+        return "PARKED"
+    if config.get("fail_step") is not None:
+        return "FAILED"
+    return "COMPLETED"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Interval:
+    label: str
+    start: int
+    end: float
+    what: str
+
+
+def intervals(events: Sequence[Event], exits: dict[str, int]) -> list[Interval]:
+    """The act/compensate intervals of one saga's events (ordered by id)."""
+    out: list[Interval] = []
+    open_: dict[tuple[str, str, str], Event] = {}
+    for e in events:
+        if e.phase not in ("start", "end") or e.step is None or e.action is None:
+            continue
+        key = (e.label, e.step, e.action)
+        if e.phase == "start":
+            previous = open_.pop(key, None)
+            if previous is not None:  # cannot happen unless an end was lost: keep it open-ended
+                out.append(Interval(e.label, previous.id, exits.get(e.label, INFINITY),
+                                    f"{previous.action} {previous.step}"))
+            open_[key] = e
+        else:
+            start = open_.pop(key, None)
+            if start is not None:
+                out.append(Interval(e.label, start.id, e.id, f"{e.action} {e.step}"))
+    for start in open_.values():
+        out.append(Interval(start.label, start.id, exits.get(start.label, INFINITY),
+                            f"{start.action} {start.step} (no end: process died)"))
+    return sorted(out, key=lambda i: i.start)
+
+
+def _completed(log: Iterable[Sequence[Any]]) -> list[str]:
+    return [entry[1] for entry in log if entry[2] == "act" and entry[3] == "COMPLETED"]
+
+
+def _compensated(log: Iterable[Sequence[Any]]) -> list[str]:
+    return [entry[1] for entry in log if entry[2] == "compensate" and entry[3] == "COMPENSATED"]
+
+
+def check_saga(
+    f: Findings,
+    sid: str,
+    config: dict[str, Any],
+    final: FinalSaga | None,
+    log: Sequence[LogRow],
+    events: Sequence[Event],
+    exits: dict[str, int],
+) -> None:
+    key = f"{sid} ({config.get('key')})"
+    f.check("I1.exists", final is not None, key, "the saga was never created")
+    if final is None:
+        return
+    permanent = config.get("comp_permanent")
+    fail_step = config.get("fail_step")
+    f.check("I1.terminal", final.status in ("COMPLETED", "FAILED")
+            or (final.status == "PARKED" and permanent is not None), key,
+            f"ended {final.status} after {final.attempts} recovery attempts")
+    f.check("I1.expected-status", final.status == expected_status(config), key,
+            f"ended {final.status}, expected {expected_status(config)}")
+
+    final_log = [row.key() for row in log]
+    completed = _completed(final_log)
+    compensated = _compensated(final_log)
+
+    # -- I5/I3 on the log itself
+    for name, n in Counter(completed).items():
+        f.check("I5.act-completed-once", n == 1, key, f"act {name} COMPLETED {n} times")
+    for name, n in Counter(compensated).items():
+        f.check("I3.compensated-once", n == 1, key, f"{name} COMPENSATED {n} times")
+    for position, entry in enumerate(final_log):
+        if entry[2] == "compensate" and entry[3] == "COMPENSATED":
+            before = _completed(final_log[:position])
+            f.check("I3.compensates-completed", entry[1] in before, key,
+                    f"{entry[1]} COMPENSATED without a completed act before it")
+    if compensated:
+        order = [INDEX[n] for n in compensated]
+        f.check("I3.reverse-order-log", all(a > b for a, b in itertools.pairwise(order)),
+                key, f"compensated in the order {compensated}")
+    if final.status == "FAILED":
+        f.check("I3.all-compensated", sorted(compensated) == sorted(completed), key,
+                f"completed {completed} but compensated {compensated}")
+
+    # -- I6 the final context and the log's shape
+    in_effect = [n for n in STEP_NAMES if n in completed and n not in compensated]
+    done = final.context.get("done")
+    f.check("I6.context", done == in_effect, key,
+            f"context.done={done}, but the log has {in_effect} in effect")
+    if final.status == "COMPLETED":
+        f.check("I6.log-shape", completed == STEP_NAMES and not any(
+            e[2] == "compensate" for e in final_log), key, f"COMPLETED with log {final_log}")
+    elif fail_step is not None:
+        failed = [e[1] for e in final_log if e[2] == "act" and e[3] == "FAILED"]
+        f.check("I6.log-shape", failed == [STEP_NAMES[fail_step]], key,
+                f"expected act {STEP_NAMES[fail_step]} FAILED once, log has {failed}")
+    anomalies = [e for e in events if e.phase == "anomaly"]
+    f.check("I6.no-anomaly", not anomalies, key,
+            "; ".join(f"{e.action} {e.step} by {e.label}: {e.outcome}" for e in anomalies))
+
+    # -- the snapshots of act/compensate starts: I2, I3, I4, I5
+    starts = [e for e in events if e.phase == "start"]
+    comp_starts = [e.id for e in starts if e.action == "compensate"]
+    first_comp = min(comp_starts) if comp_starts else None
+    for e in starts:
+        snap = e.snapshot or {"status": None, "owner": None, "log": []}
+        slog = [tuple(x) for x in snap["log"]]
+        k = INDEX[e.step or ""]
+        where = f"{e.action} {e.step} by {e.label} (event {e.id})"
+        f.check("I5.log-append-only", slog == final_log[:len(slog)], key,
+                f"{where} saw log {slog}, final log is {final_log}")
+        owner = snap.get("owner") or ""
+        parts = owner.rsplit(":", 2)
+        f.check("I4.lease-holder", len(parts) == 3 and parts[1] == str(e.pid), key,
+                f"{where} (pid {e.pid}) ran while the lease owner was {owner or None!r}")
+        s_completed, s_compensated = _completed(slog), _compensated(slog)
+        if e.action == "act":
+            failed = [x for x in slog if x[2] == "act" and x[3] == "FAILED"]
+            f.check("I2.act-state", snap["status"] == "RUNNING" and not failed, key,
+                    f"{where} started while the saga was {snap['status']} (failed acts: {failed})")
+            if first_comp is not None:
+                f.check("I2.act-before-compensation", e.id < first_comp, key,
+                        f"{where} started after the first compensation (event {first_comp})")
+            f.check("I5.act-not-rerun", e.step not in s_completed, key,
+                    f"{where} ran although its completion was checkpointed")
+        else:
+            f.check("I3.comp-state", snap["status"] == "COMPENSATING" and e.step in s_completed,
+                    key, f"{where} started with status {snap['status']}, completed {s_completed}")
+            f.check("I5.comp-not-rerun", e.step not in s_compensated, key,
+                    f"{where} ran although its compensation was checkpointed")
+            later_open = [n for n in s_completed if INDEX[n] > k and n not in s_compensated
+                          and INDEX[n] != permanent]
+            earlier_done = [n for n in s_compensated if INDEX[n] < k]
+            f.check("I3.reverse-order-start",
+                    not later_open and (k == permanent or not earlier_done), key,
+                    f"{where} started with later steps {later_open} not compensated, "
+                    f"earlier steps {earlier_done} compensated")
+    ends = [INDEX[e.step or ""] for e in events
+            if e.phase == "end" and e.action == "compensate" and e.outcome == "ok"]
+    if ends:
+        f.check("I3.reverse-order-events", all(a >= b for a, b in itertools.pairwise(ends)),
+                key, f"successful compensations in the order {[STEP_NAMES[i] for i in ends]}")
+
+    # -- I4 no two processes inside the saga at once
+    spans = intervals(events, exits)
+    for i, a in enumerate(spans):
+        clash = [b for b in spans[i + 1:] if b.label != a.label and b.start < a.end]
+        clash += [b for b in spans[:i] if b.label != a.label and a.start < b.end]
+        f.check("I4.no-overlap", not clash, key,
+                f"{a.what} by {a.label} [{a.start}, {a.end}] overlaps "
+                + ", ".join(f"{b.what} by {b.label} [{b.start}, {b.end}]" for b in clash))
+
+
+def check_all(
+    configs: dict[str, dict[str, Any]],
+    finals: dict[str, FinalSaga],
+    logs: dict[str, list[LogRow]],
+    events: Sequence[Event],
+) -> Findings:
+    f = Findings()
+    exits = {e.label: e.id for e in events if e.phase == "exit"}
+    by_saga: dict[str, list[Event]] = defaultdict(list)
+    for e in events:
+        if e.saga_id is not None:
+            by_saga[e.saga_id].append(e)
+    for sid, config in configs.items():
+        check_saga(f, sid, config, finals.get(sid), logs.get(sid, []), by_saga.get(sid, []), exits)
+    unknown = set(by_saga) - set(configs)
+    f.check("I0.known-sagas", not unknown, "-", f"events for unknown sagas {sorted(unknown)}")
+    return f
+
+
+# -- crash points -------------------------------------------------------------------------------
+
+CATEGORIES = ("checkpoint_boundary", "in_step", "in_compensation", "outside_steps")
+
+
+def crash_points(events: Sequence[Event]) -> Counter[str]:
+    """Where the SIGKILLs landed.
+
+    - A self-inflicted crash (a ``crash`` event): ``act:k:start``/``comp:k:start`` (right after
+      the previous checkpoint) and ``act:k:end``/``comp:k:end`` (the work done, its checkpoint
+      not yet written) are checkpoint boundaries; ``act:k:mid`` is inside a step and
+      ``comp:k:mid`` inside a compensation.
+    - Every other act/compensate a SIGKILLed process was in (its start has no end before the
+      process's exit event: the harness's random kills and the other sagas a self-crashing
+      process held) is a crash point inside a step or a compensation.
+    - A harness kill that found the process in no act/compensate (polling, claiming, writing a
+      checkpoint, starting up) is ``outside_steps``.
+    """
+    points: Counter[str] = Counter()
+    crash_events: dict[str, list[Event]] = defaultdict(list)
+    for e in events:
+        if e.phase == "crash":
+            crash_events[e.label].append(e)
+            kind = (e.outcome or "").split(":")
+            if kind[-1] == "mid":
+                points["in_step" if kind[0] == "act" else "in_compensation"] += 1
+            else:
+                points["checkpoint_boundary"] += 1
+    for death in (e for e in events if e.phase == "exit" and e.outcome
+                  and e.outcome.startswith("killed")):
+        own = [e for e in events if e.label == death.label and e.id < death.id]
+        crashed = {c.saga_id for c in crash_events.get(death.label, [])}
+        open_: dict[tuple[str | None, str | None, str | None], Event] = {}
+        for e in own:
+            k = (e.saga_id, e.step, e.action)
+            if e.phase == "start":
+                open_[k] = e
+            elif e.phase == "end":
+                open_.pop(k, None)
+        inside = [e for e in open_.values() if e.saga_id not in crashed]
+        for e in inside:
+            points["in_step" if e.action == "act" else "in_compensation"] += 1
+        if not inside and not crashed:
+            points["outside_steps"] += 1
+    return points

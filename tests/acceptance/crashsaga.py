@@ -1,0 +1,304 @@
+"""The saga the crash-injection harness runs, and the events table its steps write to.
+
+Every ``act``/``compensate`` of :class:`CrashSaga` writes, into a separate ``events`` table of the
+same database and committed at once (so it survives a SIGKILL):
+
+- a ``start`` event, carrying a *snapshot*: the saga's committed row status, lease owner and step
+  log (with the log's ids) as one SELECT saw them when the call began;
+- an ``end`` event (outcome ``ok`` or ``error``), unless the process died first;
+- a ``crash`` event just before the process kills itself at an injected crash point.
+
+Events are ordered by the table's autoincrement id. An id is allocated when the INSERT runs, so
+of two events A and B where A's INSERT returned before B's INSERT began, A has the smaller id: id
+order agrees with real time for everything the checker compares.
+
+What a saga does is read from its context (:class:`CrashContext`): which act fails
+(``fail_step``), which compensations fail transiently (``comp_transient``: step index -> number of
+failures, counted durably in the events table) or for good (``comp_permanent``), and where the
+process kills itself (``crashes``: ``"act:2:start"``, ``"comp:1:mid"``, ``"act:3:end"``...).
+Each crash point fires at most once per saga: the ``crash`` event is committed before the kill
+and checked before firing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import random
+import signal
+import time
+from typing import Any, ClassVar
+
+import sqlalchemy as sa
+from sqlalchemy import event as sa_event
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from sagakit import Saga, SagaContext, SagaStepHandler, current_invocation
+from sagakit.storage.schema import SagaTables, build_tables
+
+STEP_NAMES = ["Reserve", "Charge", "Ship", "Notify", "Invoice"]
+CRASH_POINTS = ("start", "mid", "end")
+
+
+class StepFailed(Exception):
+    """The configured failure of an act (the saga then compensates)."""
+
+
+class CompensationFailed(Exception):
+    """A configured compensation failure (transient or permanent)."""
+
+
+@dataclasses.dataclass
+class CrashContext(SagaContext):
+    key: str
+    fail_step: int | None = None
+    comp_transient: dict[str, int] = dataclasses.field(default_factory=dict)
+    comp_permanent: int | None = None
+    crashes: list[str] = dataclasses.field(default_factory=list)
+    step_ms: int = 20
+    done: list[str] = dataclasses.field(default_factory=list)
+
+
+def events_table(name: str, metadata: sa.MetaData) -> sa.Table:
+    return sa.Table(
+        name,
+        metadata,
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+                  primary_key=True, autoincrement=True),
+        sa.Column("saga_id", sa.String(36), nullable=True),
+        sa.Column("step", sa.String(32), nullable=True),
+        sa.Column("action", sa.String(16), nullable=True),
+        sa.Column("phase", sa.String(16), nullable=False),
+        sa.Column("outcome", sa.String(64), nullable=True),
+        sa.Column("label", sa.String(32), nullable=False),
+        sa.Column("pid", sa.Integer(), nullable=False),
+        sa.Column("attempt", sa.Integer(), nullable=True),
+        sa.Column("ts", sa.Float(), nullable=False),
+        sa.Column("snapshot", sa.Text(), nullable=True),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class TableNames:
+    executions: str
+    logs: str
+    events: str
+
+    @classmethod
+    def for_prefix(cls, prefix: str) -> TableNames:
+        return cls(f"{prefix}_exec", f"{prefix}_logs", f"{prefix}_events")
+
+
+def _configure_sqlite(engine: AsyncEngine) -> None:
+    """WAL, a long busy timeout and BEGIN IMMEDIATE writes: many processes share the file."""
+
+    @sa_event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @sa_event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        if conn.get_isolation_level() != "AUTOCOMMIT":
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+class EventLog:
+    """Writes and reads the events table; reads sagakit's tables for snapshots."""
+
+    def __init__(self, url: str, names: TableNames, label: str) -> None:
+        self.label = label
+        self.pid = os.getpid()
+        self.engine = create_async_engine(url, pool_size=4, max_overflow=8)
+        self.is_sqlite = self.engine.dialect.name == "sqlite"
+        if self.is_sqlite:
+            _configure_sqlite(self.engine)
+        self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.metadata = sa.MetaData()
+        self.events = events_table(names.events, self.metadata)
+        self.saga_tables: SagaTables = build_tables(names.executions, names.logs)
+        ex, logs = self.saga_tables.executions, self.saga_tables.logs
+        sid = sa.bindparam("sid", type_=sa.Uuid())
+        self._snapshot = (
+            sa.select(ex.c.status, ex.c.lease_owner, logs.c.id, logs.c.step_name, logs.c.action,
+                      logs.c.status.label("log_status"))
+            .select_from(ex.outerjoin(logs, logs.c.saga_id == ex.c.saga_id))
+            .where(ex.c.saga_id == sid)
+            .order_by(logs.c.id)
+        )
+
+    async def create(self) -> None:
+        async with self.engine.begin() as conn:
+            await conn.run_sync(self.metadata.create_all)
+
+    async def drop(self) -> None:
+        async with self.engine.begin() as conn:
+            await conn.run_sync(self.metadata.drop_all)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    async def record(
+        self,
+        saga_id: Any,
+        step: str | None,
+        action: str | None,
+        phase: str,
+        *,
+        outcome: str | None = None,
+        attempt: int | None = None,
+        snapshot: dict[str, Any] | None = None,
+        label: str | None = None,
+        pid: int | None = None,
+    ) -> None:
+        values = {
+            "saga_id": None if saga_id is None else str(saga_id), "step": step, "action": action,
+            "phase": phase, "outcome": outcome, "label": label or self.label,
+            "pid": self.pid if pid is None else pid, "attempt": attempt, "ts": time.time(),
+            "snapshot": None if snapshot is None else json.dumps(snapshot),
+        }
+        if self.is_sqlite:
+            async with self.engine.begin() as conn:
+                await conn.execute(self.events.insert().values(**values))
+        else:
+            async with self._autocommit.connect() as conn:
+                await conn.execute(self.events.insert().values(**values))
+
+    async def snapshot(self, saga_id: Any) -> dict[str, Any]:
+        """The saga's committed status, lease owner and log, read by one SELECT."""
+        async with self._autocommit.connect() as conn:
+            rows = (await conn.execute(self._snapshot, {"sid": saga_id})).all()
+        if not rows:
+            return {"status": None, "owner": None, "log": []}
+        log = [[r.id, r.step_name, r.action, r.log_status] for r in rows if r.id is not None]
+        return {"status": rows[0].status, "owner": rows[0].lease_owner, "log": log}
+
+    async def count(self, saga_id: Any, phase: str, *, step: str | None = None,
+                    action: str | None = None, outcome: str | None = None) -> int:
+        t = self.events
+        stmt = sa.select(sa.func.count()).select_from(t).where(
+            t.c.saga_id == str(saga_id), t.c.phase == phase)
+        if step is not None:
+            stmt = stmt.where(t.c.step == step)
+        if action is not None:
+            stmt = stmt.where(t.c.action == action)
+        if outcome is not None:
+            stmt = stmt.where(t.c.outcome == outcome)
+        async with self._autocommit.connect() as conn:
+            return int((await conn.execute(stmt)).scalar_one())
+
+    async def all_events(self) -> list[Any]:
+        async with self._autocommit.connect() as conn:
+            return list((await conn.execute(sa.select(self.events).order_by(self.events.c.id))).all())
+
+
+_LOG: EventLog | None = None
+
+
+def install(log: EventLog) -> None:
+    """Make ``log`` the event log the steps of this process write to."""
+    global _LOG
+    _LOG = log
+
+
+def _log() -> EventLog:
+    if _LOG is None:
+        raise RuntimeError("no event log installed in this process")
+    return _LOG
+
+
+async def _maybe_crash(saga_id: Any, context: CrashContext, point: str) -> None:
+    """Kill this process with SIGKILL at ``point`` if the saga asks for it and it has not yet."""
+    if point not in context.crashes:
+        return
+    log = _log()
+    if await log.count(saga_id, "crash", outcome=point):
+        return
+    await log.record(saga_id, None, None, "crash", outcome=point)
+    os.kill(os.getpid(), signal.SIGKILL)
+    await asyncio.sleep(3600)  # never reached
+
+
+class _CrashStep(SagaStepHandler[CrashContext, str]):
+    index: ClassVar[int] = 0
+
+    async def act(self, context: CrashContext) -> str:
+        invocation = current_invocation()
+        assert invocation is not None
+        saga_id, name, k, log = invocation.saga_id, type(self).__name__, self.index, _log()
+        await log.record(saga_id, name, "act", "start", attempt=invocation.attempt,
+                         snapshot=await log.snapshot(saga_id))
+        try:
+            if name in context.done:  # the context already shows this act's effect
+                await log.record(saga_id, name, "act", "anomaly",
+                                 outcome="already in context.done")
+            await _maybe_crash(saga_id, context, f"act:{k}:start")
+            await asyncio.sleep(random.uniform(0, context.step_ms / 1000))
+            await _maybe_crash(saga_id, context, f"act:{k}:mid")
+            await asyncio.sleep(random.uniform(0, context.step_ms / 2000))
+            if context.fail_step == k:
+                raise StepFailed(f"{name} fails (configured)")
+        except BaseException as exc:
+            await log.record(saga_id, name, "act", "end", outcome=f"error:{type(exc).__name__}")
+            raise
+        context.done.append(name)
+        await log.record(saga_id, name, "act", "end", outcome="ok")
+        await _maybe_crash(saga_id, context, f"act:{k}:end")
+        return name
+
+    async def compensate(self, context: CrashContext) -> None:
+        invocation = current_invocation()
+        assert invocation is not None
+        saga_id, name, k, log = invocation.saga_id, type(self).__name__, self.index, _log()
+        await log.record(saga_id, name, "compensate", "start", attempt=invocation.attempt,
+                         snapshot=await log.snapshot(saga_id))
+        try:
+            await _maybe_crash(saga_id, context, f"comp:{k}:start")
+            await asyncio.sleep(random.uniform(0, context.step_ms / 1000))
+            await _maybe_crash(saga_id, context, f"comp:{k}:mid")
+            if context.comp_permanent == k:
+                raise CompensationFailed(f"{name} cannot be compensated (configured)")
+            transient = context.comp_transient.get(str(k), 0)
+            if transient and await log.count(saga_id, "end", step=name, action="compensate",
+                                             outcome="error:CompensationFailed") < transient:
+                raise CompensationFailed(f"{name} compensation fails for now (configured)")
+        except BaseException as exc:
+            await log.record(saga_id, name, "compensate", "end",
+                             outcome=f"error:{type(exc).__name__}")
+            raise
+        if name in context.done:
+            context.done.remove(name)
+        else:  # the context does not show the effect this compensation undoes
+            await log.record(saga_id, name, "compensate", "anomaly",
+                             outcome="not in context.done")
+        await log.record(saga_id, name, "compensate", "end", outcome="ok")
+        await _maybe_crash(saga_id, context, f"comp:{k}:end")
+
+
+class Reserve(_CrashStep):
+    index = 0
+
+
+class Charge(_CrashStep):
+    index = 1
+
+
+class Ship(_CrashStep):
+    index = 2
+
+
+class Notify(_CrashStep):
+    index = 3
+
+
+class Invoice(_CrashStep):
+    index = 4
+
+
+class CrashSaga(Saga[CrashContext]):
+    steps = [Reserve, Charge, Ship, Notify, Invoice]

@@ -1,0 +1,500 @@
+"""Crash-injection harness: real processes, real databases, SIGKILL everywhere, then invariants.
+
+Run by hand::
+
+    python -m tests.acceptance.harness --backend postgres --sagas 200 --workers 3
+    python -m tests.acceptance.harness --backend sqlite --sagas 50 --seed 7 --keep
+
+What one run does:
+
+1. Creates sagakit's tables and an events table under fresh names (``hx<pid>_<random>_*``).
+2. Plans the sagas (seeded): each :class:`~tests.acceptance.crashsaga.CrashSaga` either
+   completes, fails at a given act (compensation), fails with compensations that fail a few
+   times first, or fails with a compensation that fails for good (it must end PARKED). Many get
+   one or two *crash points* where the process running them kills itself with SIGKILL: at the
+   start of an act or compensation (the previous checkpoint just committed), in the middle of
+   one, or at its end (work done, checkpoint not yet written). The first few sagas cover every
+   kind of crash point, so even a tiny run hits them all.
+3. Starts ``--workers`` recovery worker processes (``sagakit.RecoveryWorker``, lease
+   ``--lease`` seconds, polling every 0.1 s, backoff 0) and saga runner processes (each starts a
+   batch of sagas with ``SagaTransaction`` and chosen ids), and keeps them going: a dead worker
+   is replaced; a dead runner's sagas that were never created are started again by a new one.
+4. Meanwhile SIGKILLs ``--random-kills`` randomly chosen live processes at random moments.
+5. Waits until every saga is COMPLETED, FAILED or PARKED (``--timeout``: else it fails listing
+   the stuck sagas), stops the workers with SIGTERM, and writes one ``exit`` event per process.
+6. Checks the invariants of :mod:`tests.acceptance.checker` on every saga and prints the report:
+   sagas, processes, kills, crash points, invariant checks and violations.
+7. Drops its tables (unless ``--keep``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from sagakit.storage.sqlalchemy import SqlAlchemySagaStorage
+from tests.acceptance.checker import (
+    CATEGORIES,
+    Event,
+    FinalSaga,
+    Findings,
+    LogRow,
+    check_all,
+    crash_points,
+    expected_status,
+)
+from tests.acceptance.crashsaga import CRASH_POINTS, STEP_NAMES, EventLog, TableNames
+
+REPO = Path(__file__).resolve().parents[2]
+FINAL = ("COMPLETED", "FAILED", "PARKED")
+
+
+class HarnessStuck(AssertionError):
+    """Some sagas did not reach a final status in time."""
+
+
+@dataclasses.dataclass
+class HarnessConfig:
+    backend: str = "sqlite"
+    url: str | None = None
+    sagas: int = 24
+    workers: int = 2
+    concurrency: int = 4
+    batch: int = 6
+    runners: int = 3
+    random_kills: int = 4
+    kill_every: tuple[float, float] = (0.2, 0.8)
+    crash_rate: float = 0.5
+    lease: float = 1.0
+    max_attempts: int = 10
+    retry: int = 3
+    step_ms: int = 20
+    seed: int | None = None
+    timeout: float = 120.0
+    keep: bool = False
+    verbose: bool = False
+
+
+@dataclasses.dataclass
+class Report:
+    backend: str
+    seed: int
+    sagas: int
+    statuses: dict[str, int]
+    configured: dict[str, int]
+    processes: int
+    kills_self: int
+    kills_parent: int
+    crash_points: dict[str, int]
+    checks: dict[str, int]
+    violations: list[str]
+    duration: float
+    events: int
+    unexpected_exits: list[str]
+
+    @property
+    def kills(self) -> int:
+        return self.kills_self + self.kills_parent
+
+    @property
+    def total_checks(self) -> int:
+        return sum(self.checks.values())
+
+    @property
+    def total_crash_points(self) -> int:
+        return sum(self.crash_points.values())
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations and not self.unexpected_exits
+
+    def render(self) -> str:
+        points = ", ".join(f"{c} {self.crash_points.get(c, 0)}" for c in CATEGORIES)
+        by_invariant: Counter[str] = Counter()
+        for name, n in self.checks.items():
+            by_invariant[name.split(".")[0]] += n
+        lines = [
+            f"crash-injection harness: backend={self.backend} seed={self.seed}",
+            f"  sagas            {self.sagas}  final: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(self.statuses.items()))
+            + "  (configured: " + ", ".join(f"{k} {v}" for k, v in sorted(self.configured.items()))
+            + ")",
+            f"  processes        {self.processes} started",
+            f"  kills (SIGKILL)  {self.kills}  (self-inflicted at crash points {self.kills_self}, "
+            f"random by the harness {self.kills_parent})",
+            f"  crash points     {self.total_crash_points}  ({points})",
+            f"  invariant checks {self.total_checks}  ("
+            + ", ".join(f"{k} {v}" for k, v in sorted(by_invariant.items())) + ")",
+            f"  events           {self.events}",
+            f"  violations       {len(self.violations)}",
+            f"  duration         {self.duration:.1f}s",
+        ]
+        lines += [f"    {v}" for v in self.violations[:50]]
+        if len(self.violations) > 50:
+            lines.append(f"    ... {len(self.violations) - 50} more")
+        if self.unexpected_exits:
+            lines.append(f"  unexpected process exits {len(self.unexpected_exits)}")
+            lines += [f"    {u}" for u in self.unexpected_exits[:20]]
+        return "\n".join(lines)
+
+
+# -- planning ------------------------------------------------------------------------------------
+
+def _reachable(config: dict[str, Any]) -> list[str]:
+    fail, permanent = config["fail_step"], config["comp_permanent"]
+    points: list[str] = []
+    for k in range(len(STEP_NAMES) if fail is None else fail + 1):
+        points += [f"act:{k}:{p}" for p in CRASH_POINTS if not (p == "end" and k == fail)]
+    for k in range(fail or 0):
+        points += [f"comp:{k}:{p}" for p in CRASH_POINTS if not (p == "end" and k == permanent)]
+    return points
+
+
+# The first sagas of every run: one of each kind of crash point, so a tiny run covers them all.
+_COVERAGE: list[tuple[int | None, int | None, list[str]]] = [
+    (None, None, ["act:2:start", "act:3:end"]),
+    (None, None, ["act:1:mid"]),
+    (3, None, ["comp:1:mid", "comp:2:end"]),
+    (3, 1, ["comp:0:start"]),
+    (2, None, ["act:2:mid", "comp:0:mid"]),
+]
+
+
+def make_plan(config: HarnessConfig, rng: random.Random) -> dict[str, dict[str, Any]]:
+    plan: dict[str, dict[str, Any]] = {}
+    for i in range(config.sagas):
+        saga_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+        ctx: dict[str, Any] = {"key": f"s{i:03d}", "fail_step": None, "comp_transient": {},
+                               "comp_permanent": None, "crashes": [], "step_ms": config.step_ms,
+                               "done": []}
+        if i < len(_COVERAGE):
+            ctx["fail_step"], ctx["comp_permanent"], ctx["crashes"] = _COVERAGE[i]
+            plan[saga_id] = ctx
+            continue
+        roll = rng.random()
+        if roll < 0.45:
+            pass
+        elif roll < 0.75:
+            ctx["fail_step"] = rng.randint(1, 4)
+        elif roll < 0.9:
+            ctx["fail_step"] = rng.randint(2, 4)
+            for k in rng.sample(range(ctx["fail_step"]), rng.randint(1, 2)):
+                ctx["comp_transient"][str(k)] = rng.randint(1, max(config.retry - 1, 1))
+        else:
+            ctx["fail_step"] = rng.randint(2, 4)
+            ctx["comp_permanent"] = rng.randrange(ctx["fail_step"])
+        if rng.random() < config.crash_rate:
+            reachable = _reachable(ctx)
+            ctx["crashes"] = rng.sample(reachable, min(len(reachable), rng.choice((1, 1, 2))))
+        plan[saga_id] = ctx
+    return plan
+
+
+# -- processes -----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(eq=False)
+class Proc:
+    label: str
+    kind: str
+    process: asyncio.subprocess.Process
+    started: float
+    ids: list[str]
+    output: Path
+    waiter: asyncio.Task[int]
+    killed_by_parent: bool = False
+
+
+class Harness:
+    def __init__(self, config: HarnessConfig) -> None:
+        self.config = config
+        self.seed = config.seed if config.seed is not None else random.randrange(1 << 30)
+        self.rng = random.Random(self.seed)
+        self.workdir = Path(tempfile.mkdtemp(prefix="sagakit-harness-"))
+        self.prefix = f"hx{os.getpid()}_{uuid.uuid4().hex[:6]}"
+        self.names = TableNames.for_prefix(self.prefix)
+        self.url = config.url or _default_url(config.backend, self.workdir)
+        self.storage = SqlAlchemySagaStorage.from_url(
+            self.url, executions_table=self.names.executions, logs_table=self.names.logs)
+        self._reader = self.storage.engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.events = EventLog(self.url, self.names, "harness")
+        self.plan: dict[str, dict[str, Any]] = {}
+        self.procs: set[Proc] = set()
+        self.started = 0
+        self.kills_parent = 0
+        self.unexpected: list[str] = []
+        self.queue: list[list[str]] = []
+        self.stopping = False
+
+    # -- lifecycle
+
+    async def run(self) -> Report:
+        t0 = time.monotonic()
+        try:
+            await self.storage.create_schema()
+            await self.events.create()
+            self.plan = make_plan(self.config, self.rng)
+            (self.workdir / "plan.json").write_text(json.dumps(self.plan))
+            ids = list(self.plan)
+            self.queue = [ids[i:i + self.config.batch] for i in range(0, len(ids), self.config.batch)]
+            try:
+                await self._drive()
+            finally:
+                await self._stop_all()
+            findings, report_data = await self._check()
+            return Report(
+                backend=self.config.backend, seed=self.seed, sagas=len(self.plan),
+                duration=time.monotonic() - t0, violations=findings.violations,
+                checks=dict(findings.checks), unexpected_exits=self.unexpected,
+                processes=self.started, kills_parent=self.kills_parent, **report_data,
+            )
+        finally:
+            await self._cleanup()
+
+    async def _cleanup(self) -> None:
+        for proc in list(self.procs):  # only after an error: normally all are gone
+            with contextlib.suppress(ProcessLookupError):
+                proc.process.kill()
+            await proc.waiter
+        if not self.config.keep:
+            with contextlib.suppress(Exception):
+                await self.storage.drop_schema()
+            with contextlib.suppress(Exception):
+                await self.events.drop()
+        await self.storage.close()
+        await self.events.close()
+        if self.config.keep:
+            print(f"kept: tables {self.prefix}_*, process output in {self.workdir}",
+                  file=sys.stderr)
+        else:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    async def _spawn(self, kind: str, ids: list[str] | None = None) -> Proc:
+        self.started += 1
+        label = f"{'r' if kind == 'saga' else 'w'}{self.started}"
+        c = self.config
+        cmd = [sys.executable, "-m", "tests.acceptance.runner", kind, "--url", self.url,
+               "--prefix", self.prefix, "--label", label, "--lease", str(c.lease),
+               "--max-attempts", str(c.max_attempts), "--retry", str(c.retry)]
+        if kind == "saga":
+            cmd += ["--plan", str(self.workdir / "plan.json"), "--ids", ",".join(ids or [])]
+        else:
+            cmd += ["--concurrency", str(c.concurrency), "--poll", "0.1"]
+        output = self.workdir / f"{label}.log"
+        with output.open("wb") as out:
+            process = await asyncio.create_subprocess_exec(
+                *cmd, cwd=REPO, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out)
+        proc = Proc(label, kind, process, time.monotonic(), list(ids or []), output,
+                    asyncio.ensure_future(process.wait()))
+        self.procs.add(proc)
+        return proc
+
+    def _live(self, kind: str) -> list[Proc]:
+        return [p for p in self.procs if p.kind == kind]
+
+    async def _drive(self) -> None:
+        c = self.config
+        deadline = time.monotonic() + c.timeout
+        next_kill = time.monotonic() + self.rng.uniform(*c.kill_every)
+        next_poll = 0.0
+        while True:
+            while self.queue and len(self._live("saga")) < c.runners:
+                await self._spawn("saga", self.queue.pop(0))
+            while len(self._live("worker")) < c.workers:
+                await self._spawn("worker")
+            waiters = {p.waiter: p for p in self.procs}
+            done, _ = await asyncio.wait(waiters, timeout=0.05,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                await self._exited(waiters[task])
+            now = time.monotonic()
+            if self.kills_parent < c.random_kills and now >= next_kill:
+                next_kill = now + self.rng.uniform(*c.kill_every)
+                candidates = [p for p in self.procs if now - p.started > 0.4
+                              and not p.killed_by_parent and p.process.returncode is None]
+                if candidates:
+                    victim = self.rng.choice(sorted(candidates, key=lambda p: p.label))
+                    victim.killed_by_parent = True
+                    with contextlib.suppress(ProcessLookupError):
+                        victim.process.send_signal(signal.SIGKILL)
+                    self.kills_parent += 1
+                    self._say(f"harness kills {victim.label}")
+            if now >= next_poll and not self.queue and not self._live("saga"):
+                next_poll = now + 0.2
+                statuses = await self._statuses()
+                if len(statuses) == len(self.plan) and all(s in FINAL for s in statuses.values()):
+                    return
+            if now > deadline:
+                raise HarnessStuck(await self._stuck_report())
+
+    async def _exited(self, proc: Proc) -> None:
+        self.procs.discard(proc)
+        rc = proc.process.returncode
+        if proc.killed_by_parent:
+            outcome = "killed-by-parent"
+        elif rc == -signal.SIGKILL:
+            outcome = "killed-self"
+        else:
+            outcome = f"returncode={rc}"
+        await self.events.record(None, None, None, "exit", outcome=outcome, label=proc.label,
+                                 pid=proc.process.pid)
+        self._say(f"{proc.label} ({proc.kind}) exited: {outcome}")
+        expected = outcome.startswith("killed") or (rc == 0 and (
+            proc.kind == "saga" or self.stopping))
+        if not expected:
+            tail = proc.output.read_text(errors="replace")[-2000:]
+            self.unexpected.append(f"{proc.label} ({proc.kind}) {outcome}: ...{tail}")
+        if proc.kind == "saga" and outcome != "returncode=0":
+            existing = await self._statuses(proc.ids)
+            missing = [i for i in proc.ids if i not in existing]
+            if missing:
+                self.queue.insert(0, missing)
+
+    async def _stop_all(self) -> None:
+        self.stopping = True
+        for proc in list(self.procs):
+            with contextlib.suppress(ProcessLookupError):
+                proc.process.send_signal(signal.SIGTERM)
+        for proc in list(self.procs):
+            try:
+                await asyncio.wait_for(asyncio.shield(proc.waiter), 20)
+            except TimeoutError:
+                self.unexpected.append(f"{proc.label} did not stop on SIGTERM within 20s")
+                proc.process.kill()
+                await proc.waiter
+            await self._exited(proc)
+
+    # -- reading back
+
+    async def _statuses(self, ids: list[str] | None = None) -> dict[str, str]:
+        t = self.storage.tables.executions
+        stmt = sa.select(t.c.saga_id, t.c.status)
+        if ids is not None:
+            stmt = stmt.where(t.c.saga_id.in_([uuid.UUID(i) for i in ids]))
+        async with self._reader.connect() as conn:
+            rows = (await conn.execute(stmt)).all()
+        return {str(r[0]): r[1] for r in rows}
+
+    async def _stuck_report(self) -> str:
+        statuses = await self._statuses()
+        stuck = [i for i in self.plan if statuses.get(i) not in FINAL]
+        lines = [f"{len(stuck)} of {len(self.plan)} sagas did not reach COMPLETED/FAILED/PARKED "
+                 f"within {self.config.timeout:.0f}s (backend {self.config.backend}, seed "
+                 f"{self.seed}):"]
+        events = [Event.from_row(r) for r in await self.events.all_events()]
+        for sid in stuck[:20]:
+            try:
+                s = await self.storage.get_saga(uuid.UUID(sid))
+                state = (f"{s.status.value} attempts={s.recovery_attempts} "
+                         f"lease_owner={s.lease_owner} lease_expires_at={s.lease_expires_at} "
+                         f"next_attempt_at={s.next_attempt_at}")
+            except Exception as exc:
+                state = f"not readable: {exc!r}"
+            last = [f"{e.label}:{e.action or ''}:{e.step or ''}:{e.phase}:{e.outcome or ''}"
+                    for e in events if e.saga_id == sid][-6:]
+            lines.append(f"  {sid} {self.plan[sid]['key']} {state}; last events {last}")
+        lines.append(f"live processes: {sorted(p.label for p in self.procs)}; "
+                     f"queued batches: {len(self.queue)}")
+        return "\n".join(lines)
+
+    async def _check(self) -> tuple[Findings, dict[str, Any]]:
+        finals: dict[str, FinalSaga] = {}
+        for sid in self.plan:
+            with contextlib.suppress(Exception):
+                s = await self.storage.get_saga(uuid.UUID(sid))
+                finals[sid] = FinalSaga(sid, s.status.value, s.context, s.recovery_attempts)
+        logs_t = self.storage.tables.logs
+        async with self._reader.connect() as conn:
+            rows = (await conn.execute(
+                sa.select(logs_t.c.id, logs_t.c.saga_id, logs_t.c.step_name, logs_t.c.action,
+                          logs_t.c.status).order_by(logs_t.c.id))).all()
+        logs: dict[str, list[LogRow]] = {}
+        for r in rows:
+            logs.setdefault(str(r.saga_id), []).append(LogRow(r.id, r.step_name, r.action,
+                                                               r.status))
+        events = [Event.from_row(r) for r in await self.events.all_events()]
+        findings = check_all(self.plan, finals, logs, events)
+        data = {
+            "statuses": dict(Counter(f.status for f in finals.values())),
+            "configured": dict(Counter(expected_status(c) for c in self.plan.values())),
+            "kills_self": sum(1 for e in events if e.phase == "exit"
+                              and e.outcome == "killed-self"),
+            "crash_points": dict(crash_points(events)),
+            "events": len(events),
+        }
+        return findings, data
+
+    def _say(self, text: str) -> None:
+        if self.config.verbose:
+            print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def _default_url(backend: str, workdir: Path) -> str:
+    if backend == "sqlite":
+        return f"sqlite+aiosqlite:///{workdir}/harness.db"
+    from tests.conftest import MYSQL_DSN, POSTGRES_DSN
+
+    if backend == "postgres":
+        return POSTGRES_DSN
+    if backend == "mysql":
+        return MYSQL_DSN
+    raise ValueError(f"unknown backend {backend!r} (sqlite, postgres, mysql)")
+
+
+async def run_harness(config: HarnessConfig) -> Report:
+    return await Harness(config).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    d = HarnessConfig()
+    p = argparse.ArgumentParser(prog="python -m tests.acceptance.harness",
+                                description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--backend", choices=("sqlite", "postgres", "mysql"), default=d.backend)
+    p.add_argument("--url", help="database URL (default: a temp SQLite file, or the test DSNs)")
+    p.add_argument("--sagas", type=int, default=d.sagas)
+    p.add_argument("--workers", type=int, default=d.workers, help="recovery worker processes")
+    p.add_argument("--concurrency", type=int, default=d.concurrency,
+                   help="sagas each recovery worker runs at once")
+    p.add_argument("--batch", type=int, default=d.batch, help="sagas per runner process")
+    p.add_argument("--runners", type=int, default=d.runners, help="runner processes at once")
+    p.add_argument("--random-kills", type=int, default=None,
+                   help="SIGKILLs of random processes (default: sagas / 6)")
+    p.add_argument("--crash-rate", type=float, default=d.crash_rate,
+                   help="share of sagas given crash points")
+    p.add_argument("--lease", type=float, default=d.lease)
+    p.add_argument("--max-attempts", type=int, default=d.max_attempts)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--timeout", type=float, default=None, help="seconds (default scales)")
+    p.add_argument("--keep", action="store_true", help="keep the tables and process logs")
+    p.add_argument("-v", "--verbose", action="store_true")
+    a = p.parse_args(argv)
+    config = HarnessConfig(
+        backend=a.backend, url=a.url, sagas=a.sagas, workers=a.workers,
+        concurrency=a.concurrency, batch=a.batch, runners=a.runners,
+        random_kills=a.random_kills if a.random_kills is not None else max(a.sagas // 6, 1),
+        crash_rate=a.crash_rate, lease=a.lease, max_attempts=a.max_attempts, seed=a.seed,
+        timeout=a.timeout if a.timeout is not None else 60 + 2.0 * a.sagas,
+        keep=a.keep, verbose=a.verbose,
+    )
+    report = asyncio.run(run_harness(config))
+    print(report.render())
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

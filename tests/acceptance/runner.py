@@ -1,0 +1,179 @@
+"""The processes the crash-injection harness starts (and kills).
+
+``python -m tests.acceptance.runner saga ...`` starts the given sagas (one SagaTransaction each,
+concurrently, with the chosen saga ids) and exits when they are done.
+
+``python -m tests.acceptance.runner worker ...`` runs a :class:`sagakit.RecoveryWorker` until
+SIGTERM (graceful shutdown) or SIGKILL.
+
+Both write step events through :class:`tests.acceptance.crashsaga.EventLog`; see
+:mod:`tests.acceptance.harness` for the orchestration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import random
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from sagakit import RecoveryOptions, RecoveryWorker, RetryPolicy, SagaError, SagaTransaction
+from sagakit.storage.sqlalchemy import SqlAlchemySagaStorage
+from tests.acceptance.crashsaga import (
+    CompensationFailed,
+    CrashContext,
+    CrashSaga,
+    EventLog,
+    StepFailed,
+    TableNames,
+    install,
+)
+
+
+def _storage(args: argparse.Namespace) -> SqlAlchemySagaStorage:
+    names = TableNames.for_prefix(args.prefix)
+    return SqlAlchemySagaStorage.from_url(
+        args.url, executions_table=names.executions, logs_table=names.logs
+    )
+
+
+def _events(args: argparse.Namespace) -> EventLog:
+    log = EventLog(args.url, TableNames.for_prefix(args.prefix), args.label)
+    install(log)
+    return log
+
+
+async def run_sagas(args: argparse.Namespace) -> int:
+    plan: dict[str, dict[str, Any]] = args.plan_data
+    storage, events = _storage(args), _events(args)
+
+    async def one(saga_id: str) -> None:
+        await asyncio.sleep(random.uniform(0, args.stagger))
+        transaction = SagaTransaction(
+            saga=CrashSaga(), context=CrashContext.from_dict(plan[saga_id]), storage=storage,
+            saga_id=uuid.UUID(saga_id), lease_seconds=args.lease,
+            compensation_retry_count=args.retry, compensation_retry_delay=0.0,
+            max_recovery_attempts=args.max_attempts,
+        )
+        try:
+            status = await transaction.run()
+        except (StepFailed, CompensationFailed) as exc:
+            print(f"{saga_id} {type(exc).__name__} -> {transaction.status}", flush=True)
+        except SagaError as exc:  # lease lost, busy, parked, storage trouble: recovery finishes
+            print(f"{saga_id} {type(exc).__name__}: {exc}", flush=True)
+        else:
+            print(f"{saga_id} {status}", flush=True)
+
+    try:
+        await asyncio.gather(*(one(i) for i in args.ids.split(",")))
+    finally:
+        await storage.close()
+        await events.close()
+    return 0
+
+
+async def run_worker(args: argparse.Namespace) -> int:
+    storage, events = _storage(args), _events(args)
+    options = RecoveryOptions(
+        max_recovery_attempts=args.max_attempts, lease_seconds=args.lease,
+        retry=RetryPolicy(attempts=args.retry, delay=0.0), backoff=0.0, backoff_max=0.0,
+    )
+    worker = RecoveryWorker(storage, [CrashSaga], concurrency=args.concurrency,
+                            poll_interval=args.poll, options=options, shutdown_timeout=10.0)
+    print(f"worker {args.label} ready", flush=True)
+    try:
+        await worker.run()
+    finally:
+        await storage.close()
+        await events.close()
+    done = [o for o in worker.outcomes if o.status is not None]
+    print(f"worker {args.label} stopped after {len(done)} recoveries", flush=True)
+    return 0
+
+
+def _sabotage(kind: str) -> None:
+    """Break sagakit on purpose in this process, to prove the harness notices (tests only).
+
+    ``rerun``: recovery re-runs the last checkpointed step. ``order``: compensations run in
+    forward order. ``steal``: workers list and claim sagas whatever their lease says.
+    """
+    from sagakit import execution, plan
+    from sagakit.storage import queries, sqlalchemy
+
+    if kind == "rerun":
+        decide = execution.decide
+
+        def rerun(*args: Any, **kwargs: Any) -> Any:
+            p = decide(*args, **kwargs)
+            if isinstance(p, plan.Forward) and p.start > 0:
+                return plan.Forward(p.start - 1, p.completed[:-1])
+            return p
+
+        execution.decide = rerun  # type: ignore[assignment]
+    elif kind == "order":
+        backward = execution.Execution._backward
+
+        async def forward_order(self: Any, to_compensate: Any) -> None:
+            await backward(self, tuple(reversed(to_compensate)))
+
+        execution.Execution._backward = forward_order  # type: ignore[method-assign]
+    elif kind == "steal":
+        claim = queries.Queries.claim
+
+        async def steal(self: Any, conn: Any, saga_id: Any, *args: Any) -> Any:
+            t = self.t
+            await conn.execute(sa.update(t).where(t.c.saga_id == saga_id)
+                               .values(lease_owner=None, lease_expires_at=None))
+            return await claim(self, conn, saga_id, *args)
+
+        async def everything(self: Any, limit: int, *args: Any, **kwargs: Any) -> list[Any]:
+            t = self.tables.executions
+            async with self.single() as conn:
+                rows = await conn.execute(sa.select(t.c.saga_id).where(
+                    t.c.status.in_(["RUNNING", "COMPENSATING"])).limit(limit))
+                return [r[0] for r in rows]
+
+        queries.Queries.claim = steal  # type: ignore[method-assign]
+        sqlalchemy.SqlAlchemySagaStorage.get_sagas_for_recovery = everything  # type: ignore[method-assign]
+    else:
+        raise ValueError(f"unknown sabotage {kind!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.acceptance.runner")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("saga", "worker"):
+        p = sub.add_parser(name)
+        p.add_argument("--url", required=True)
+        p.add_argument("--prefix", required=True)
+        p.add_argument("--label", required=True)
+        p.add_argument("--lease", type=float, default=1.0)
+        p.add_argument("--max-attempts", type=int, default=10)
+        p.add_argument("--retry", type=int, default=3)
+    sub.choices["saga"].add_argument("--plan", required=True)
+    sub.choices["saga"].add_argument("--ids", required=True)
+    sub.choices["saga"].add_argument("--stagger", type=float, default=0.2)
+    sub.choices["worker"].add_argument("--concurrency", type=int, default=4)
+    sub.choices["worker"].add_argument("--poll", type=float, default=0.1)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format=f"%(asctime)s {args.label} %(name)s %(levelname)s %(message)s")
+    if args.command == "saga":
+        args.plan_data = json.loads(Path(args.plan).read_text())
+    sabotage = os.environ.get("SAGAKIT_HARNESS_SABOTAGE")
+    if sabotage:
+        _sabotage(sabotage)
+    runner = run_sagas if args.command == "saga" else run_worker
+    return asyncio.run(runner(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

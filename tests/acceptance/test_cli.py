@@ -1,0 +1,427 @@
+"""The ``sagakit`` command, run as a real process against a SQLite file prepared by the test.
+
+Every subcommand's output and exit code, through ``python -m sagakit`` and through the installed
+``sagakit`` script. The database (see :func:`tests.acceptance.cli_sagas.prepare`) holds a
+completed saga (its payment fell back to an invoice), a failed one (compensated), one crashed
+mid-way (RUNNING, two steps checkpointed) and one parked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from sagakit import SagaStatus
+from sagakit.cli import EXIT_BUSY, EXIT_DATABASE, EXIT_NOT_FOUND, EXIT_UNFINISHED, EXIT_USAGE
+from sagakit.storage.sqlalchemy import SqlAlchemySagaStorage
+from tests.acceptance.cli_sagas import prepare
+
+pytestmark = pytest.mark.acceptance
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = Path(sys.executable).parent / "sagakit"
+ORDER = "tests.acceptance.cli_sagas:OrderSaga"
+REFUND = "tests.acceptance.cli_sagas:RefundSaga"
+MODULE = "tests.acceptance.cli_sagas"
+UNREACHABLE = "postgresql+asyncpg://postgres@127.0.0.1:1/x"
+
+
+class Db:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.url = f"sqlite+aiosqlite:///{path}"
+        self.ids = asyncio.run(prepare(self.url))
+
+    def __getitem__(self, situation: str) -> str:
+        return str(self.ids[situation])
+
+    def state(self, situation: str) -> SagaStatus:
+        async def read() -> SagaStatus:
+            storage = SqlAlchemySagaStorage.from_url(self.url)
+            try:
+                return (await storage.get_saga(self.ids[situation])).status
+            finally:
+                await storage.close()
+
+        return asyncio.run(read())
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Db:
+    return Db(tmp_path / "sagas.db")
+
+
+def command(how: str) -> list[str]:
+    return [str(SCRIPT)] if how == "script" else [sys.executable, "-m", "sagakit"]
+
+
+def sagakit(
+    *args: str,
+    url: str | None = None,
+    how: str = "module",
+    timeout: float = 60,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run the command from the repository root, with ``url`` as SAGAKIT_DATABASE_URL."""
+    env = {**{k: v for k, v in os.environ.items() if k != "SAGAKIT_DATABASE_URL"}, **(env or {})}
+    if url is not None:
+        env["SAGAKIT_DATABASE_URL"] = url
+    return subprocess.run(
+        [*command(how), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=timeout, check=False,
+    )
+
+
+def ok(done: subprocess.CompletedProcess[str]) -> str:
+    assert done.returncode == 0, (done.returncode, done.stdout, done.stderr)
+    return done.stdout
+
+
+def error_of(done: subprocess.CompletedProcess[str], code: int) -> str:
+    """The one-line error a failed command printed on stderr."""
+    assert done.returncode == code, (done.returncode, done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("sagakit: error: ")
+    return lines[0]
+
+
+# -- installation -----------------------------------------------------------------------------
+
+
+def test_the_installed_script_and_the_module_are_the_same_command(db: Db) -> None:
+    assert SCRIPT.is_file(), "install the project (pip install -e .) to get the sagakit script"
+    assert ok(sagakit("--version", how="script")).startswith("sagakit ")
+    by_script = ok(sagakit("list", "--json", url=db.url, how="script"))
+    by_module = ok(sagakit("list", "--json", url=db.url))
+    assert json.loads(by_script) == json.loads(by_module)
+    assert "COMMAND" in ok(sagakit("--help", how="script"))
+
+
+# -- list ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["module", "script"])
+def test_list_prints_a_table_newest_first(db: Db, how: str) -> None:
+    lines = ok(sagakit("list", url=db.url, how=how)).splitlines()
+    assert lines[0].split() == ["ID", "NAME", "STATUS", "VERSION", "ATTEMPTS", "UPDATED", "(UTC)",
+                                "LEASE", "OWNER"]
+    rows = [line.split() for line in lines[1:]]
+    assert [row[0] for row in rows] == [db["crashed"], db["parked"], db["failed"],
+                                        db["completed"]]
+    assert [row[2] for row in rows] == ["RUNNING", "PARKED", "FAILED", "COMPLETED"]
+    parked = rows[1]
+    assert parked[1] == "OrderSaga"
+    assert parked[4] == "10"  # recovery attempts
+    assert all(row[-1] == "-" for row in rows)  # no live lease
+
+
+def test_list_filters_and_json(db: Db) -> None:
+    data = json.loads(ok(sagakit("list", "--status", "running", "--status", "PARKED", "--json",
+                                 url=db.url)))
+    assert [(d["saga_id"], d["status"]) for d in data] == [
+        (db["crashed"], "RUNNING"), (db["parked"], "PARKED")
+    ]
+    assert set(data[0]) >= {"saga_id", "name", "status", "version", "recovery_attempts",
+                            "updated_at", "lease_owner", "lease_expires_at"}
+    assert "context" not in data[0]
+    assert json.loads(ok(sagakit("list", "--name", "refund", "--json", url=db.url))) == []
+    assert len(json.loads(ok(sagakit("list", "--limit", "2", "--json", url=db.url)))) == 2
+    assert ok(sagakit("list", "--name", "refund", url=db.url)).strip() == "no sagas found"
+
+
+def test_list_rejects_an_unknown_status(db: Db) -> None:
+    done = sagakit("list", "--status", "SLEEPING", url=db.url)
+    assert done.returncode == EXIT_USAGE
+    assert "unknown status 'SLEEPING'" in done.stderr
+
+
+# -- show ---------------------------------------------------------------------------------------
+
+
+def test_show_prints_status_context_and_history(db: Db) -> None:
+    out = ok(sagakit("show", db["failed"], url=db.url))
+    lines = out.splitlines()
+    assert lines[0].split() == ["saga", db["failed"]]
+    assert lines[2].split() == ["status", "FAILED"]
+    context = out[out.index("context:") + len("context:"): out.index("steps:")]
+    assert json.loads(context)["trail"] == ["ReserveStock", "ChargeCard", "undo ChargeCard",
+                                            "undo ReserveStock"]
+    steps = [line.split()[3:6] for line in out[out.index("steps:"):].splitlines()[2:]]
+    assert steps == [
+        ["ReserveStock", "act", "COMPLETED"],
+        ["ChargeCard", "act", "COMPLETED"],
+        ["ShipOrder", "act", "FAILED"],
+        ["ChargeCard", "compensate", "COMPENSATED"],
+        ["ReserveStock", "compensate", "COMPENSATED"],
+    ]
+    assert "ValueError: ShipOrder failed on purpose" in out
+
+
+def test_show_json(db: Db) -> None:
+    data = json.loads(ok(sagakit("show", db["completed"], "--json", url=db.url)))
+    assert data["status"] == "COMPLETED"
+    assert data["context"]["trail"] == ["ReserveStock", "SendInvoice", "ShipOrder",
+                                        "NotifyCustomer"]
+    history = [(h["step_name"], h["action"], h["status"]) for h in data["history"]]
+    assert history[1] == ("ChargeCard", "act", "FAILED")
+    assert data["history"][1]["error_type"].endswith("CardDeclined")
+    assert history[2] == ("SendInvoice", "act", "COMPLETED")
+
+
+# -- diagram ------------------------------------------------------------------------------------
+
+
+def test_diagram_of_a_definition_needs_no_database() -> None:
+    chart = ok(sagakit("diagram", ORDER))
+    assert chart.startswith("graph TD\n")
+    assert '-.->|"raises CardDeclined"| step2_alt' in chart
+    assert "style completed fill:#c8e6c9" in chart
+    seq = ok(sagakit("diagram", ORDER, "--sequence"))
+    assert seq.startswith("sequenceDiagram\n")
+    assert "participant step2_alt as SendInvoice (fallback)" in seq
+
+
+def test_diagram_of_a_stored_saga(db: Db) -> None:
+    chart = ok(sagakit("diagram", db["failed"], "--saga", ORDER, url=db.url))
+    assert chart.startswith("graph TD\n")
+    classes = node_classes(chart)
+    assert classes["step3"] == classes["failed"] == "failed"
+    assert {classes[n] for n in ("step1", "step2", "undo1", "undo2")} == {"compensated"}
+    assert {classes[n] for n in ("step2_alt", "step4", "undo3", "completed")} == {"notRun"}
+    by_import = ok(sagakit("diagram", db["failed"], "--import", MODULE, url=db.url))
+    assert by_import == chart
+    parked = ok(sagakit("diagram", db["parked"], "--import", MODULE, url=db.url))
+    assert 'status{{"PARKED<br/>next: ChargeCard' in parked
+    assert "status -.- step2" in parked
+
+
+def test_diagram_errors(db: Db) -> None:
+    assert "pass --saga" in error_of(sagakit("diagram", db["failed"], url=db.url), EXIT_USAGE)
+    wrong = error_of(sagakit("diagram", db["failed"], "--saga", REFUND, url=db.url), EXIT_USAGE)
+    assert "is a 'OrderSaga' saga" in wrong
+    error_of(sagakit("diagram", db["failed"], "--sequence", "--saga", ORDER, url=db.url),
+             EXIT_USAGE)
+    error_of(sagakit("diagram", "not-an-id"), EXIT_USAGE)
+
+
+def node_classes(chart: str) -> dict[str, str]:
+    found = {}
+    for line in chart.splitlines():
+        words = line.split()
+        if words[0] == "class":
+            found.update(dict.fromkeys(words[1].split(","), words[2]))
+    return found
+
+
+# -- recover ------------------------------------------------------------------------------------
+
+
+def test_recover_one_saga(db: Db) -> None:
+    out = ok(sagakit("recover", db["crashed"], "--saga", ORDER, url=db.url))
+    assert out.strip() == f"{db['crashed']}  OrderSaga  RUNNING -> COMPLETED"
+    assert db.state("crashed") is SagaStatus.COMPLETED
+    again = json.loads(ok(sagakit("recover", db["crashed"], "--saga", ORDER, "--json",
+                                  url=db.url)))
+    assert again == {"saga_id": db["crashed"], "name": "OrderSaga", "status_before": "COMPLETED",
+                     "status": "COMPLETED", "error": None, "busy": False}
+
+
+def test_recover_of_a_parked_saga_exits_1_and_says_so(db: Db) -> None:
+    done = sagakit("recover", db["parked"], "--import", MODULE, url=db.url)
+    assert done.returncode == EXIT_UNFINISHED
+    assert "PARKED -> PARKED (parked: resume or abort it)" in done.stdout
+
+
+def test_recover_all_until_nothing_is_left(db: Db) -> None:
+    data = json.loads(ok(sagakit("recover", "--all", "--saga", ORDER, "--saga", REFUND,
+                                 "--json", url=db.url)))
+    assert data == [{"saga_id": db["crashed"], "name": "OrderSaga", "status_before": None,
+                     "status": "COMPLETED", "error": None, "busy": False}]
+    assert db.state("crashed") is SagaStatus.COMPLETED
+    assert db.state("parked") is SagaStatus.PARKED  # never recovered automatically
+    assert ok(sagakit("recover", "--all", "--saga", ORDER, url=db.url)).strip() == (
+        "nothing to recover"
+    )
+
+
+def test_recover_usage_errors(db: Db) -> None:
+    error_of(sagakit("recover", "--saga", ORDER, url=db.url), EXIT_USAGE)
+    error_of(sagakit("recover", db["crashed"], "--all", "--saga", ORDER, url=db.url), EXIT_USAGE)
+    assert "no saga definition given" in error_of(
+        sagakit("recover", "--all", url=db.url), EXIT_USAGE
+    )
+
+
+def test_a_saga_leased_by_a_live_run_is_busy(db: Db) -> None:
+    async def hold_and_recover() -> subprocess.CompletedProcess[str]:
+        storage = SqlAlchemySagaStorage.from_url(db.url)
+        try:
+            async with storage.create_run() as run:
+                await run.claim(db.ids["crashed"], lease_seconds=60)  # type: ignore[attr-defined]
+                return await asyncio.to_thread(
+                    sagakit, "recover", db["crashed"], "--saga", ORDER, url=db.url
+                )
+        finally:
+            await storage.close()
+
+    done = asyncio.run(hold_and_recover())
+    assert "leased by a live run" in error_of(done, EXIT_BUSY)
+    listed = ok(sagakit("list", "--status", "RUNNING", url=db.url)).splitlines()[1]
+    assert not listed.endswith(" -")  # the lease owner is shown
+
+
+# -- resume and abort ---------------------------------------------------------------------------
+
+
+def test_resume_a_parked_saga(db: Db) -> None:
+    out = ok(sagakit("resume", db["parked"], "--saga", ORDER, url=db.url))
+    assert out.strip() == f"{db['parked']}  OrderSaga  PARKED -> COMPLETED"
+    assert db.state("parked") is SagaStatus.COMPLETED
+
+
+def test_abort_a_parked_saga(db: Db) -> None:
+    data = json.loads(ok(sagakit("abort", db["parked"], "--saga", ORDER, "--reason",
+                                 "customer cancelled", "--json", url=db.url)))
+    assert (data["status_before"], data["status"]) == ("PARKED", "FAILED")
+    shown = json.loads(ok(sagakit("show", db["parked"], "--json", url=db.url)))
+    aborted = [h for h in shown["history"] if h["error_type"] == "SagaAborted"]
+    assert len(aborted) == 1
+    assert "customer cancelled" in aborted[0]["details"]
+    assert shown["context"]["trail"][-1] == "undo ReserveStock"
+
+
+# -- worker -------------------------------------------------------------------------------------
+
+
+def test_worker_recovers_and_stops_cleanly_on_sigterm(db: Db) -> None:
+    env = {**os.environ, "SAGAKIT_DATABASE_URL": db.url}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "sagakit", "worker", "--saga", ORDER, "--poll-interval", "0.2"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while db.state("crashed") is not SagaStatus.COMPLETED:
+            assert worker.poll() is None, worker.communicate()
+            assert time.monotonic() < deadline, "the worker did not recover the saga"
+            time.sleep(0.2)
+        worker.send_signal(signal.SIGTERM)
+        _, stderr = worker.communicate(timeout=30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert worker.returncode == 0, stderr
+    assert "worker started" in stderr
+    assert f"saga {db['crashed']} (OrderSaga): recovered to COMPLETED" in stderr
+    assert "worker stopped" in stderr
+    assert db.state("parked") is SagaStatus.PARKED
+
+
+def test_worker_needs_a_definition_and_a_database(db: Db, tmp_path: Path) -> None:
+    error_of(sagakit("worker", url=db.url), EXIT_USAGE)
+    missing = f"sqlite+aiosqlite:///{tmp_path / 'missing.db'}"
+    error_of(sagakit("worker", "--saga", ORDER, url=missing), EXIT_DATABASE)
+
+
+# -- demo ---------------------------------------------------------------------------------------
+
+
+def test_demo() -> None:
+    lines = ok(sagakit("demo", timeout=120)).splitlines()
+    assert any("worker killed with SIGKILL (exit -9)" in line for line in lines)
+    assert "   recover_saga returned COMPLETED" in lines
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["module", "script"])
+def test_unknown_saga_id_exits_3(db: Db, how: str) -> None:
+    unknown = str(uuid.uuid4())
+    assert unknown in error_of(sagakit("show", unknown, url=db.url, how=how), EXIT_NOT_FOUND)
+    error_of(sagakit("recover", unknown, "--saga", ORDER, url=db.url), EXIT_NOT_FOUND)
+    error_of(sagakit("diagram", unknown, "--saga", ORDER, url=db.url), EXIT_NOT_FOUND)
+
+
+def test_a_malformed_saga_id_is_a_usage_error(db: Db) -> None:
+    assert "bad saga id" in error_of(sagakit("show", "12345", url=db.url), EXIT_USAGE)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("nonsense", "bad database URL"),
+        ("nosuchdb+driver://host/x", "bad database URL"),
+        ("sqlite:///sagas.db", "requires an async driver"),
+    ],
+)
+def test_a_bad_url_exits_2(url: str, expected: str) -> None:
+    assert expected in error_of(sagakit("list", url=url), EXIT_USAGE)
+
+
+def test_no_url_exits_2() -> None:
+    assert "SAGAKIT_DATABASE_URL" in error_of(sagakit("list"), EXIT_USAGE)
+
+
+def test_the_url_option_wins_over_the_environment(db: Db) -> None:
+    done = sagakit("list", "--json", "--url", db.url, url="nonsense")
+    assert len(json.loads(ok(done))) == 4
+    before = sagakit("--url", db.url, "list", "--json", url="nonsense")  # before the command too
+    assert len(json.loads(ok(before))) == 4
+
+
+@pytest.mark.parametrize("how", ["module", "script"])
+def test_an_unreachable_database_exits_4(how: str) -> None:
+    line = error_of(sagakit("list", url=UNREACHABLE, how=how), EXIT_DATABASE)
+    assert "cannot reach the database" in line
+
+
+def test_a_missing_sqlite_file_exits_4_and_is_not_created(tmp_path: Path) -> None:
+    path = tmp_path / "nope.db"
+    error_of(sagakit("list", url=f"sqlite+aiosqlite:///{path}"), EXIT_DATABASE)
+    assert not path.exists()
+
+
+def test_a_database_without_the_tables_exits_4(tmp_path: Path) -> None:
+    path = tmp_path / "empty.db"
+    path.touch()
+    assert "no such table" in error_of(sagakit("list", url=f"sqlite+aiosqlite:///{path}"),
+                                       EXIT_DATABASE)
+
+
+def test_other_table_names(db: Db) -> None:
+    done = sagakit("list", "--executions-table", "other_executions", url=db.url)
+    assert "no such table: other_executions" in error_of(done, EXIT_DATABASE)
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("no_such_module:OrderSaga", "no module named 'no_such_module'"),
+        ("tests.acceptance.cli_sagas", "expected module:SagaClass"),
+        ("tests.acceptance.cli_sagas:Missing", "has no attribute 'Missing'"),
+        ("tests.acceptance.cli_sagas:NotASaga", "is not a sagakit.Saga subclass"),
+    ],
+)
+def test_a_bad_module_class_exits_2(db: Db, spec: str, expected: str) -> None:
+    assert expected in error_of(sagakit("diagram", spec), EXIT_USAGE)
+    assert expected in error_of(sagakit("recover", db["crashed"], "--saga", spec, url=db.url),
+                                EXIT_USAGE)
+    assert db.state("crashed") is SagaStatus.RUNNING
+
+
+def test_a_module_that_fails_to_import_exits_2(tmp_path: Path) -> None:
+    (tmp_path / "broken_sagas.py").write_text("raise RuntimeError('boom at import')\n")
+    done = sagakit("diagram", "broken_sagas:OrderSaga", env={"PYTHONPATH": str(tmp_path)})
+    assert "RuntimeError: boom at import" in error_of(done, EXIT_USAGE)
