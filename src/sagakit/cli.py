@@ -345,6 +345,16 @@ def _status_arg(text: str) -> SagaStatus:
                                          ) from None
 
 
+def _positive(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return number
+
+
 def _saga_id(text: str) -> UUID:
     try:
         return UUID(text)
@@ -435,7 +445,11 @@ def _diagram(args: argparse.Namespace) -> int:
         saga = load_saga(args.target)
         print(diagram.sequence(saga) if args.sequence else diagram.flowchart(saga), end="")
         return EXIT_OK
-    saga_id = _saga_id(args.target)
+    try:
+        saga_id = UUID(args.target)
+    except ValueError:
+        raise CliError(f"bad diagram target {args.target!r}: expected module:SagaClass "
+                       "(a definition) or a saga id") from None
     if args.sequence:
         raise CliError("--sequence draws a definition: use diagram module:SagaClass --sequence")
 
@@ -488,9 +502,9 @@ class _Outcome:
         return f"{self.saga_id}  {self.name}  {result}"
 
 
-def _report(args: argparse.Namespace, outcomes: Sequence[_Outcome]) -> int:
+def _report(args: argparse.Namespace, outcomes: Sequence[_Outcome], *, many: bool) -> int:
     if args.json:
-        _print_json([o.json() for o in outcomes] if args.many else outcomes[0].json())
+        _print_json([o.json() for o in outcomes] if many else outcomes[0].json())
     elif not outcomes:
         print("nothing to recover")
     else:
@@ -518,8 +532,8 @@ def _explicit(action: str) -> Command:
         else:
             status = await abort_saga(saga, saga_id, storage=storage, reason=args.reason,
                                       lease_seconds=args.lease_seconds)
-        args.many = False
-        return _report(args, [_Outcome(saga_id, state.name, status, before=state.status)])
+        return _report(args, [_Outcome(saga_id, state.name, status, before=state.status)],
+                       many=False)
 
     return command
 
@@ -546,8 +560,7 @@ async def _recover_all(args: argparse.Namespace, storage: SqlAlchemySagaStorage)
                     continue
                 progress = progress or outcome.saga_id not in seen
                 seen[outcome.saga_id] = _outcome(saga.name, outcome)
-    args.many = True
-    return _report(args, list(seen.values()))
+    return _report(args, list(seen.values()), many=True)
 
 
 def _outcome(name: str, outcome: RecoveryOutcome) -> _Outcome:
@@ -625,7 +638,7 @@ def _definition_options(parser: argparse.ArgumentParser, *, required_hint: str) 
 
 
 def _recovery_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-attempts", type=int, default=5, metavar="N",
+    parser.add_argument("--max-attempts", type=_positive, default=5, metavar="N",
                         help="recovery attempts before a saga is parked (default: 5)")
     parser.add_argument("--lease-seconds", type=float, default=30.0, metavar="S",
                         help="lease taken on a saga while it runs (default: 30)")
@@ -650,7 +663,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status", action="append", type=_status_arg, default=[], metavar="STATUS",
                    help="only sagas with this status (repeatable)")
     p.add_argument("--name", metavar="NAME", help="only sagas with this saga name")
-    p.add_argument("--limit", type=int, default=50, metavar="N", help="at most N (default: 50)")
+    p.add_argument("--limit", type=_positive, default=50, metavar="N",
+                   help="at most N (default: 50)")
     p.add_argument("--json", action="store_true", help="JSON output")
     p.set_defaults(run=lambda a: _with_storage(a, _list))
 
@@ -679,7 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recover every saga due for recovery, until none is left")
     _definition_options(p, required_hint="required with --all")
     _recovery_options(p)
-    p.add_argument("--concurrency", type=int, default=4, metavar="N",
+    p.add_argument("--concurrency", type=_positive, default=4, metavar="N",
                    help="sagas recovered at once with --all (default: 4)")
     p.add_argument("--stale-after", type=float, default=None, metavar="S",
                    help="with --all, only sagas not updated for S seconds")
@@ -690,7 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="run a recovery worker until SIGTERM/SIGINT")
     _definition_options(p, required_hint="at least one (or --import)")
     _recovery_options(p)
-    p.add_argument("--concurrency", type=int, default=4, metavar="N",
+    p.add_argument("--concurrency", type=_positive, default=4, metavar="N",
                    help="sagas recovered at once (default: 4)")
     p.add_argument("--poll-interval", type=float, default=1.0, metavar="S",
                    help="seconds between polls that found nothing (default: 1)")

@@ -29,7 +29,7 @@ from sagakit.plan import Backward, Finished, Forward, Mismatch, decide
 from sagakit.records import SagaAction, SagaLogEntry, SagaState, SagaStatus, SagaStepStatus
 from sagakit.saga import Saga, StepSpec
 
-__all__ = ["LEGEND", "flowchart", "instance_flowchart", "sequence"]
+__all__ = ["LEGEND", "escape", "flowchart", "instance_flowchart", "sequence"]
 
 COMPLETED_FILL = "#c8e6c9"
 FAILED_FILL = "#ffcdd2"
@@ -42,7 +42,7 @@ LEGEND: dict[str, tuple[str, str]] = {
     "compensationFailed": (
         "fill:#b71c1c,stroke:#7f0000,color:#ffffff,stroke-width:2px", "compensation failed"
     ),
-    "started": ("fill:#bbdefb,stroke:#1565c0,color:#0d47a1", "started, outcome not recorded"),
+    "started": ("fill:#bbdefb,stroke:#1565c0,color:#0d47a1", "started, no outcome"),
     "notRun": (
         "fill:#f5f5f5,stroke:#9e9e9e,color:#757575,stroke-dasharray:5 5", "not run"
     ),
@@ -188,6 +188,8 @@ def _render(chart: _Chart, classes: dict[str, str] | None = None, legend: bool =
         lines.append("        direction LR")
         for cls, (_, label) in LEGEND.items():
             lines.append(f'        legend_{cls}["{escape(label)}"]')
+        # invisible links keep the legend in one row
+        lines.append("        " + " ~~~ ".join(f"legend_{cls}" for cls in LEGEND))
         lines.append("    end")
     for cls, (style, _) in LEGEND.items():
         lines.append(f"    classDef {cls} {style}")
@@ -386,7 +388,7 @@ def sequence(saga: Saga[Any] | type[Saga[Any]]) -> str:
         out.add(1, "else ", f"{primary} {_handover_label(spec)}")
         skipped = " (an open circuit skips the call)" if _has_breaker(spec) else ""
         out.message(2, pid, "--x", "saga", f"error{skipped}")
-        out.add(2, "Note over saga: ", f"the context is restored to what it was before {primary}")
+        out.add(2, "Note over saga: ", "context restored")
         out.message(2, "saga", "->>", aid, "act(context)")
         out.add(2, "alt ", f"{alternative} returns")
         out.message(3, aid, "-->>", "saga", "result")
@@ -414,7 +416,7 @@ def _failure_path(
     if index == 1:
         out.message(depth, "saga", "->>", "storage",
                     f"checkpoint: {failed} FAILED + context, status FAILED, lease released")
-        out.add(depth, "Note over saga: ", "FAILED, nothing to compensate. The error is re-raised")
+        out.add(depth, "Note over saga: ", "FAILED, error re-raised")
         return
     out.message(depth, "saga", "->>", "storage",
                 f"checkpoint: {failed} FAILED + context, status COMPENSATING")
@@ -426,5 +428,4 @@ def _failure_path(
         end = ", status FAILED, lease released" if k == 1 else ""
         whose = f"{spec.name} (or {alternative})" if alternative else spec.name
         out.message(depth, "saga", "->>", "storage", f"checkpoint: {whose} COMPENSATED{end}")
-    out.add(depth, "Note over saga: ",
-            "FAILED, every completed step compensated. The error is re-raised")
+    out.add(depth, "Note over saga: ", "FAILED, error re-raised")

@@ -41,6 +41,7 @@ __all__ = [
     "SagaObserver",
     "SagaRun",
     "build_chain",
+    "in_saga_log_context",
     "observe_saga",
     "saga_log_context",
 ]

@@ -186,7 +186,7 @@ async def _drive(
         async with open_run(storage) as run:
             state = await run.claim(
                 saga_id, lease_seconds=options.lease_seconds, count_attempt=not explicit,
-                allow_parked=explicit,
+                allow_parked=explicit, name=saga.name,
             )
             observed = SagaRun(saga_id, saga.name, mode, state.status)
             async with observe_saga(options.middlewares, observed):

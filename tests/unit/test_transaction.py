@@ -332,8 +332,10 @@ async def test_starting_another_sagas_id_raises_definition_error_and_runs_nothin
     script.fail("StepB", "act", Crash())
     with pytest.raises(Crash):
         await drive(transaction(ThreeStepSaga(), script, storage, saga_id=saga_id))
+    before = await state(storage, saga_id)
     with pytest.raises(SagaDefinitionError, match="ThreeStepSaga"):
         await drive(transaction(FourStepSaga(), script, storage, saga_id=saga_id))
     assert script.acts() == ["StepA", "StepB"]
     row = await state(storage, saga_id)
     assert (row.status, row.lease_owner) == (SagaStatus.RUNNING, None)
+    assert row == before  # nothing written: no lease taken, no attempt counted

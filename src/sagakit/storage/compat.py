@@ -17,7 +17,7 @@ from uuid import UUID
 from sagakit.exceptions import SagaNotFoundError
 from sagakit.records import TERMINAL_STATUSES, SagaLogEntry, SagaState, SagaStatus
 from sagakit.storage.protocol import LeasedRun, SagaStorage
-from sagakit.storage.run import BufferedRun, Checkpoint
+from sagakit.storage.run import BufferedRun, Checkpoint, wrong_saga
 
 __all__ = ["CommitPerCallRun", "open_run"]
 
@@ -63,7 +63,7 @@ class CommitPerCallRun(BufferedRun):
         lease_seconds: float,
     ) -> tuple[SagaState, bool]:
         try:
-            return await self.claim(saga_id, lease_seconds=lease_seconds), False
+            return await self.claim(saga_id, lease_seconds=lease_seconds, name=name), False
         except SagaNotFoundError:
             pass
         await self._storage.create_saga(saga_id, name, context)
@@ -79,8 +79,11 @@ class CommitPerCallRun(BufferedRun):
         lease_seconds: float,
         count_attempt: bool = True,
         allow_parked: bool = False,
+        name: str | None = None,
     ) -> SagaState:
         state = await self._state(saga_id)
+        if name is not None and state.name and state.name != name:
+            raise wrong_saga(saga_id, state.name, name)
         if state.status in TERMINAL_STATUSES or (
             state.status is SagaStatus.PARKED and not allow_parked
         ):

@@ -31,7 +31,7 @@ from sagakit.records import (
     SagaState,
     SagaStatus,
 )
-from sagakit.storage.run import BufferedRun, Checkpoint, RunBackedStorage
+from sagakit.storage.run import BufferedRun, Checkpoint, RunBackedStorage, wrong_saga
 
 __all__ = ["MemorySagaStorage"]
 
@@ -232,9 +232,11 @@ class MemorySagaStorage(RunBackedStorage):
 
     def _claim(
         self, run: _MemoryRun, saga_id: UUID, lease_seconds: float, count_attempt: bool,
-        allow_parked: bool,
+        allow_parked: bool, name: str | None,
     ) -> SagaState:
         row = self._row(saga_id)
+        if name is not None and row.name != name:
+            raise wrong_saga(saga_id, row.name, name)
         now = self.clock()
         if row.status in TERMINAL_STATUSES or (row.status is SagaStatus.PARKED and not allow_parked):
             return row.state()
@@ -284,7 +286,7 @@ class _MemoryRun(BufferedRun):
     ) -> tuple[SagaState, bool]:
         storage = self._storage
         if saga_id in storage._rows:
-            return await self.claim(saga_id, lease_seconds=lease_seconds), False
+            return await self.claim(saga_id, lease_seconds=lease_seconds, name=name), False
         now = storage.clock()
         row = storage._insert(saga_id, name, context, now)
         row.status = SagaStatus.RUNNING
@@ -302,8 +304,11 @@ class _MemoryRun(BufferedRun):
         lease_seconds: float,
         count_attempt: bool = True,
         allow_parked: bool = False,
+        name: str | None = None,
     ) -> SagaState:
-        state = self._storage._claim(self, saga_id, lease_seconds, count_attempt, allow_parked)
+        state = self._storage._claim(
+            self, saga_id, lease_seconds, count_attempt, allow_parked, name
+        )
         self._took_lease(state, lease_seconds)
         return state
 

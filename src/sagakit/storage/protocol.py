@@ -101,11 +101,12 @@ class LeasedRun(SagaStorageRun, Protocol):
 
     async def claim(
         self, saga_id: UUID, *, lease_seconds: float, count_attempt: bool = True,
-        allow_parked: bool = False,
+        allow_parked: bool = False, name: str | None = None,
     ) -> SagaState:
         """Take the lease of an existing saga. Terminal sagas (and PARKED ones unless
-        ``allow_parked``) are returned as stored, nothing written. Raises SagaNotFoundError or
-        SagaBusyError (nothing written)."""
+        ``allow_parked``) are returned as stored, nothing written. Raises SagaNotFoundError,
+        SagaBusyError, or — with ``name`` — SagaDefinitionError when the stored saga has another
+        name; nothing is written in each case."""
         ...
 
     async def renew_lease(self, lease_seconds: float) -> None:

@@ -29,7 +29,7 @@ from sagakit.records import (
     SagaStepStatus,
 )
 from sagakit.storage.dialect import Dialect
-from sagakit.storage.run import Checkpoint
+from sagakit.storage.run import Checkpoint, wrong_saga
 
 __all__ = ["Queries", "row_to_state"]
 
@@ -123,6 +123,8 @@ class Queries:
             .where(
                 t.c.saga_id == sid,
                 t.c.status.in_(_CLAIMABLE[allow_parked]),
+                sa.or_(sa.bindparam("expected_name", type_=sa.String()).is_(None),
+                       t.c.name == sa.bindparam("expected_name", type_=sa.String())),
                 sa.or_(t.c.lease_owner.is_(None), t.c.lease_owner == owner,
                        t.c.lease_expires_at <= d.now()),
             )
@@ -216,9 +218,10 @@ class Queries:
 
     async def claim(
         self, conn: AsyncConnection, saga_id: UUID, owner: str, lease: float,
-        count_attempt: bool, allow_parked: bool,
+        count_attempt: bool, allow_parked: bool, name: str | None = None,
     ) -> SagaState:
         params = {"sid": saga_id, "owner": owner, "inc": int(count_attempt),
+                  "expected_name": name,
                   **self.d.time_params(lease=lease)}
         result = await conn.execute(self._claims[allow_parked], params)
         if self.d.is_mysql:
@@ -231,6 +234,8 @@ class Queries:
         if row is None:
             raise SagaNotFoundError(f"no saga with id {saga_id}", saga_id=saga_id)
         state = row_to_state(row)
+        if name is not None and state.name != name:
+            raise wrong_saga(saga_id, state.name, name)
         if state.status in TERMINAL_STATUSES or state.status is SagaStatus.PARKED:
             return state
         raise SagaBusyError(

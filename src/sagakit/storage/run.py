@@ -20,7 +20,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 from uuid import UUID
 
-from sagakit.exceptions import SagaError
+from sagakit.exceptions import SagaDefinitionError, SagaError
 from sagakit.records import (
     SagaAction,
     SagaLogEntry,
@@ -29,10 +29,20 @@ from sagakit.records import (
     SagaStepStatus,
 )
 
-__all__ = ["BufferedRun", "Checkpoint", "PendingEntry", "RunBackedStorage", "new_owner_id"]
+__all__ = [
+    "BufferedRun", "Checkpoint", "PendingEntry", "RunBackedStorage", "new_owner_id", "wrong_saga",
+]
 
 _HOST = socket.gethostname()
 logger = logging.getLogger("sagakit.storage")
+
+
+def wrong_saga(saga_id: UUID, stored: str, expected: str) -> SagaDefinitionError:
+    """The error for claiming a stored saga under another saga's definition."""
+    return SagaDefinitionError(
+        f"saga {saga_id} is a {stored!r} saga, not {expected!r}; nothing was written",
+        saga_id=saga_id, saga_name=expected,
+    )
 
 
 def new_owner_id() -> str:
@@ -206,6 +216,7 @@ class BufferedRun(abc.ABC):
         lease_seconds: float,
         count_attempt: bool = True,
         allow_parked: bool = False,
+        name: str | None = None,
     ) -> SagaState: ...
 
     @abc.abstractmethod

@@ -305,7 +305,7 @@ class _SqlRun(BufferedRun):
                     conn, saga_id, name, text, context, fingerprint, self.owner, lease_seconds
                 )
         except exc.IntegrityError:
-            return await self.claim(saga_id, lease_seconds=lease_seconds), False
+            return await self.claim(saga_id, lease_seconds=lease_seconds, name=name), False
         self._took_lease(state, lease_seconds)
         return state, True
 
@@ -316,11 +316,12 @@ class _SqlRun(BufferedRun):
         lease_seconds: float,
         count_attempt: bool = True,
         allow_parked: bool = False,
+        name: str | None = None,
     ) -> SagaState:
         s = self._s
         async with s.single(write=True) as conn:
             state = await s.queries.claim(
-                conn, saga_id, self.owner, lease_seconds, count_attempt, allow_parked
+                conn, saga_id, self.owner, lease_seconds, count_attempt, allow_parked, name
             )
         self._took_lease(state, lease_seconds)
         return state
