@@ -164,6 +164,10 @@ def _storages(backends: list[str], concurrency: int, tmp: str) -> dict[str, Call
                                                          **_TABLES),
         "postgres": lambda: SqlAlchemySagaStorage.from_url(PG, **pool),
         "mysql": lambda: SqlAlchemySagaStorage.from_url(MYSQL, **pool),
+        "postgres-group": lambda: SqlAlchemySagaStorage.from_url(PG, group_commit=True, **pool),
+        "mysql-group": lambda: SqlAlchemySagaStorage.from_url(MYSQL, group_commit=True, **pool),
+        "sqlite-group": lambda: SqlAlchemySagaStorage.from_url(
+            f"sqlite+aiosqlite:///{tmp}/bench-group.db", group_commit=True, **_TABLES),
     }
     return {b: table[b] for b in backends}
 

@@ -263,21 +263,26 @@ def test_recover_usage_errors(db: Db) -> None:
 
 
 def test_a_saga_leased_by_a_live_run_is_busy(db: Db) -> None:
-    async def hold_and_recover() -> subprocess.CompletedProcess[str]:
+    async def while_leased() -> tuple[str, subprocess.CompletedProcess[str], str]:
         storage = SqlAlchemySagaStorage.from_url(db.url)
         try:
             async with storage.create_run() as run:
                 await run.claim(db.ids["crashed"], lease_seconds=60)  # type: ignore[attr-defined]
-                return await asyncio.to_thread(
+                listed = await asyncio.to_thread(
+                    sagakit, "list", "--status", "RUNNING", "--json", url=db.url
+                )
+                recovered = await asyncio.to_thread(
                     sagakit, "recover", db["crashed"], "--saga", ORDER, url=db.url
                 )
+                owner: str = run.owner  # type: ignore[attr-defined]
+                return ok(listed), recovered, owner
         finally:
             await storage.close()
 
-    done = asyncio.run(hold_and_recover())
-    assert "leased by a live run" in error_of(done, EXIT_BUSY)
-    listed = ok(sagakit("list", "--status", "RUNNING", url=db.url)).splitlines()[1]
-    assert not listed.endswith(" -")  # the lease owner is shown
+    listed, recovered, owner = asyncio.run(while_leased())
+    assert json.loads(listed)[0]["lease_owner"] == owner
+    assert "leased by a live run" in error_of(recovered, EXIT_BUSY)
+    assert db.state("crashed") is SagaStatus.RUNNING
 
 
 # -- resume and abort ---------------------------------------------------------------------------

@@ -21,7 +21,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
-PAGES = ["concepts.md", "compensation.md", "recovery.md", "storage.md"]
+PAGES = sorted(path.name for path in (Path(__file__).resolve().parents[2] / "docs").glob("*.md"))
+EXAMPLE_PAGES = ["concepts.md", "compensation.md", "recovery.md", "storage.md", "fallback.md"]
 
 _FENCE = re.compile(r"^```([\w+-]*)[^\n]*\n(.*?)^```[ \t]*$", re.S | re.M)
 _RUNS_ITSELF = re.compile(r"\basyncio\.run\(")
@@ -83,7 +84,7 @@ def test_python_block_runs(block: Block, tmp_path: Path, monkeypatch: pytest.Mon
     run_block(block)
 
 
-@pytest.mark.parametrize("page", PAGES)
+@pytest.mark.parametrize("page", EXAMPLE_PAGES)
 def test_page_exists_and_has_runnable_examples(page: str) -> None:
     path = DOCS / page
     assert path.is_file(), f"docs/{page} is missing"

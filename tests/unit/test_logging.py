@@ -262,6 +262,7 @@ def test_every_logger_sagakit_writes_to_has_the_filter():
     for path in SRC.rglob("*.py"):
         names.update(re.findall(r"getLogger\(\"([\w.]+)\"\)", path.read_text(encoding="utf-8")))
     assert names
-    assert names <= set(SAGAKIT_LOGGERS)
+    missing = names - set(SAGAKIT_LOGGERS)
+    assert not missing, f"add {sorted(missing)} to sagakit.middleware.SAGAKIT_LOGGERS"
     for name in SAGAKIT_LOGGERS:
         assert any(isinstance(f, SagaLogFilter) for f in logging.getLogger(name).filters)
