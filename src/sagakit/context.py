@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Generic, Self, TypeVar, cast
 
 import msgspec
+import orjson
 
 from sagakit.exceptions import SagaSerializationError
 
@@ -121,12 +122,73 @@ def codec_for(context_type: type[C]) -> ContextCodec[C]:
 # --- encoders -------------------------------------------------------------------------------
 
 
+_JSON_ENCODER = msgspec.json.Encoder(enc_hook=lambda obj: _reject(obj))
+
+
 def _encode_dataclass(context: Any) -> dict[str, Any]:
+    # One C pass to JSON and one back: plain lists and string keys, no Python-level walk.
+    # msgspec writes NaN and infinities as null, so types that can hold floats are checked.
     try:
-        data = msgspec.to_builtins(context, enc_hook=_reject)
+        data = orjson.loads(_JSON_ENCODER.encode(context))
     except (TypeError, ValueError, OverflowError) as exc:
         raise _locate(context, exc) from exc
-    return _finish(context, data)
+    if _may_hold_floats(type(context)):
+        path = _first_non_finite(context, "")
+        if path is not None:
+            raise SagaSerializationError(
+                f"context {type(context).__name__}: field {path!r} is not a finite number, "
+                "which JSON cannot represent", field=path,
+            )
+    return cast(dict[str, Any], data)
+
+
+_FLOATY: dict[Any, bool] = {}
+
+
+def _may_hold_floats(tp: Any) -> bool:
+    """Whether values of this annotation can contain a float (cached per type)."""
+    known = _FLOATY.get(tp)
+    if known is None:
+        _FLOATY[tp] = False  # recursion guard for self-referencing types
+        known = _FLOATY[tp] = _floaty(tp)
+    return known
+
+
+def _floaty(tp: Any) -> bool:
+    if tp is float or tp is Any or tp is object:
+        return True
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        try:
+            hints = typing.get_type_hints(tp)
+        except Exception:  # unresolvable annotations: be safe
+            return True
+        return any(_may_hold_floats(h) for h in hints.values())
+    args = typing.get_args(tp)
+    if args:
+        return any(_may_hold_floats(a) for a in args if a is not Ellipsis)
+    origin = typing.get_origin(tp) or tp
+    return origin in (list, dict, tuple, set, frozenset)  # bare containers: unknown items
+
+
+def _first_non_finite(value: Any, path: str) -> str | None:
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (path or "<root>")
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            found = _first_non_finite(getattr(value, f.name), f"{path}.{f.name}" if path else f.name)
+            if found is not None:
+                return found
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = _first_non_finite(item, f"{path}.{key}" if path else str(key))
+            if found is not None:
+                return found
+    elif isinstance(value, list | tuple | set | frozenset):
+        for i, item in enumerate(value):
+            found = _first_non_finite(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 def _encode_pydantic(context: Any) -> dict[str, Any]:

@@ -18,11 +18,8 @@ a third of it.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import logging
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from functools import partial
 from typing import Any, Generic, TypeVar
@@ -34,11 +31,11 @@ from sagakit.context import ContextCodec
 from sagakit.exceptions import (
     SagaDefinitionError,
     SagaError,
-    SagaLeaseLostError,
     SagaSerializationError,
     SagaStorageError,
 )
 from sagakit.invocation import StepInvocation, reset_current, set_current
+from sagakit.lease import LeaseKeeper
 from sagakit.middleware import Middleware, build_chain, saga_log_context
 from sagakit.plan import CompletedStep, Finished, Forward, Mismatch, Plan, decide
 from sagakit.records import TERMINAL_STATUSES, SagaAction, SagaState, SagaStatus, SagaStepStatus
@@ -413,53 +410,3 @@ async def _invoke(invocation: StepInvocation) -> Any:
         return None
     finally:
         reset_current(token)
-
-
-class LeaseKeeper:
-    """Renews a run's lease in the background while steps run, when no checkpoint did so
-    recently. A lost lease is remembered (``lost``); the next checkpoint fails fenced anyway."""
-
-    def __init__(self, run: LeasedRun, lease_seconds: float) -> None:
-        self.run = run
-        self.interval = lease_seconds / 3
-        self.lease_seconds = lease_seconds
-        self.lost: SagaLeaseLostError | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> LeaseKeeper:
-        if getattr(self.run, "holds_lease", False):
-            self._task = asyncio.create_task(self._loop())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        task = self._task
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _loop(self) -> None:
-        while True:
-            await _pause(self.interval)
-            last = getattr(self.run, "last_commit", None)
-            if last is not None and time.monotonic() - last < self.interval:
-                continue
-            try:
-                await self.run.renew_lease(self.lease_seconds)
-            except SagaLeaseLostError as exc:
-                self.lost = exc
-                logger.error("%s", exc)
-                return
-            except Exception:
-                logger.warning("lease renewal failed; will retry", exc_info=True)
-
-
-async def _pause(seconds: float) -> None:
-    """Sleep without asyncio.sleep, so tests that patch asyncio.sleep do not spin this loop."""
-    future = asyncio.get_running_loop().create_future()
-    handle = asyncio.get_running_loop().call_later(seconds, future.set_result, None)
-    try:
-        await future
-    finally:
-        handle.cancel()
-

@@ -24,7 +24,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol, TypeVar
 from uuid import UUID
@@ -108,7 +108,7 @@ async def observe_saga(middlewares: Sequence[Any], run: SagaRun) -> AsyncIterato
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _LogScope:
-    saga_id: str
+    saga_id: UUID | str
     saga_name: str | None
     step_name: str | None
 
@@ -120,16 +120,26 @@ _log_scope: contextvars.ContextVar[_LogScope | None] = contextvars.ContextVar(
 LOG_FIELDS = ("saga_id", "saga_name", "step_name", "action", "attempt")
 
 
-@contextlib.contextmanager
-def saga_log_context(
-    saga_id: UUID, saga_name: str | None = None, step_name: str | None = None
-) -> Iterator[None]:
-    """Within this block, records filtered by :class:`SagaLogFilter` name this saga (and step)."""
-    token = _log_scope.set(_LogScope(str(saga_id), saga_name, step_name))
-    try:
-        yield
-    finally:
-        _log_scope.reset(token)
+class saga_log_context:
+    """Within this block, records filtered by :class:`SagaLogFilter` name this saga (and step).
+
+    A plain class rather than ``@contextmanager``: it is entered around every step."""
+
+    __slots__ = ("_scope", "_token")
+
+    def __init__(
+        self, saga_id: UUID | str, saga_name: str | None = None, step_name: str | None = None
+    ) -> None:
+        self._scope = _LogScope(saga_id, saga_name, step_name)
+        self._token: contextvars.Token[_LogScope | None] | None = None
+
+    def __enter__(self) -> None:
+        self._token = _log_scope.set(self._scope)
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._token is not None:
+            _log_scope.reset(self._token)
+            self._token = None
 
 
 async def in_saga_log_context(
@@ -137,17 +147,23 @@ async def in_saga_log_context(
 ) -> AsyncGenerator[T, None]:
     """Drive an async generator with the saga's log context set while it runs — and only then:
     the context is never left set across a ``yield`` (where the caller's code runs)."""
+    scope = _LogScope(saga_id, saga_name, None)
     try:
         while True:
-            with saga_log_context(saga_id, saga_name):
-                try:
-                    item = await iterator.__anext__()
-                except StopAsyncIteration:
-                    return
+            token = _log_scope.set(scope)
+            try:
+                item = await iterator.__anext__()
+            except StopAsyncIteration:
+                return
+            finally:
+                _log_scope.reset(token)
             yield item
     finally:
-        with saga_log_context(saga_id, saga_name):
+        token = _log_scope.set(scope)
+        try:
             await iterator.aclose()
+        finally:
+            _log_scope.reset(token)
 
 
 class SagaLogFilter(logging.Filter):
@@ -177,7 +193,7 @@ class SagaLogFilter(logging.Filter):
             scope = _log_scope.get()
             values = dict.fromkeys(LOG_FIELDS)
             if scope is not None:
-                values.update(saga_id=scope.saga_id, saga_name=scope.saga_name,
+                values.update(saga_id=str(scope.saga_id), saga_name=scope.saga_name,
                               step_name=scope.step_name)
         fields = record.__dict__
         for name, value in values.items():

@@ -139,7 +139,13 @@ class BufferedRun(abc.ABC):
         *,
         error_type: str | None = None,
     ) -> None:
-        entry = PendingEntry(step_name, SagaAction(action), SagaStepStatus(status), details, error_type)
+        entry = PendingEntry(
+            step_name,
+            action if type(action) is SagaAction else SagaAction(action),
+            status if type(status) is SagaStepStatus else SagaStepStatus(status),
+            details,
+            error_type,
+        )
         self._buffer(saga_id).entries.append(entry)
 
     async def reset_recovery_attempts(self, saga_id: UUID) -> None:
@@ -154,13 +160,14 @@ class BufferedRun(abc.ABC):
         pending = self._pending
         if pending is None:
             return
+        releases = pending.releases_lease
         if pending.saga_id == self.saga_id and pending.create_name is None:
             # Once a run knows the saga's version, every later write of it is fenced by that
             # version; while it holds (or held and lost) the lease, by its owner id as well.
             pending.fence_version = self.version
             if self.holds_lease:
                 pending.fence_owner = self.owner
-                if not pending.releases_lease:
+                if not releases:
                     pending.lease_seconds = self.lease_seconds
         try:
             version = await self._write(pending)
@@ -170,7 +177,7 @@ class BufferedRun(abc.ABC):
         if pending.saga_id == self.saga_id or self.saga_id is None:
             self.saga_id = pending.saga_id
             self.version = version
-            if pending.releases_lease:
+            if releases:
                 self.holds_lease = False
 
     async def rollback(self) -> None:
