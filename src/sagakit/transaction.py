@@ -131,23 +131,7 @@ class SagaTransaction(Generic[C]):
                                state.status)
             async with observe_saga(self.middlewares, observed):
                 try:
-                    if created:
-                        plan: Any = Forward(0, ())
-                        stored = self._initial
-                    else:
-                        self.resumed = True
-                        if state.status is SagaStatus.PARKED:
-                            raise SagaParkedError(
-                                f"saga {saga.name!r} {self.saga_id} is parked; resume or abort "
-                                "it explicitly", saga_id=self.saga_id, saga_name=saga.name,
-                            )
-                        resumption = await prepare_resume(
-                            run, state, saga, self.codec.decode,
-                            max_recovery_attempts=self.max_recovery_attempts,
-                        )
-                        plan, stored = resumption.plan, resumption.stored
-                        if resumption.context is not None:
-                            self.context = resumption.context
+                    plan, stored = await self._plan(run, state, created)
                     execution = self.execution = Execution(
                         saga=saga, saga_id=self.saga_id, run=run, codec=self.codec,
                         context=self.context, stored_context=stored, container=self.container,
@@ -163,3 +147,22 @@ class SagaTransaction(Generic[C]):
                     observed.status = self.status
                     if self.execution is not None:
                         observed.error = self.execution.step_error
+
+    async def _plan(self, run: Any, state: Any, created: bool) -> tuple[Any, dict[str, Any]]:
+        """What to run: everything for a new saga; for a stored one, what its log says is left
+        (adopting the stored context). Raises SagaParkedError for a parked saga."""
+        if created:
+            return Forward(0, ()), self._initial
+        self.resumed = True
+        saga = self.saga
+        if state.status is SagaStatus.PARKED:
+            raise SagaParkedError(
+                f"saga {saga.name!r} {self.saga_id} is parked; resume or abort it explicitly",
+                saga_id=self.saga_id, saga_name=saga.name,
+            )
+        resumption = await prepare_resume(
+            run, state, saga, self.codec.decode, max_recovery_attempts=self.max_recovery_attempts
+        )
+        if resumption.context is not None:
+            self.context = resumption.context
+        return resumption.plan, resumption.stored
