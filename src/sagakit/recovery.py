@@ -173,14 +173,6 @@ async def _drive(
     reason: str = "",
 ) -> SagaStatus:
     decode = _decoder(saga, context_builder)
-    get_saga = getattr(storage, "get_saga", None)
-    if get_saga is not None:  # check the definition before the claim writes anything
-        stored = await get_saga(saga_id)
-        if stored.name != saga.name:
-            raise SagaDefinitionError(
-                f"saga {saga_id} is a {stored.name!r} saga, not {saga.name!r}",
-                saga_id=saga_id, saga_name=saga.name,
-            )
     explicit = mode != "recover"
     with saga_log_context(saga_id, saga.name):
         async with open_run(storage) as run:
