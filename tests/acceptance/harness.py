@@ -85,6 +85,7 @@ class HarnessConfig:
     max_attempts: int = 10
     retry: int = 3
     step_ms: int = 20
+    group_commit: bool = False
     seed: int | None = None
     timeout: float = 120.0
     keep: bool = False
@@ -107,6 +108,7 @@ class Report:
     duration: float
     events: int
     unexpected_exits: list[str]
+    group_commit: bool = False
 
     @property
     def kills(self) -> int:
@@ -130,7 +132,8 @@ class Report:
         for name, n in self.checks.items():
             by_invariant[name.split(".")[0]] += n
         lines = [
-            f"crash-injection harness: backend={self.backend} seed={self.seed}",
+            f"crash-injection harness: backend={self.backend} seed={self.seed}"
+            + (" group-commit" if self.group_commit else ""),
             f"  sagas            {self.sagas}  final: "
             + ", ".join(f"{k} {v}" for k, v in sorted(self.statuses.items()))
             + "  (configured: " + ", ".join(f"{k} {v}" for k, v in sorted(self.configured.items()))
@@ -261,7 +264,8 @@ class Harness:
                 backend=self.config.backend, seed=self.seed, sagas=len(self.plan),
                 duration=time.monotonic() - t0, violations=findings.violations,
                 checks=dict(findings.checks), unexpected_exits=self.unexpected,
-                processes=self.started, kills_parent=self.kills_parent, **report_data,
+                processes=self.started, kills_parent=self.kills_parent,
+                group_commit=self.config.group_commit, **report_data,
             )
         finally:
             await self._cleanup()
@@ -291,6 +295,8 @@ class Harness:
         cmd = [sys.executable, "-m", "tests.acceptance.runner", kind, "--url", self.url,
                "--prefix", self.prefix, "--label", label, "--lease", str(c.lease),
                "--max-attempts", str(c.max_attempts), "--retry", str(c.retry)]
+        if c.group_commit:
+            cmd.append("--group-commit")
         if kind == "saga":
             cmd += ["--plan", str(self.workdir / "plan.json"), "--ids", ",".join(ids or [])]
         else:
@@ -478,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="share of sagas given crash points")
     p.add_argument("--lease", type=float, default=d.lease)
     p.add_argument("--max-attempts", type=int, default=d.max_attempts)
+    p.add_argument("--group-commit", action="store_true",
+                   help="the processes' storages use group commit")
     p.add_argument("--seed", type=int)
     p.add_argument("--timeout", type=float, default=None, help="seconds (default scales)")
     p.add_argument("--keep", action="store_true", help="keep the tables and process logs")
@@ -487,7 +495,8 @@ def main(argv: list[str] | None = None) -> int:
         backend=a.backend, url=a.url, sagas=a.sagas, workers=a.workers,
         concurrency=a.concurrency, batch=a.batch, runners=a.runners,
         random_kills=a.random_kills if a.random_kills is not None else max(a.sagas // 6, 1),
-        crash_rate=a.crash_rate, lease=a.lease, max_attempts=a.max_attempts, seed=a.seed,
+        crash_rate=a.crash_rate, lease=a.lease, max_attempts=a.max_attempts,
+        group_commit=a.group_commit, seed=a.seed,
         timeout=a.timeout if a.timeout is not None else 60 + 2.0 * a.sagas,
         keep=a.keep, verbose=a.verbose,
     )

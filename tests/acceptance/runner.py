@@ -41,7 +41,8 @@ from tests.acceptance.crashsaga import (
 def _storage(args: argparse.Namespace) -> SqlAlchemySagaStorage:
     names = TableNames.for_prefix(args.prefix)
     return SqlAlchemySagaStorage.from_url(
-        args.url, executions_table=names.executions, logs_table=names.logs
+        args.url, executions_table=names.executions, logs_table=names.logs,
+        group_commit=args.group_commit,
     )
 
 
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--lease", type=float, default=1.0)
         p.add_argument("--max-attempts", type=int, default=10)
         p.add_argument("--retry", type=int, default=3)
+        p.add_argument("--group-commit", action="store_true")
     sub.choices["saga"].add_argument("--plan", required=True)
     sub.choices["saga"].add_argument("--ids", required=True)
     sub.choices["saga"].add_argument("--stagger", type=float, default=0.2)

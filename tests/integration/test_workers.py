@@ -287,7 +287,8 @@ async def test_a_stalled_run_loses_its_lease_and_writes_nothing_more(
     transaction = SagaTransaction(saga=WorkSaga(), context=WorkContext("stall"),
                                   storage=stalled_storage, lease_seconds=1.0)
     stalled = asyncio.create_task(transaction.run())
-    await stalled_entered.wait()
+    async with asyncio.timeout(10):
+        await stalled_entered.wait()
     assert transaction.execution is not None
 
     async def paused(lease_seconds: float) -> None:
@@ -302,22 +303,23 @@ async def test_a_stalled_run_loses_its_lease_and_writes_nothing_more(
     worker = RecoveryWorker(worker_storage, [WorkSaga], _labelled("w"),
                             options=RecoveryOptions(lease_seconds=10.0, backoff=0.0))
     recovery = asyncio.create_task(worker.recover(transaction.saga_id))
-    if wakes == "during the takeover":
-        await worker_inside.wait()
-    else:
-        assert (await recovery).status is SagaStatus.COMPLETED
+    async with asyncio.timeout(20):
+        if wakes == "during the takeover":
+            await worker_inside.wait()
+        else:
+            assert (await recovery).status is SagaStatus.COMPLETED
     before = await stalled_storage.get_saga(transaction.saga_id)
     history = await stalled_storage.get_step_history(transaction.saga_id)
 
     wake_stalled.set()
     with pytest.raises(SagaLeaseLostError):
-        await stalled
+        await asyncio.wait_for(stalled, 20)
     after = await stalled_storage.get_saga(transaction.saga_id)
     assert after == before  # not a field changed: no checkpoint, no release of the new lease
     assert await stalled_storage.get_step_history(transaction.saga_id) == history
 
     let_worker_go.set()
-    outcome = await recovery
+    outcome = await asyncio.wait_for(recovery, 20)
     assert outcome.status is SagaStatus.COMPLETED
     final = await stalled_storage.get_saga(transaction.saga_id)
     assert final.context["done"] == STEPS
