@@ -135,3 +135,25 @@ def test_the_block_runner_runs_main_only_when_the_block_does_not() -> None:
         assert ran == ["main", "main"]  # run once by the block itself, not a second time
     finally:
         del builtins._sagakit_docs_probe  # type: ignore[attr-defined]
+
+
+FRAGMENTS = [
+    (path, line, code)
+    for path in [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+    for language, line, code in fenced_blocks(path)
+    if language == "py"
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "line", "code"), FRAGMENTS, ids=[f"{p.name}:{n}" for p, n, _ in FRAGMENTS]
+)
+def test_fragments_are_valid_python(path: Path, line: int, code: str) -> None:
+    """Blocks tagged ``py`` are fragments (they need a server or the reader's own modules), so
+    they are not run — but each must at least be valid Python."""
+    import ast
+
+    try:
+        ast.parse(code)
+    except SyntaxError as error:
+        pytest.fail(f"{path.name}:{line + (error.lineno or 1) - 1}: {error.msg}")
