@@ -23,7 +23,6 @@ The tables (created if missing) are ``saga_executions`` and ``saga_logs`` unless
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
 import sys
@@ -31,161 +30,19 @@ import tempfile
 import uuid
 from pathlib import Path
 
-import di
-from di.dependent import Dependent
+# The saga itself -- context, steps, services, DI wiring -- is the one of examples/saga.py.
+from saga import (
+    InventoryService,
+    OrderContext,
+    PaymentService,
+    ShippingService,
+    build_container,
+    saga_mapper,
+)
 from sqlalchemy.engine import make_url
 
-import sagakit
-from sagakit import SagaContext, bootstrap
-from sagakit.saga import Saga
-from sagakit.step import SagaStepHandler, SagaStepResult
+from sagakit import bootstrap
 from sagakit.storage import SqlAlchemySagaStorage
-
-
-@dataclasses.dataclass
-class Response:
-    """What a step reports back."""
-
-    message: str = ""
-
-
-# -- services the steps call (in memory, for the example) -------------------------------------
-
-
-class InventoryService:
-    def __init__(self) -> None:
-        self.stock = {"item_1": 5, "item_2": 2}
-        self._reservations: dict[str, list[str]] = {}
-
-    async def reserve_items(self, order_id: str, items: list[str]) -> str:
-        for item in items:
-            if self.stock.get(item, 0) < 1:
-                raise RuntimeError(f"{item} is out of stock")
-        for item in items:
-            self.stock[item] -= 1
-        reservation_id = f"reservation-{order_id}"
-        self._reservations[reservation_id] = list(items)
-        print(f"  inventory: reserved {items} as {reservation_id}")
-        return reservation_id
-
-    async def release_items(self, reservation_id: str) -> None:
-        for item in self._reservations.pop(reservation_id, []):
-            self.stock[item] += 1
-        print(f"  inventory: released {reservation_id}")
-
-
-class PaymentService:
-    def __init__(self) -> None:
-        self.charged: dict[str, float] = {}
-
-    async def charge(self, order_id: str, amount: float) -> str:
-        payment_id = f"payment-{order_id}"
-        self.charged[payment_id] = amount
-        print(f"  payment: charged {amount:.2f} as {payment_id}")
-        return payment_id
-
-    async def refund(self, payment_id: str) -> None:
-        amount = self.charged.pop(payment_id, 0.0)
-        print(f"  payment: refunded {amount:.2f} of {payment_id}")
-
-
-class ShippingService:
-    def __init__(self, unreachable: set[str]) -> None:
-        self.unreachable = unreachable
-
-    async def ship(self, order_id: str, address: str) -> str:
-        if address in self.unreachable:
-            raise RuntimeError(f"cannot ship to {address!r}")
-        shipment_id = f"shipment-{order_id}"
-        print(f"  shipping: {shipment_id} to {address}")
-        return shipment_id
-
-    async def cancel(self, shipment_id: str) -> None:
-        print(f"  shipping: cancelled {shipment_id}")
-
-
-# -- context and steps -------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class OrderContext(SagaContext):
-    order_id: str
-    items: list[str]
-    total_amount: float
-    shipping_address: str = "1 Main Street"
-    inventory_reservation_id: str | None = None
-    payment_id: str | None = None
-    shipment_id: str | None = None
-
-
-class ReserveInventoryStep(SagaStepHandler[OrderContext, Response]):
-    def __init__(self, inventory_service: InventoryService) -> None:
-        self._inventory_service = inventory_service
-
-    async def act(self, context: OrderContext) -> SagaStepResult:
-        reservation_id = await self._inventory_service.reserve_items(
-            context.order_id, context.items
-        )
-        context.inventory_reservation_id = reservation_id
-        return self._generate_step_result(Response(f"reserved {reservation_id}"))
-
-    async def compensate(self, context: OrderContext) -> None:
-        if context.inventory_reservation_id:
-            await self._inventory_service.release_items(context.inventory_reservation_id)
-
-
-class ProcessPaymentStep(SagaStepHandler[OrderContext, Response]):
-    def __init__(self, payment_service: PaymentService) -> None:
-        self._payment_service = payment_service
-
-    async def act(self, context: OrderContext) -> SagaStepResult:
-        context.payment_id = await self._payment_service.charge(
-            context.order_id, context.total_amount
-        )
-        return self._generate_step_result(Response(f"charged {context.payment_id}"))
-
-    async def compensate(self, context: OrderContext) -> None:
-        if context.payment_id:
-            await self._payment_service.refund(context.payment_id)
-
-
-class ShipOrderStep(SagaStepHandler[OrderContext, Response]):
-    def __init__(self, shipping_service: ShippingService) -> None:
-        self._shipping_service = shipping_service
-
-    async def act(self, context: OrderContext) -> SagaStepResult:
-        context.shipment_id = await self._shipping_service.ship(
-            context.order_id, context.shipping_address
-        )
-        return self._generate_step_result(Response(f"shipped {context.shipment_id}"))
-
-    async def compensate(self, context: OrderContext) -> None:
-        if context.shipment_id:
-            await self._shipping_service.cancel(context.shipment_id)
-
-
-class OrderSaga(Saga[OrderContext]):
-    steps = [ReserveInventoryStep, ProcessPaymentStep, ShipOrderStep]
-
-
-def saga_mapper(mapper: sagakit.SagaMap) -> None:
-    mapper.bind(OrderContext, OrderSaga)
-
-
-def build_container(
-    inventory: InventoryService, payments: PaymentService, shipping: ShippingService
-) -> di.Container:
-    """A ``di`` container; the services are shared instances."""
-    container = di.Container()
-    for service_type, instance in (
-        (InventoryService, inventory),
-        (PaymentService, payments),
-        (ShippingService, shipping),
-    ):
-        provider = Dependent(lambda instance=instance: instance, scope="saga")
-        container.bind(di.bind_by_type(provider, service_type))
-    return container
-
 
 # -- the database ------------------------------------------------------------------------------
 

@@ -33,7 +33,6 @@ from sagakit.saga import definition_fingerprint
 from tests.unit.support import (
     Crash,
     Ctx,
-    Script,
     StepA,
     StepB,
     StepC,
@@ -44,16 +43,6 @@ from tests.unit.support import (
     state,
     transaction,
 )
-
-
-@pytest.fixture
-def storage() -> MemorySagaStorage:
-    return MemorySagaStorage()
-
-
-@pytest.fixture
-def script() -> Script:
-    return Script()
 
 
 def fallback_saga(**options: Any) -> Saga[Ctx]:

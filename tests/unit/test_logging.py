@@ -14,7 +14,6 @@ import pytest
 from sagakit import (
     Fallback,
     LoggingMiddleware,
-    MemorySagaStorage,
     RecoveryWorker,
     Saga,
     SagaLogFilter,
@@ -37,11 +36,6 @@ from tests.unit.support import (
 )
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "sagakit"
-
-
-@pytest.fixture
-def storage() -> MemorySagaStorage:
-    return MemorySagaStorage()
 
 
 @pytest.fixture

@@ -39,16 +39,6 @@ from tests.unit.support import (
 )
 
 
-@pytest.fixture
-def storage() -> MemorySagaStorage:
-    return MemorySagaStorage()
-
-
-@pytest.fixture
-def script() -> Script:
-    return Script()
-
-
 async def recover(
     script: Script, storage: MemorySagaStorage, saga_id: uuid.UUID, **kw: object
 ) -> SagaStatus:

@@ -9,20 +9,8 @@ from __future__ import annotations
 
 import uuid
 
-import pytest
-
 from sagakit import MemorySagaStorage, SagaStatus, SagaStepStatus, recover_saga
 from tests.unit.support import Ctx, Script, Snapshots, ThreeStepSaga, drive, history, transaction
-
-
-@pytest.fixture
-def storage() -> MemorySagaStorage:
-    return MemorySagaStorage()
-
-
-@pytest.fixture
-def script() -> Script:
-    return Script()
 
 
 async def stored_saga(

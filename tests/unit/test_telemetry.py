@@ -17,7 +17,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from sagakit import (
-    MemorySagaStorage,
     SagaStatus,
     abort_saga,
     bootstrap,
@@ -45,11 +44,6 @@ def provider(exporter: InMemorySpanExporter) -> TracerProvider:
 @pytest.fixture
 def tracing(provider: TracerProvider) -> TracingMiddleware:
     return TracingMiddleware(tracer_provider=provider)
-
-
-@pytest.fixture
-def storage() -> MemorySagaStorage:
-    return MemorySagaStorage()
 
 
 def spans(exporter: InMemorySpanExporter) -> list[ReadableSpan]:

@@ -22,7 +22,6 @@ from tests.unit.support import (
     FourStepSaga,
     Gate,
     OneStepSaga,
-    Script,
     Snapshots,
     StepA,
     StepB,
@@ -33,17 +32,6 @@ from tests.unit.support import (
     state,
     transaction,
 )
-
-
-@pytest.fixture
-def storage() -> MemorySagaStorage:
-    return MemorySagaStorage()
-
-
-@pytest.fixture
-def script() -> Script:
-    return Script()
-
 
 # -- happy path ----------------------------------------------------------------------------------
 
