@@ -1,11 +1,21 @@
-"""sagakit benchmark: a 5-step no-op saga on each backend, against a raw-driver floor.
+"""sagakit benchmark: every measurement in one run, reported as ratios to a raw-driver floor.
 
-Run: ``python benchmarks/bench.py [--sagas 300] [--concurrency 32] [--backends ...]``
+Run (servers as in tests/conftest.py, or SAGAKIT_POSTGRES_DSN / SAGAKIT_MYSQL_DSN)::
 
-Prints, per backend and in one run: sequential latency per saga, throughput with N concurrent
-sagas, commits and statements per saga, client CPU per saga; each also as a ratio to the floor
-measured in the same run: asyncpg alone doing the minimal N+2 single-statement autocommit writes
-of a saga on PostgreSQL (insert the row, one update per step, one to complete).
+    python benchmarks/bench.py                       # everything (see RESULTS.md for how long)
+    python benchmarks/bench.py --quick               # small sizes, for development
+    python benchmarks/bench.py --only memory cpu     # some sections
+    python benchmarks/bench.py --out /tmp/b          # write the report elsewhere
+
+Sections: memory (framework cost), cpu (client CPU per saga vs the floor), group (group commit
+at 32 concurrent sagas), scale (throughput and p99 at 1..512 concurrent sagas), steps (cost per
+step at 1..100 steps), context (cost as the context grows; an unchanged context is not
+rewritten), recovery (sagas recovered per second by 1 and 4 workers; EXPLAIN of the listing).
+
+Writes ``RESULTS.md`` (machine, headline numbers, every table, EXPLAIN output, how to read),
+``results.json`` (the raw numbers) and ``throughput.png`` / ``p99.png`` into ``--out``
+(default: this directory). Every table this run creates has a unique name and is dropped at
+the end; every section runs under a timeout.
 """
 
 from __future__ import annotations
@@ -14,200 +24,135 @@ import argparse
 import asyncio
 import dataclasses
 import os
-import statistics
 import sys
-import tempfile
 import time
-import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
-from sagakit import Saga, SagaContext, SagaStepHandler
-from sagakit.storage.memory import MemorySagaStorage
-from sagakit.storage.sqlalchemy import SqlAlchemySagaStorage
+from scenarios import SECTIONS  # noqa: E402
+from scenarios.common import FULL, QUICK, Backend, Section, Session  # noqa: E402
 
 PG = os.environ.get("SAGAKIT_POSTGRES_DSN", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 MYSQL = os.environ.get("SAGAKIT_MYSQL_DSN", "mysql+asyncmy://root@127.0.0.1:3306/test")
-STEPS = 5
-_TABLES = {"executions_table": "bench_saga_executions", "logs_table": "bench_saga_logs"}
+MEMORY_PART = {"steps", "context"}
+"""Sections that still measure the memory storage when no database is reachable."""
 
 
-@dataclasses.dataclass
-class BenchContext(SagaContext):
-    order_id: str
-    counter: int = 0
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="sagakit benchmark: one run, every section, a markdown report.")
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes (development, smoke test): seconds, not minutes")
+    parser.add_argument("--only", nargs="+", choices=list(SECTIONS), metavar="SECTION",
+                        help=f"run only these sections: {', '.join(SECTIONS)}")
+    parser.add_argument("--out", type=Path, default=HERE,
+                        help="directory for RESULTS.md, results.json and the charts "
+                             "(default: benchmarks/)")
+    parser.add_argument("--backends", nargs="+", choices=["postgres", "mariadb"],
+                        default=["postgres", "mariadb"], help="database servers to use")
+    parser.add_argument("--postgres-dsn", default=PG)
+    parser.add_argument("--mysql-dsn", default=MYSQL)
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds allowed per section (default: 120 quick, 900 full; "
+                             "twice that for recovery)")
+    parser.add_argument("--recovery-mode", choices=["process", "inprocess"], default="process",
+                        help="recovery workers as subprocesses (default) or all in this process")
+    parser.add_argument("--recovery-backlog", type=int, default=None,
+                        help="interrupted sagas to recover (default: 200 quick, 10000 full)")
+    parser.add_argument("--pool-cap", type=int, default=48,
+                        help="most connections one pool opens (servers' max_connections is "
+                             "shared; default 48)")
+    return parser.parse_args(argv)
 
 
-class NoOp(SagaStepHandler[BenchContext, None]):
-    async def act(self, context: BenchContext) -> None:
-        context.counter += 1
+async def probe(name: str, url: str) -> Backend:
+    """Connect once; read the server's version and durability settings."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
 
-    async def compensate(self, context: BenchContext) -> None:
-        context.counter -= 1
-
-
-STEP_TYPES = [type(f"Step{i}", (NoOp,), {}) for i in range(STEPS)]
-
-
-class BenchSaga(Saga[BenchContext]):
-    steps = STEP_TYPES
-
-
-@dataclasses.dataclass
-class Result:
-    name: str
-    latency_ms: float
-    throughput: float
-    cpu_ms: float
-    commits: float | None = None
-    statements: float | None = None
-
-
-async def _measure(name: str, one: Callable[[int], Awaitable[None]], sagas: int,
-                   concurrency: int) -> Result:
-    for i in range(min(20, sagas)):  # warm up caches and pools
-        await one(-i - 1)
-    cpu0, t0 = time.process_time(), time.perf_counter()
-    latencies = []
-    for i in range(sagas):
-        s = time.perf_counter()
-        await one(i)
-        latencies.append(time.perf_counter() - s)
-    cpu = (time.process_time() - cpu0) / sagas
-    queue = iter(range(sagas, sagas * 4))
-
-    async def worker() -> None:
-        for i in queue:
-            await one(i)
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    throughput = sagas * 3 / (time.perf_counter() - t0)
-    return Result(name, statistics.mean(latencies) * 1000, throughput, cpu * 1000)
+    engine = create_async_engine(url, connect_args={"timeout": 5} if name == "postgres" else {})
+    try:
+        async with engine.connect() as conn:
+            if name == "postgres":
+                version = (await conn.execute(text("SHOW server_version"))).scalar_one()
+                shown = []
+                for k in ("fsync", "synchronous_commit", "max_connections", "shared_buffers"):
+                    shown.append(f"{k}={(await conn.execute(text(f'SHOW {k}'))).scalar_one()}")
+                settings = ", ".join(shown)
+                version = f"PostgreSQL {version}"
+            else:
+                version = (await conn.execute(text("SELECT VERSION()"))).scalar_one()
+                row = (await conn.execute(text(
+                    "SELECT @@innodb_flush_log_at_trx_commit, @@sync_binlog, @@log_bin, "
+                    "@@max_connections, @@innodb_buffer_pool_size"))).one()
+                settings = (f"innodb_flush_log_at_trx_commit={row[0]}, sync_binlog={row[1]}, "
+                            f"log_bin={row[2]}, max_connections={row[3]}, "
+                            f"innodb_buffer_pool_size={int(row[4]) // 2**20}MB")
+                version = f"MariaDB/MySQL {version}"
+    finally:
+        await engine.dispose()
+    return Backend(name, url, version, settings)
 
 
-async def floor(sagas: int, concurrency: int) -> Result:
-    """asyncpg alone: N+2 single-statement autocommit writes per saga."""
-    import asyncpg
-    import orjson
+async def main(argv: list[str]) -> int:
+    args = parse(argv)
+    sizes = QUICK if args.quick else FULL
+    if args.recovery_backlog:
+        sizes = dataclasses.replace(sizes, recovery_backlog=args.recovery_backlog)
+    wanted = [name for name in SECTIONS if not args.only or name in args.only]
+    needs_db = any(SECTIONS[name].NEEDS for name in wanted)
+    load_at_start = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    started = time.perf_counter()
 
-    dsn = PG.replace("postgresql+asyncpg", "postgresql")
-    pool = await asyncpg.create_pool(dsn, min_size=concurrency, max_size=concurrency)
-    async with pool.acquire() as conn:
-        await conn.execute("DROP TABLE IF EXISTS bench_floor")
-        await conn.execute("CREATE TABLE bench_floor (saga_id uuid PRIMARY KEY, name text, "
-                           "status text, context jsonb, version int, updated_at timestamptz)")
-
-    async def one(_: int) -> None:
-        saga_id = uuid.uuid4()
-        context = {"order_id": "o", "counter": 0}
-        async with pool.acquire() as conn:
-            await conn.execute("INSERT INTO bench_floor VALUES ($1, 'B', 'RUNNING', $2, 1, now())",
-                               saga_id, orjson.dumps(context).decode())
-        for step in range(STEPS):
-            context["counter"] = step + 1
-            async with pool.acquire() as conn:
-                await conn.execute("UPDATE bench_floor SET context = $2, version = version + 1, "
-                                   "updated_at = now() WHERE saga_id = $1",
-                                   saga_id, orjson.dumps(context).decode())
-        async with pool.acquire() as conn:
-            await conn.execute("UPDATE bench_floor SET status = 'COMPLETED', version = version + 1 "
-                               "WHERE saga_id = $1", saga_id)
+    backends: dict[str, Backend] = {}
+    unreachable: dict[str, str] = {}
+    if needs_db:
+        urls = {"postgres": args.postgres_dsn, "mariadb": args.mysql_dsn}
+        for name in args.backends:
+            try:
+                backends[name] = await asyncio.wait_for(probe(name, urls[name]), 15)
+            except Exception as exc:
+                unreachable[name] = f"{type(exc).__name__}: {exc}"[:200]
+                print(f"[bench] {name} unreachable, skipped: {unreachable[name]}",
+                      file=sys.stderr)
+    session = Session(sizes, backends, args.pool_cap, args.quick)
+    session.recovery_mode = args.recovery_mode
 
     try:
-        result = await _measure("asyncpg floor", one, sagas, concurrency)
+        for name in wanted:
+            module = SECTIONS[name]
+            section = session.sections[name] = Section(module.TITLE)
+            if module.NEEDS and not backends and name not in MEMORY_PART:
+                section.status = "skipped: no database server reachable"
+                continue
+            timeout = args.timeout or sizes.section_timeout * getattr(module, "TIMEOUT_FACTOR", 1)
+            session.log(f"section {name} (timeout {timeout:.0f} s)")
+            t0 = time.perf_counter()
+            try:
+                await asyncio.wait_for(module.run(session, section), timeout)
+            except TimeoutError:
+                section.status = f"**timed out** after {timeout:.0f} s (partial results)"
+                session.log(f"section {name} timed out")
+            except Exception as exc:
+                section.status = f"**failed**: `{type(exc).__name__}: {str(exc)[:300]}`"
+                session.log(f"section {name} failed: {exc!r}")
+            section.elapsed_s = time.perf_counter() - t0
+            session.log(f"section {name} done in {section.elapsed_s:.1f} s")
     finally:
-        async with pool.acquire() as conn:
-            await conn.execute("DROP TABLE bench_floor")
-        await pool.close()
-    result.commits = result.statements = STEPS + 2
-    return result
+        try:
+            await asyncio.wait_for(session.drop_all(), 300)
+        except Exception as exc:
+            session.log(f"clean-up failed: {exc!r}")
+        from scenarios import report
 
-
-async def sagakit_backend(name: str, storage: Any, sagas: int, concurrency: int) -> Result:
-    saga = BenchSaga()
-
-    async def one(_: int) -> None:
-        async for _ in saga.transaction(context=BenchContext("o"), storage=storage):
-            pass
-
-    counter = None
-    if isinstance(storage, SqlAlchemySagaStorage):
-        await storage.create_schema()
-        await storage.delete_all()
-        from tests.integration.sqlcount import SqlCounter
-
-        counter = SqlCounter(storage.engine)
-    result = await _measure(name, one, sagas, concurrency)
-    if counter is not None:
-        total = sagas * 4 + min(20, sagas)
-        result.commits = counter.counts.transactions / total
-        result.statements = counter.counts.statements / total
-        counter.close()
-        await storage.delete_all()
-    await getattr(storage, "close", _none)()
-    return result
-
-
-async def _none() -> None:
-    return None
-
-
-def _storages(backends: list[str], concurrency: int, tmp: str) -> dict[str, Callable[[], Any]]:
-    pool = {"pool_size": concurrency, "max_overflow": 0, **_TABLES}
-    table = {
-        "memory": lambda: MemorySagaStorage(),
-        "sqlite": lambda: SqlAlchemySagaStorage.from_url(f"sqlite+aiosqlite:///{tmp}/bench.db",
-                                                         **_TABLES),
-        "postgres": lambda: SqlAlchemySagaStorage.from_url(PG, **pool),
-        "mysql": lambda: SqlAlchemySagaStorage.from_url(MYSQL, **pool),
-        "postgres-group": lambda: SqlAlchemySagaStorage.from_url(PG, group_commit=True, **pool),
-        "mysql-group": lambda: SqlAlchemySagaStorage.from_url(MYSQL, group_commit=True, **pool),
-        "sqlite-group": lambda: SqlAlchemySagaStorage.from_url(
-            f"sqlite+aiosqlite:///{tmp}/bench-group.db", group_commit=True, **_TABLES),
-    }
-    return {b: table[b] for b in backends}
-
-
-def _report(rows: list[Result], base: Result, concurrency: int) -> str:
-    head = (f"| backend | latency ms/saga | x floor | sagas/s @{concurrency} | x floor | "
-            "client CPU ms/saga | x floor | commits/saga | statements/saga |")
-    lines = [head, "|" + "---|" * 9]
-    for r in [base, *rows]:
-        lines.append(
-            f"| {r.name} | {r.latency_ms:.2f} | {r.latency_ms / base.latency_ms:.2f} | "
-            f"{r.throughput:.0f} | {r.throughput / base.throughput:.2f} | {r.cpu_ms:.3f} | "
-            f"{r.cpu_ms / base.cpu_ms:.2f} | {_num(r.commits)} | {_num(r.statements)} |"
-        )
-    return "\n".join(lines)
-
-
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sagas", type=int, default=300, help="sequential sagas per backend")
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--backends", nargs="+", default=["memory", "sqlite", "postgres", "mysql"])
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        base = await floor(args.sagas, args.concurrency)
-        rows = []
-        for name, make in _storages(args.backends, args.concurrency, tmp).items():
-            rows.append(await sagakit_backend(f"sagakit {name}", make(), args.sagas,
-                                              args.concurrency))
-    print(f"{STEPS}-step no-op saga; {args.sagas} sequential sagas, then {args.sagas * 3} "
-          f"with {args.concurrency} concurrent; floor = asyncpg, {STEPS + 2} autocommit writes")
-    print(_report(rows, base, args.concurrency))
-    memory = next((r for r in rows if r.name == "sagakit memory"), None)
-    if memory is not None:
-        print(f"memory storage framework cost: {memory.cpu_ms * 1000 / STEPS:.1f} us CPU per step")
+        path = report.write(session, args.out, argv, time.perf_counter() - started,
+                            unreachable, load_at_start)
+        session.log(f"report written to {path}")
+    failed = [n for n, s in session.sections.items() if s.status.startswith("**failed")]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    sys.exit(asyncio.run(main(sys.argv[1:])))

@@ -1,0 +1,266 @@
+"""The report: machine description, headline numbers, each section's tables, charts."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from scenarios.common import Section, Session
+
+ROOT = Path(__file__).resolve().parents[2]
+
+HOW_TO_READ = """\
+- **Ratios, not absolutes.** Every database number is put next to a *floor* measured in the same
+  run on the same server: the raw driver (asyncpg / asyncmy) doing the least a durable saga of N
+  steps must write — N+2 single-statement autocommit writes (insert, one update per step, one to
+  complete), with no step log, lease or fencing; sagakit also writes a log row per step and holds
+  a lease. `x floor` > 1 is faster (throughput) or costlier (latency, CPU) than the floor.
+  Absolute numbers move with the machine; ratios much less.
+- **Client CPU** is this process's CPU time (user + system, so loopback TCP sends count) per saga;
+  the database server's CPU is not included. **Latency** is one saga from start to end;
+  **p99** over all sagas of a point. **Throughput** is a closed loop: c workers, each starting its
+  next saga when the last ends.
+- **commits/saga** counts server transactions (COMMITs, plus statements sent in autocommit mode);
+  **statements/saga** every statement; both counted on a separate short run with hooks that would
+  otherwise cost CPU. A PostgreSQL checkpoint is one statement (update and log insert in one CTE).
+- **Group commit** (`group_commit=True`) writes the checkpoints of concurrently running sagas in
+  one transaction; `checkpoints/batch` says how many shared one. The saga's start (the row insert)
+  is not batched.
+- This machine may be shared and busy: see the load average above. Numbers taken under load are
+  noisy (the memory section reports the best of several repeats for that reason); re-measure on a
+  quiet machine before comparing with targets.
+"""
+
+
+def _git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=10, check=False)
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src"], cwd=ROOT,
+                               capture_output=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    commit = head.stdout.strip() or "unknown"
+    return commit + (" (src/ has uncommitted changes)" if dirty.returncode == 1 else "")
+
+
+def _meminfo() -> str:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    except OSError:
+        pass
+    return "unknown"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _load() -> str:
+    try:
+        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def machine(session: Session, unreachable: dict[str, str], load_at_start: str) -> dict[str, str]:
+    info = {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": str(os.cpu_count()),
+        "CPU": _cpu_model(),
+        "memory": _meminfo(),
+        "load average (1/5/15 min) at start": load_at_start,
+        "load average at end": _load(),
+        "OS": platform.platform(),
+        "Python": sys.version.split()[0],
+        "sagakit": f"{_version('sagakit')} at commit {_git_commit()}",
+        "libraries": ", ".join(f"{p} {_version(p)}" for p in
+                               ("SQLAlchemy", "asyncpg", "asyncmy", "orjson", "msgspec")),
+    }
+    for backend in session.backends.values():
+        info[backend.label] = f"{backend.version} ({backend.settings})"
+    for name, why in unreachable.items():
+        info[name] = f"not measured: {why}"
+    return info
+
+
+# -- headline -------------------------------------------------------------------------------------
+
+
+def _summary(sections: dict[str, Section]) -> list[str]:
+    out: list[str] = []
+
+    def get(section: str, *path: Any) -> Any:
+        node: Any = sections.get(section)
+        if node is None:
+            return None
+        node = node.data
+        for key in path:
+            if not isinstance(node, dict) or key not in node:
+                return None
+            node = node[key]
+        return node
+
+    us = get("memory", "us_per_step")
+    if us is not None:
+        out.append(f"Framework cost, 5-step no-op saga on the memory storage: **{us:.1f} µs per "
+                   f"step** (target ≤ 15).")
+    for name, label in (("postgres", "PostgreSQL"), ("mariadb", "MariaDB")):
+        plain, floor = get("cpu", name, "plain"), get("cpu", name, "floor")
+        if plain and floor:
+            out.append(f"Client CPU per 5-step saga on {label}: **{plain['cpu_ms']:.2f} ms**, "
+                       f"{plain['cpu_ms'] / floor['cpu_ms']:.2f}x the floor's "
+                       f"{floor['cpu_ms']:.2f} ms" + (" (target ≤ 2 ms)." if name == "postgres"
+                                                     else "."))
+    for name, label in (("postgres", "PostgreSQL"), ("mariadb", "MariaDB")):
+        group, floor = get("group", name, "group"), get("group", name, "floor")
+        if group and floor and floor["throughput"]:
+            out.append(f"Group commit at 32 concurrent sagas on {label}: **"
+                       f"{group['throughput'] / floor['throughput']:.2f}x the floor's "
+                       f"throughput** ({group['throughput']:.0f} vs {floor['throughput']:.0f} "
+                       f"sagas/s; target ≥ 1.0x), p99 {group['p99_ms']:.1f} ms (floor "
+                       f"{floor['p99_ms']:.1f} ms).")
+    for name, label in (("postgres", "PostgreSQL"), ("mariadb", "MariaDB")):
+        runs = get("recovery", name, "runs")
+        if runs:
+            parts = ", ".join(f"{r['per_s']:.0f}/s by {r['workers']} worker"
+                              f"{'s' if r['workers'] > 1 else ''}" for r in runs)
+            backlog = get("recovery", name, "explain", "backlog", "index")
+            steady = get("recovery", name, "explain", "steady", "index")
+            out.append(f"Recovery on {label} from a backlog of {runs[0]['backlog']}: {parts}. "
+                       f"Listing query index: {backlog} with the backlog due, {steady} once "
+                       "none is due.")
+    return [f"- {line}" for line in out]
+
+
+# -- charts ---------------------------------------------------------------------------------------
+
+_STYLE = {"floor": ("floor (raw driver)", ":"), "plain": ("sagakit", "-"),
+          "group": ("sagakit group commit", "--")}
+_COLOR = {"postgres": "tab:blue", "mariadb": "tab:orange"}
+
+
+def charts(section: Section, out: Path) -> list[str]:
+    """Draw throughput and p99 vs concurrency; return the file names written."""
+    series = section.data.get("series") or {}
+    if not any(points for modes in series.values() for points in modes.values()):
+        return []
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        section.add("_(charts skipped: matplotlib is not installed — "
+                    "`pip install 'sagakit[bench]'`)_")
+        return []
+    written = []
+    for key, ylabel, name, log_y in (
+        ("throughput", "sagas per second", "throughput.png", False),
+        ("p99_ms", "p99 latency per saga (ms)", "p99.png", True),
+    ):
+        fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+        for backend, modes in series.items():
+            label = {"postgres": "PostgreSQL", "mariadb": "MariaDB"}.get(backend, backend)
+            for mode, points in modes.items():
+                if not points:
+                    continue
+                xs = [p["concurrency"] for p in points]
+                ys = [p[key] for p in points]
+                what, style = _STYLE[mode]
+                ax.plot(xs, ys, style, marker="o", color=_COLOR.get(backend),
+                        label=f"{label}: {what}")
+        ax.set_xscale("log", base=2)
+        ticks = sorted({p["concurrency"] for modes in series.values()
+                        for points in modes.values() for p in points})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_xlabel("concurrent sagas")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"5-step no-op saga: {ylabel} vs concurrency")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / name)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+# -- writing --------------------------------------------------------------------------------------
+
+
+def write(session: Session, out: Path, argv: list[str], elapsed_s: float,
+          unreachable: dict[str, str], load_at_start: str) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    sections = session.sections
+    images: list[str] = []
+    if "scale" in sections:
+        images = charts(sections["scale"], out)
+    info = machine(session, unreachable, load_at_start)
+    lines = [
+        "# sagakit benchmark results",
+        "",
+        f"Written by `{' '.join(['python benchmarks/bench.py', *argv])}` in one run of "
+        f"{elapsed_s:.0f} s{' (**--quick**: small sizes, for development only)' if session.quick else ''}.",
+        "",
+        "## Headline numbers",
+        "",
+        *(_summary(sections) or ["- (no headline section was run)"]),
+        "",
+        "## Machine",
+        "",
+        "| | |",
+        "|---|---|",
+        *(f"| {k} | {v} |" for k, v in info.items()),
+        "",
+        "## How to read",
+        "",
+        HOW_TO_READ,
+    ]
+    for name, section in sections.items():
+        lines += [f"## {section.title}", "",
+                  f"_Section `{name}`: {section.status}, {section.elapsed_s:.0f} s._", ""]
+        for block in section.blocks:
+            lines += [block, ""]
+        if name == "scale":
+            lines += [f"![{img.removesuffix('.png')}]({img})" for img in images]
+            lines.append("")
+    path = out / "RESULTS.md"
+    path.write_text("\n".join(lines).rstrip() + "\n")
+    raw = {"argv": argv, "elapsed_s": elapsed_s, "machine": info,
+           "sections": {k: {"status": s.status, "elapsed_s": s.elapsed_s, "data": s.data}
+                        for k, s in sections.items()}}
+    (out / "results.json").write_text(json.dumps(raw, indent=1, default=_json_default) + "\n")
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return str(value)
