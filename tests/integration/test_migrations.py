@@ -32,6 +32,8 @@ async def test_migrations_match_the_declared_schema(sql_storage: Any) -> None:
                 "compare_type": True,
                 "include_object": lambda obj, name, kind, *_: (
                     name in ours if kind == "table" else obj.table.name in ours
+                    # the partial index exists only where the dialect has partial indexes
+                    and not (name.endswith("_recoverable") and engine.dialect.name == "mysql")
                 ),
             },
         )

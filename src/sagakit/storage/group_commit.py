@@ -1,8 +1,10 @@
 """Group commit: the checkpoints of concurrently running sagas share one transaction.
 
-While one batch is being written, new checkpoints queue up; when it commits, everything queued
-meanwhile goes out as the next batch (no timers: an idle storage writes a lone checkpoint at
-once). Each saga's ``commit()`` returns only after the batch holding its checkpoint is durable.
+Up to ``max_in_flight`` batches are written at once, each on its own connection; while they are
+busy, new checkpoints queue up, and the next free writer takes everything queued as one batch.
+No timers: a lightly loaded storage writes each checkpoint at once, and batches grow only as
+the load does. Each saga's ``commit()`` returns only after the batch holding its checkpoint is
+durable.
 
 Isolation between neighbours: every checkpoint stays fenced by its own version and lease owner,
 so a checkpoint that no longer matches is simply not written and only its saga gets the error
@@ -29,20 +31,27 @@ _Item = tuple[Checkpoint, "str | None", "asyncio.Future[int]"]
 class GroupCommitter:
     """Coalesces update checkpoints of different sagas into batches of at most ``max_batch``."""
 
-    def __init__(self, storage: SqlAlchemySagaStorage, max_batch: int = 256) -> None:
+    def __init__(
+        self, storage: SqlAlchemySagaStorage, max_batch: int = 256, max_in_flight: int = 4
+    ) -> None:
+        if max_in_flight < 1 or max_batch < 1:
+            raise ValueError("group commit needs max_batch >= 1 and max_in_flight >= 1")
         self.storage = storage
         self.max_batch = max_batch
+        self.max_in_flight = max_in_flight
         self.batches = 0
         """How many batches were written (for tests and benchmarks)."""
         self._queue: list[_Item] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._writers: set[asyncio.Task[None]] = set()
 
     async def submit(self, cp: Checkpoint, text: str | None) -> int:
         """Queue one checkpoint; return the saga's new version once it is durable."""
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._queue.append((cp, text, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
+        if len(self._writers) < self.max_in_flight:
+            writer = asyncio.create_task(self._flush())
+            self._writers.add(writer)
+            writer.add_done_callback(self._writers.discard)
         return await asyncio.shield(future)
 
     async def _flush(self) -> None:
@@ -95,7 +104,7 @@ class GroupCommitter:
                 f"saga {cp.saga_id}: checkpoint fenced out", saga_id=cp.saga_id))
 
     async def close(self) -> None:
-        if self._flusher is not None:
+        for writer in list(self._writers):
             with contextlib.suppress(Exception):
-                await self._flusher
+                await writer
 

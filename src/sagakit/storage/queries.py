@@ -30,6 +30,7 @@ from sagakit.records import (
 )
 from sagakit.storage.dialect import Dialect
 from sagakit.storage.run import Checkpoint, wrong_saga
+from sagakit.storage.schema import RECOVERABLE_SQL
 
 __all__ = ["Queries", "row_to_state"]
 
@@ -169,7 +170,7 @@ class Queries:
     ) -> list[UUID]:
         t, d = self.t, self.d
         stmt = sa.select(t.c.saga_id).where(
-            t.c.status.in_(_RECOVERABLE),
+            sa.text(RECOVERABLE_SQL),  # literal, matching the partial index's predicate
             t.c.recovery_attempts <= max_attempts,
             sa.or_(t.c.lease_owner.is_(None), t.c.lease_expires_at <= d.now()),
             sa.or_(t.c.next_attempt_at.is_(None), t.c.next_attempt_at <= d.now()),

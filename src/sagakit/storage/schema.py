@@ -4,7 +4,9 @@
     saga_id (PK), name, status, context (JSON; JSONB on PostgreSQL), version, recovery_attempts,
     fingerprint, lease_owner, lease_expires_at, next_attempt_at (recovery backoff), created_at,
     updated_at.
-    Indexes: (status, updated_at) for the recovery scan, (name, status), (created_at) for listing.
+    Indexes: (status, updated_at) and, on PostgreSQL and SQLite, a partial index on
+    (updated_at, saga_id) of recoverable sagas for the recovery scan; (name, status);
+    (created_at) for listing.
 
 ``saga_logs``
     id (PK, autoincrement: the write order), saga_id, step_name, action, status, details,
@@ -23,6 +25,10 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql
 
 __all__ = ["SagaTables", "build_tables", "validate_table_name"]
+
+RECOVERABLE_SQL = "status IN ('COMPENSATING', 'PENDING', 'RUNNING')"
+"""The recoverable statuses as SQL; the recovery scan uses this exact text, so the planner can
+match it to the partial index's predicate."""
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
@@ -45,6 +51,13 @@ def _json() -> sa.types.TypeEngine[Any]:
     return sa.Text().with_variant(postgresql.JSONB(), "postgresql").with_variant(
         mysql.LONGTEXT(), "mysql", "mariadb"
     )
+
+
+def _has_partial_indexes(
+    ddl: Any, target: Any, bind: Any, tables: Any = None, state: Any = None, *,
+    dialect: Any, compiler: Any = None, checkfirst: bool = False,
+) -> bool:
+    return dialect.name in ("postgresql", "sqlite")
 
 
 class SagaTables:
@@ -75,6 +88,12 @@ class SagaTables:
             sa.Column("created_at", _timestamp(), nullable=False),
             sa.Column("updated_at", _timestamp(), nullable=False),
             sa.Index(f"ix_{executions_table}_status_updated", "status", "updated_at"),
+            # The recovery scan, in its order, over recoverable sagas only (PostgreSQL and
+            # SQLite have partial indexes; MySQL/MariaDB use the index above).
+            sa.Index(
+                f"ix_{executions_table}_recoverable", "updated_at", "saga_id",
+                postgresql_where=sa.text(RECOVERABLE_SQL), sqlite_where=sa.text(RECOVERABLE_SQL),
+            ).ddl_if(callable_=_has_partial_indexes),
             sa.Index(f"ix_{executions_table}_name_status", "name", "status"),
             sa.Index(f"ix_{executions_table}_created", "created_at"),
         )

@@ -90,6 +90,9 @@ class SqlAlchemySagaStorage(RunBackedStorage):
         ``sqlite+aiosqlite:///sagas.db`` or ``postgresql+asyncpg://user@host/db``.
         Raises ImportError naming the extra to install when the driver is missing."""
         SagaTables(executions_table, logs_table)  # validate names before building anything
+        # Every connection this storage uses ends its transaction itself (commit, rollback or
+        # autocommit), so the pool's reset-on-return would only add a ROLLBACK round trip.
+        engine_options.setdefault("pool_reset_on_return", None)
         try:
             engine = create_async_engine(url, **engine_options)
         except ImportError as error:

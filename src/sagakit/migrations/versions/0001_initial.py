@@ -45,6 +45,10 @@ def upgrade() -> None:
         sa.Column("updated_at", _timestamp(), nullable=False),
     )
     op.create_index(f"ix_{executions}_status_updated", executions, ["status", "updated_at"])
+    if op.get_bind().dialect.name in ("postgresql", "sqlite"):
+        recoverable = sa.text("status IN ('COMPENSATING', 'PENDING', 'RUNNING')")
+        op.create_index(f"ix_{executions}_recoverable", executions, ["updated_at", "saga_id"],
+                        postgresql_where=recoverable, sqlite_where=recoverable)
     op.create_index(f"ix_{executions}_name_status", executions, ["name", "status"])
     op.create_index(f"ix_{executions}_created", executions, ["created_at"])
     op.create_table(
