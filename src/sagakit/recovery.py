@@ -23,7 +23,13 @@ from sagakit.exceptions import SagaDefinitionError
 from sagakit.execution import Execution, Resumption, prepare_resume
 from sagakit.middleware import Middleware, SagaRun, observe_saga, saga_log_context
 from sagakit.plan import ABORTED, Backward, Finished, Forward, Mismatch
-from sagakit.records import TERMINAL_STATUSES, SagaAction, SagaStatus, SagaStepStatus
+from sagakit.records import (
+    TERMINAL_STATUSES,
+    SagaAction,
+    SagaState,
+    SagaStatus,
+    SagaStepStatus,
+)
 from sagakit.saga import Saga
 from sagakit.storage.compat import open_run
 from sagakit.storage.protocol import LeasedRun, SagaStorage
@@ -171,15 +177,20 @@ async def _drive(
     options: RecoveryOptions,
     mode: str,
     reason: str = "",
+    claimed: SagaState | None = None,
 ) -> SagaStatus:
     decode = _decoder(saga, context_builder)
     explicit = mode != "recover"
     with saga_log_context(saga_id, saga.name):
         async with open_run(storage) as run:
-            state = await run.claim(
-                saga_id, lease_seconds=options.lease_seconds, count_attempt=not explicit,
-                allow_parked=explicit, name=saga.name,
-            )
+            if claimed is not None:  # a worker's claim_due already leased it to this process
+                run.adopt(claimed, options.lease_seconds)
+                state = claimed
+            else:
+                state = await run.claim(
+                    saga_id, lease_seconds=options.lease_seconds, count_attempt=not explicit,
+                    allow_parked=explicit, name=saga.name,
+                )
             observed = SagaRun(saga_id, saga.name, mode, state.status)
             async with observe_saga(options.middlewares, observed):
                 resumption = await prepare_resume(

@@ -26,10 +26,11 @@ from uuid import UUID
 from sagakit.exceptions import SagaBusyError, SagaNotFoundError
 from sagakit.mediator import SagaMap
 from sagakit.middleware import saga_log_context
-from sagakit.records import SagaStatus
+from sagakit.records import SagaState, SagaStatus
 from sagakit.recovery import RecoveryOptions, _drive
 from sagakit.saga import Saga
 from sagakit.storage.protocol import SagaStorage
+from sagakit.storage.run import new_owner_id
 
 __all__ = ["RecoveryOutcome", "RecoveryWorker"]
 
@@ -86,6 +87,8 @@ class RecoveryWorker:
         self.options = dataclasses.replace(base, should_stop=self.stopping)
         self.outcomes: list[RecoveryOutcome] = []
         """Every attempt this worker made, in order (handy for tests and operators)."""
+        self.owner = new_owner_id()
+        """The lease owner id of the sagas this worker claims."""
         self._stop = asyncio.Event()
         self._in_hand: set[UUID] = set()
 
@@ -98,7 +101,25 @@ class RecoveryWorker:
         self._stop.set()
 
     async def run_once(self) -> list[RecoveryOutcome]:
-        """One poll: list due sagas and recover them, ``concurrency`` at a time."""
+        """One poll: claim up to ``concurrency`` due sagas in one atomic step and recover them
+        concurrently. Workers polling together claim disjoint sagas (the claim skips rows
+        another worker is claiming). A storage without ``claim_due`` is polled by listing due
+        sagas and claiming them one by one (a saga another worker won is skipped)."""
+        claim_due = getattr(self.storage, "claim_due", None)
+        if claim_due is None:
+            return await self._run_listed()
+        names = frozenset({self.saga_name} if self.saga_name else self._sagas)
+        claimed: list[SagaState] = await claim_due(
+            self.owner,
+            limit=self.concurrency,
+            lease_seconds=self.options.lease_seconds,
+            max_recovery_attempts=self.options.max_recovery_attempts,
+            saga_names=names & frozenset(self._sagas),
+            stale_after_seconds=self.stale_after_seconds,
+        )
+        return list(await asyncio.gather(*(self.recover(s.saga_id, s) for s in claimed)))
+
+    async def _run_listed(self) -> list[RecoveryOutcome]:
         due = await self.storage.get_sagas_for_recovery(
             self.batch_size,
             max_recovery_attempts=self.options.max_recovery_attempts,
@@ -116,26 +137,27 @@ class RecoveryWorker:
 
         return list(await asyncio.gather(*(one(i) for i in due if i not in self._in_hand)))
 
-    async def recover(self, saga_id: UUID) -> RecoveryOutcome:
-        """Recover one saga by id, recording the outcome; never raises for a saga's failure."""
+    async def recover(self, saga_id: UUID, claimed: SagaState | None = None) -> RecoveryOutcome:
+        """Recover one saga by id (or one this worker already claimed), recording the outcome;
+        never raises for a saga's failure."""
         self._in_hand.add(saga_id)
         try:
             with saga_log_context(saga_id):
-                outcome = await self._recover(saga_id)
+                outcome = await self._recover(saga_id, claimed)
         finally:
             self._in_hand.discard(saga_id)
         self.outcomes.append(outcome)
         return outcome
 
-    async def _recover(self, saga_id: UUID) -> RecoveryOutcome:
+    async def _recover(self, saga_id: UUID, claimed: SagaState | None) -> RecoveryOutcome:
         try:
-            state = await self.storage.get_saga(saga_id)
+            state = claimed if claimed is not None else await self.storage.get_saga(saga_id)
             saga = self._sagas.get(state.name)
             if saga is None:
                 logger.warning("saga %s: no definition named %r here; skipped", saga_id, state.name)
                 return RecoveryOutcome(saga_id, state.status)
             status = await _drive(saga(), saga_id, None, self.container, self.storage,
-                                  self.options, "recover")
+                                  self.options, "recover", claimed=claimed)
         except (SagaBusyError, SagaNotFoundError) as exc:
             return RecoveryOutcome(saga_id, error=exc, busy=isinstance(exc, SagaBusyError))
         except Exception as exc:

@@ -136,6 +136,36 @@ class MemorySagaStorage(RunBackedStorage):
         due.sort(key=lambda r: (r.updated_at, self._order[r.saga_id]))
         return [row.saga_id for row in due[:limit]]
 
+    async def claim_due(
+        self,
+        owner: str,
+        *,
+        limit: int,
+        lease_seconds: float,
+        max_recovery_attempts: int = 5,
+        saga_names: frozenset[str] | None = None,
+        stale_after_seconds: float | None = None,
+    ) -> list[SagaState]:
+        due = await self.get_sagas_for_recovery(
+            len(self._rows), max_recovery_attempts, stale_after_seconds
+        )
+        claimed: list[SagaState] = []
+        now = self.clock()
+        for saga_id in due:
+            row = self._rows[saga_id]
+            if saga_names is not None and row.name not in saga_names:
+                continue
+            row.lease_owner, row.lease_expires_at = owner, now + lease_seconds
+            row.version += 1
+            row.updated_at = now
+            row.recovery_attempts += 1
+            if row.status is SagaStatus.PENDING:
+                row.status = SagaStatus.RUNNING
+            claimed.append(row.state())
+            if len(claimed) == limit:
+                break
+        return claimed
+
     async def list_sagas(
         self,
         *,

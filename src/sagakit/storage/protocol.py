@@ -119,6 +119,9 @@ class LeasedRun(SagaStorageRun, Protocol):
     async def reset_recovery_attempts(self, saga_id: UUID) -> None:
         """Buffer setting the recovery attempt count back to 0 (an explicit resume)."""
 
+    def adopt(self, state: SagaState, lease_seconds: float) -> None:
+        """Carry on under a lease taken by ``claim_due`` for this process."""
+
 
 @runtime_checkable
 class SagaStorage(Protocol):
@@ -183,6 +186,24 @@ class SagaStorage(Protocol):
         limit: int = 100,
     ) -> list[SagaState]:
         """Sagas newest first, optionally filtered by status and name."""
+        ...
+
+    async def claim_due(
+        self,
+        owner: str,
+        *,
+        limit: int,
+        lease_seconds: float,
+        max_recovery_attempts: int = 5,
+        saga_names: frozenset[str] | None = None,
+        stale_after_seconds: float | None = None,
+    ) -> list[SagaState]:
+        """Claim, in one atomic step, up to ``limit`` sagas that ``get_sagas_for_recovery``
+        would list (optionally only those named in ``saga_names``): each is leased to
+        ``owner``, counts one recovery attempt, and PENDING becomes RUNNING. Sagas another
+        worker is claiming at the same moment are skipped, not waited for (``SKIP LOCKED``
+        where the database has it). Optional: a worker falls back to listing and claiming one
+        by one."""
         ...
 
     async def increment_recovery_attempts(

@@ -168,6 +168,50 @@ class Queries:
         self, conn: AsyncConnection, limit: int, max_attempts: int,
         stale_after: float | None, saga_name: str | None,
     ) -> list[UUID]:
+        stmt = self._due(limit, max_attempts, stale_after, saga_name)
+        params = self.d.time_params(stale=None if stale_after is None else -stale_after)
+        return [r[0] for r in (await conn.execute(stmt, params)).all()]
+
+    async def claim_due(
+        self, conn: AsyncConnection, owner: str, limit: int, lease: float, max_attempts: int,
+        names: frozenset[str] | None, stale_after: float | None,
+    ) -> list[SagaState]:
+        """Lease up to ``limit`` due sagas to ``owner`` in the caller's transaction. Rows another
+        transaction is claiming are skipped (SKIP LOCKED on PostgreSQL and MariaDB; SQLite
+        serialises writers with BEGIN IMMEDIATE)."""
+        t, d = self.t, self.d
+        due = self._due(limit, max_attempts, stale_after, None)
+        if names is not None:
+            due = due.where(t.c.name.in_(sorted(names)))
+        if not d.is_sqlite:
+            due = due.with_for_update(skip_locked=True)
+        params = {"owner": owner, **d.time_params(
+            lease=lease, stale=None if stale_after is None else -stale_after)}
+        values = {
+            "lease_owner": sa.bindparam("owner"), "lease_expires_at": d.now_plus("lease"),
+            "version": t.c.version + 1, "updated_at": d.now(),
+            "recovery_attempts": t.c.recovery_attempts + 1,
+            "status": sa.case((t.c.status == SagaStatus.PENDING.value, SagaStatus.RUNNING.value),
+                              else_=t.c.status),
+        }
+        if d.is_postgres:  # one statement: lock, lease and return
+            stmt = (sa.update(t).where(t.c.saga_id.in_(due.scalar_subquery())).values(**values)
+                    .returning(*self.columns))
+            return [row_to_state(r) for r in (await conn.execute(stmt, params)).all()]
+        ids = [r[0] for r in (await conn.execute(due, params)).all()]
+        if not ids:
+            return []
+        update = sa.update(t).where(t.c.saga_id.in_(ids)).values(**values)
+        if d.is_sqlite:
+            rows = (await conn.execute(update.returning(*self.columns), params)).all()
+        else:
+            await conn.execute(update, params)
+            rows = (await conn.execute(sa.select(*self.columns).where(t.c.saga_id.in_(ids)))).all()
+        return [row_to_state(r) for r in rows]
+
+    def _due(
+        self, limit: int, max_attempts: int, stale_after: float | None, saga_name: str | None
+    ) -> Any:
         t, d = self.t, self.d
         stmt = sa.select(t.c.saga_id).where(
             sa.text(RECOVERABLE_SQL),  # literal, matching the partial index's predicate
@@ -179,9 +223,7 @@ class Queries:
             stmt = stmt.where(t.c.name == saga_name)
         if stale_after is not None:
             stmt = stmt.where(t.c.updated_at <= d.now_plus("stale"))
-        stmt = stmt.order_by(t.c.updated_at, t.c.saga_id).limit(limit)
-        params = d.time_params(stale=None if stale_after is None else -stale_after)
-        return [r[0] for r in (await conn.execute(stmt, params)).all()]
+        return stmt.order_by(t.c.updated_at, t.c.saga_id).limit(limit)
 
     async def list_sagas(
         self, conn: AsyncConnection, statuses: frozenset[SagaStatus] | None,

@@ -190,6 +190,14 @@ class BufferedRun(abc.ABC):
         self.lease_seconds = lease_seconds
         self.holds_lease = state.lease_owner == self.owner
 
+    def adopt(self, state: SagaState, lease_seconds: float) -> None:
+        """Carry on under a lease already taken for this process by ``claim_due``: the run
+        takes the lease's owner id, and fences its commits with it."""
+        if state.lease_owner is None:
+            raise SagaError("adopt() needs a leased saga", saga_id=state.saga_id)
+        self.owner = state.lease_owner
+        self._took_lease(state, lease_seconds)
+
     # -- backend primitives -------------------------------------------------------------------
 
     @abc.abstractmethod

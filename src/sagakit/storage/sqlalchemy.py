@@ -204,6 +204,22 @@ class SqlAlchemySagaStorage(RunBackedStorage):
                 conn, limit, max_recovery_attempts, stale_after_seconds, saga_name
             )
 
+    async def claim_due(
+        self,
+        owner: str,
+        *,
+        limit: int,
+        lease_seconds: float,
+        max_recovery_attempts: int = 5,
+        saga_names: frozenset[str] | None = None,
+        stale_after_seconds: float | None = None,
+    ) -> list[SagaState]:
+        async with self.single(write=True) if self.dialect.is_postgres else self.transaction() as conn:
+            return await self.queries.claim_due(
+                conn, owner, limit, lease_seconds, max_recovery_attempts, saga_names,
+                stale_after_seconds,
+            )
+
     async def list_sagas(
         self,
         *,
