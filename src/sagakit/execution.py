@@ -37,7 +37,7 @@ from sagakit.exceptions import (
 from sagakit.invocation import StepInvocation, reset_current, set_current
 from sagakit.lease import LeaseKeeper
 from sagakit.middleware import Middleware, build_chain, saga_log_context
-from sagakit.plan import CompletedStep, Finished, Forward, Mismatch, Plan, decide
+from sagakit.plan import Backward, CompletedStep, Finished, Forward, Mismatch, Plan, decide
 from sagakit.records import TERMINAL_STATUSES, SagaAction, SagaState, SagaStatus, SagaStepStatus
 from sagakit.saga import Saga, StepSpec
 from sagakit.step import SagaStepHandler, SagaStepResult
@@ -150,8 +150,13 @@ class Execution(Generic[C]):
 
     # -- entry point -----------------------------------------------------------------------------
 
-    async def execute(self, plan: Plan) -> AsyncIterator[SagaStepResult[C, Any]]:
+    def execute(self, plan: Plan) -> AsyncIterator[SagaStepResult[C, Any]]:
         """Carry the plan out, yielding a result after each forward step's checkpoint."""
+        if isinstance(plan, Forward):
+            return self._forward(plan)  # no wrapping generator: one frame less per step
+        return self._not_forward(plan)
+
+    async def _not_forward(self, plan: Plan) -> AsyncIterator[SagaStepResult[C, Any]]:
         if isinstance(plan, Finished):
             self.status = plan.status
             return
@@ -162,12 +167,12 @@ class Execution(Generic[C]):
                 saga_id=self.saga_id,
                 saga_name=self.saga.name,
             )
+        assert isinstance(plan, Backward)
         async with LeaseKeeper(self.run, self.lease_seconds):
-            if isinstance(plan, Forward):
-                async for result in self._forward(plan):
-                    yield result
-            else:
-                await self._backward(plan.to_compensate)
+            await self._backward(plan.to_compensate)
+        nothing: tuple[SagaStepResult[C, Any], ...] = ()
+        for result in nothing:  # an async generator that yields nothing
+            yield result
 
     async def compensate(self, to_compensate: Sequence[CompletedStep]) -> None:
         """Go backward now (an explicit abort); the caller made COMPENSATING durable first."""
@@ -211,44 +216,50 @@ class Execution(Generic[C]):
 
     async def _forward(self, plan: Forward) -> AsyncIterator[SagaStepResult[C, Any]]:
         specs = self.saga.step_specs
-        completed = list(plan.completed)
-        run, saga_id = self.run, self.saga_id
         if plan.start == len(specs):
             await self._finish_forward()
             return
-        for index in range(plan.start, len(specs)):
-            spec = specs[index]
-            previous = self._stored
-            try:
-                result, handler_name = await self.run_step(spec)
-                data = self._encode_changed(handler_name)
-            except Exception as exc:
-                await self._fail_and_compensate(exc, completed)
-                raise
-            await run.log_step(saga_id, handler_name, SagaAction.ACT, SagaStepStatus.COMPLETED)
-            if data is not None:
-                await run.update_context(saga_id, data)
-            last = index == len(specs) - 1
-            if last:
-                await run.update_status(saga_id, SagaStatus.COMPLETED)
-            try:
-                await self.commit()
-            except SagaSerializationError as exc:  # the storage refused the context (too large)
-                await run.rollback()
-                self._stored, self._unstorable = previous, True
-                error = SagaSerializationError(
-                    f"saga {self.saga.name!r} {saga_id}: step {handler_name!r} left a context "
-                    f"the storage cannot hold: {exc.message}",
-                    saga_id=saga_id, step_name=handler_name, saga_name=self.saga.name,
-                )
-                await self._fail_and_compensate(error, completed)
-                raise error from exc
-            completed.append(CompletedStep(index, handler_name))
-            if last:
-                self.status = SagaStatus.COMPLETED
-            yield result
-            if not last and self.should_stop():
-                return  # a graceful shutdown: the saga rests at this checkpoint
+        completed = list(plan.completed)
+        async with LeaseKeeper(self.run, self.lease_seconds):
+            for index in range(plan.start, len(specs)):
+                yield await self._forward_step(index, completed)
+                if index < len(specs) - 1 and self.should_stop():
+                    return  # a graceful shutdown: the saga rests at this checkpoint
+
+    async def _forward_step(
+        self, index: int, completed: list[CompletedStep]
+    ) -> SagaStepResult[C, Any]:
+        """Run step ``index`` and write its checkpoint (completing the saga after the last)."""
+        run, saga_id = self.run, self.saga_id
+        previous = self._stored
+        try:
+            result, handler_name = await self.run_step(self.saga.step_specs[index])
+            data = self._encode_changed(handler_name)
+        except Exception as exc:
+            await self._fail_and_compensate(exc, completed)
+            raise
+        await run.log_step(saga_id, handler_name, SagaAction.ACT, SagaStepStatus.COMPLETED)
+        if data is not None:
+            await run.update_context(saga_id, data)
+        last = index == len(self.saga.step_specs) - 1
+        if last:
+            await run.update_status(saga_id, SagaStatus.COMPLETED)
+        try:
+            await self.commit()
+        except SagaSerializationError as exc:  # the storage refused the context (too large)
+            await run.rollback()
+            self._stored, self._unstorable = previous, True
+            error = SagaSerializationError(
+                f"saga {self.saga.name!r} {saga_id}: step {handler_name!r} left a context "
+                f"the storage cannot hold: {exc.message}",
+                saga_id=saga_id, step_name=handler_name, saga_name=self.saga.name,
+            )
+            await self._fail_and_compensate(error, completed)
+            raise error from exc
+        completed.append(CompletedStep(index, handler_name))
+        if last:
+            self.status = SagaStatus.COMPLETED
+        return result
 
     async def _fail_and_compensate(self, exc: Exception, completed: list[CompletedStep]) -> None:
         # With nothing to undo, the failure record and FAILED are one checkpoint.
