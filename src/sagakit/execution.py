@@ -139,9 +139,7 @@ class Execution(Generic[C]):
         self.compensation_failures: list[CompensationFailure] = []
         self._stored = stored_context
         self._handlers: dict[str, SagaStepHandler[Any, Any]] = {}
-        self._types = {
-            name: _handler_type(spec, name) for spec in saga.step_specs for name in spec.handler_names()
-        }
+        self._types = saga.handler_types
         self._chain = build_chain(middlewares, _invoke)
         self._failed_handler = ""
         self._unstorable = False
@@ -404,12 +402,6 @@ class Execution(Generic[C]):
 
 def _never() -> bool:
     return False
-
-
-def _handler_type(spec: StepSpec, name: str) -> type[SagaStepHandler[Any, Any]]:
-    if name == spec.name:
-        return spec.handler
-    return spec.fallback.fallback  # type: ignore[no-any-return]
 
 
 async def _invoke(invocation: StepInvocation) -> Any:

@@ -67,6 +67,8 @@ class Saga(Generic[ContextT]):
     context_type: ClassVar[type[Any] | None] = None
     step_specs: ClassVar[tuple[StepSpec, ...]] = ()
     fingerprint: ClassVar[str] = ""
+    handler_types: ClassVar[dict[str, type[SagaStepHandler[Any, Any]]]] = {}
+    """Every handler class of the saga (fallback alternatives included), by step log name."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -77,6 +79,11 @@ class Saga(Generic[ContextT]):
             cls.context_type = found
         cls.step_specs = tuple(_validate_steps(cls))
         cls.fingerprint = definition_fingerprint(cls.step_specs)
+        cls.handler_types = {
+            name: spec.handler if name == spec.name else spec.fallback.fallback
+            for spec in cls.step_specs
+            for name in spec.handler_names()
+        }
 
     def transaction(
         self,

@@ -94,7 +94,7 @@ class SagaTransaction(Generic[C]):
         self.resumed = False
         """True when the saga_id already existed and the stored saga was resumed."""
         self.execution: Execution[C] | None = None
-        self._iterator: AsyncGenerator[SagaStepResult[C, Any], None] | None = None
+        self._iterator: in_saga_log_context[SagaStepResult[C, Any]] | None = None
 
     async def __aenter__(self) -> SagaTransaction[C]:
         return self
@@ -102,7 +102,7 @@ class SagaTransaction(Generic[C]):
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    def __aiter__(self) -> AsyncGenerator[SagaStepResult[C, Any], None]:
+    def __aiter__(self) -> in_saga_log_context[SagaStepResult[C, Any]]:
         if self._iterator is None:
             self._iterator = in_saga_log_context(self._iterate(), self.saga_id, self.saga.name)
         return self._iterator

@@ -127,19 +127,28 @@ def open_run(storage: SagaStorage) -> AbstractAsyncContextManager[LeasedRun]:
         except NotImplementedError:
             pass
         else:
-            return _native_scope(storage, scope)
+            return _NativeScope(storage, scope)
     return _compat_scope(storage)
 
 
-@asynccontextmanager
-async def _native_scope(
-    storage: SagaStorage, scope: AbstractAsyncContextManager[Any]
-) -> AsyncIterator[LeasedRun]:
-    async with scope as run:
+class _NativeScope:
+    """Enter the storage's own run scope; hand out its run, or — for a seed-style run without
+    leases — a commit-per-call run driving it through its own ``commit()``."""
+
+    __slots__ = ("_scope", "_storage")
+
+    def __init__(self, storage: SagaStorage, scope: AbstractAsyncContextManager[Any]) -> None:
+        self._storage = storage
+        self._scope = scope
+
+    async def __aenter__(self) -> LeasedRun:
+        run = await self._scope.__aenter__()
         if hasattr(run, "start") and hasattr(run, "claim"):  # a LeasedRun (cheap check)
-            yield run
-        else:  # a seed-style run without leases: drive it through its own commit()
-            yield CommitPerCallRun(storage, seed_run=run)
+            return cast(LeasedRun, run)
+        return CommitPerCallRun(self._storage, seed_run=run)
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        return await self._scope.__aexit__(*exc_info)
 
 
 @asynccontextmanager

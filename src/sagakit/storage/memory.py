@@ -31,7 +31,15 @@ from sagakit.records import (
     SagaState,
     SagaStatus,
 )
-from sagakit.storage.run import BufferedRun, Checkpoint, RunBackedStorage, wrong_saga
+from sagakit.storage.run import (
+    BufferedRun,
+    Checkpoint,
+    PendingEntry,
+    RunBackedStorage,
+    wrong_saga,
+)
+
+_RELEASING = (SagaStatus.COMPLETED, SagaStatus.FAILED, SagaStatus.PARKED)
 
 __all__ = ["MemorySagaStorage"]
 
@@ -88,7 +96,7 @@ class MemorySagaStorage(RunBackedStorage):
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
         self._rows: dict[UUID, _Row] = {}
-        self._logs: dict[UUID, list[SagaLogEntry]] = {}
+        self._logs: dict[UUID, list[tuple[PendingEntry, float]]] = {}
         self._sequence = 0  # insertion order, for "newest first" among equal timestamps
         self._order: dict[UUID, int] = {}
 
@@ -113,7 +121,11 @@ class MemorySagaStorage(RunBackedStorage):
         return self._row(saga_id).state()
 
     async def get_step_history(self, saga_id: UUID) -> list[SagaLogEntry]:
-        return list(self._logs.get(saga_id, ()))
+        return [
+            SagaLogEntry(saga_id, e.step_name, e.action, e.status, _dt(when), e.details,
+                         e.error_type)
+            for e, when in self._logs.get(saga_id, ())
+        ]
 
     async def get_sagas_for_recovery(
         self,
@@ -226,16 +238,12 @@ class MemorySagaStorage(RunBackedStorage):
                 row.recovery_attempts = 0
             row.version += 1
             row.updated_at = now
-            if cp.releases_lease:
+            if cp.status in _RELEASING:
                 row.lease_owner = row.lease_expires_at = None
             elif cp.lease_seconds is not None:
                 row.lease_expires_at = now + cp.lease_seconds
-        log = self._logs.setdefault(cp.saga_id, [])
-        when = _dt(now)
-        for e in cp.entries:
-            log.append(
-                SagaLogEntry(cp.saga_id, e.step_name, e.action, e.status, when, e.details, e.error_type)
-            )
+        if cp.entries:  # kept as (entry, time); SagaLogEntry records are built when read
+            self._logs.setdefault(cp.saga_id, []).extend((e, now) for e in cp.entries)
         return row.version
 
     def _check_fence(self, row: _Row, cp: Checkpoint, now: float) -> None:

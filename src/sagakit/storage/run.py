@@ -15,8 +15,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 from uuid import UUID
 
@@ -105,7 +104,7 @@ class BufferedRun(abc.ABC):
         pending = self._pending
         if pending is None:
             pending = self._pending = Checkpoint(saga_id=saga_id)
-        elif pending.saga_id != saga_id:
+        elif pending.saga_id is not saga_id and pending.saga_id != saga_id:
             raise SagaError(
                 f"a run buffers one saga at a time: commit {pending.saga_id} before writing "
                 f"{saga_id}",
@@ -161,7 +160,8 @@ class BufferedRun(abc.ABC):
         if pending is None:
             return
         releases = pending.releases_lease
-        if pending.saga_id == self.saga_id and pending.create_name is None:
+        same = pending.saga_id is self.saga_id or pending.saga_id == self.saga_id
+        if same and pending.create_name is None:
             # Once a run knows the saga's version, every later write of it is fenced by that
             # version; while it holds (or held and lost) the lease, by its owner id as well.
             pending.fence_version = self.version
@@ -174,7 +174,7 @@ class BufferedRun(abc.ABC):
         finally:
             self._pending = None
         self.last_commit = time.monotonic()
-        if pending.saga_id == self.saga_id or self.saga_id is None:
+        if same or self.saga_id is None:
             self.saga_id = pending.saga_id
             self.version = version
             if releases:
@@ -241,6 +241,29 @@ class BufferedRun(abc.ABC):
     async def release(self) -> None: ...
 
 
+class _RunScope:
+    """``async with storage.create_run() as run``: on the way out, drop what is buffered and
+    give the lease up if the run still holds it (a class, not a generator: one per saga run)."""
+
+    __slots__ = ("run",)
+
+    def __init__(self, run: BufferedRun) -> None:
+        self.run = run
+
+    async def __aenter__(self) -> BufferedRun:
+        return self.run
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        run = self.run
+        await run.rollback()
+        if run.holds_lease:
+            try:
+                await run.release()
+            except Exception:  # never mask the error that ended the run
+                logger.warning("could not release the lease of saga %s", run.saga_id,
+                               exc_info=True)
+
+
 class RunBackedStorage(abc.ABC):
     """Commit-per-call methods implemented as one-shot runs of the storage's own run type."""
 
@@ -248,21 +271,7 @@ class RunBackedStorage(abc.ABC):
     def _new_run(self) -> BufferedRun: ...
 
     def create_run(self) -> AbstractAsyncContextManager[BufferedRun]:
-        return self._run_scope()
-
-    @asynccontextmanager
-    async def _run_scope(self) -> AsyncIterator[BufferedRun]:
-        run = self._new_run()
-        try:
-            yield run
-        finally:
-            await run.rollback()
-            if run.holds_lease:
-                try:
-                    await run.release()
-                except Exception:  # never mask the error that ended the run
-                    logger.warning("could not release the lease of saga %s", run.saga_id,
-                                   exc_info=True)
+        return _RunScope(self._new_run())
 
     async def create_saga(self, saga_id: UUID, name: str, context: dict[str, Any]) -> None:
         run = self._new_run()
