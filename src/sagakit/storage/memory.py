@@ -58,6 +58,7 @@ class _Row:
     lease_expires_at: float | None = None
     fingerprint: str | None = None
     next_attempt_at: float | None = None
+    sequence: int = 0  # insertion order, for "newest first" among equal timestamps
 
     def state(self) -> SagaState:
         return SagaState(
@@ -95,16 +96,16 @@ class MemorySagaStorage(RunBackedStorage):
 
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
-        self._rows: dict[UUID, _Row] = {}
-        self._logs: dict[UUID, list[tuple[PendingEntry, float]]] = {}
+        # Keyed by ``UUID.int``: hashing an int is far cheaper than UUID.__hash__.
+        self._rows: dict[int, _Row] = {}
+        self._logs: dict[int, list[tuple[PendingEntry, float]]] = {}
         self._sequence = 0  # insertion order, for "newest first" among equal timestamps
-        self._order: dict[UUID, int] = {}
 
     def _new_run(self) -> _MemoryRun:
         return _MemoryRun(self)
 
     def _row(self, saga_id: UUID) -> _Row:
-        row = self._rows.get(saga_id)
+        row = self._rows.get(saga_id.int)
         if row is None:
             raise SagaNotFoundError(f"no saga with id {saga_id}", saga_id=saga_id)
         return row
@@ -124,7 +125,7 @@ class MemorySagaStorage(RunBackedStorage):
         return [
             SagaLogEntry(saga_id, e.step_name, e.action, e.status, _dt(when), e.details,
                          e.error_type)
-            for e, when in self._logs.get(saga_id, ())
+            for e, when in self._logs.get(saga_id.int, ())
         ]
 
     async def get_sagas_for_recovery(
@@ -145,7 +146,7 @@ class MemorySagaStorage(RunBackedStorage):
             and (saga_name is None or row.name == saga_name)
             and (stale_after_seconds is None or row.updated_at <= now - stale_after_seconds)
         ]
-        due.sort(key=lambda r: (r.updated_at, self._order[r.saga_id]))
+        due.sort(key=lambda r: (r.updated_at, r.sequence))
         return [row.saga_id for row in due[:limit]]
 
     async def claim_due(
@@ -164,7 +165,7 @@ class MemorySagaStorage(RunBackedStorage):
         claimed: list[SagaState] = []
         now = self.clock()
         for saga_id in due:
-            row = self._rows[saga_id]
+            row = self._rows[saga_id.int]
             if saga_names is not None and row.name not in saga_names:
                 continue
             row.lease_owner, row.lease_expires_at = owner, now + lease_seconds
@@ -191,7 +192,7 @@ class MemorySagaStorage(RunBackedStorage):
             if (statuses is None or row.status in statuses)
             and (saga_name is None or row.name == saga_name)
         ]
-        rows.sort(key=lambda r: (r.created_at, self._order[r.saga_id]), reverse=True)
+        rows.sort(key=lambda r: (r.created_at, r.sequence), reverse=True)
         return [row.state() for row in rows[:limit]]
 
     # -- commit-per-call writes that are not plain checkpoints -------------------------------
@@ -220,7 +221,7 @@ class MemorySagaStorage(RunBackedStorage):
     def _write(self, cp: Checkpoint) -> int:
         now = self.clock()
         if cp.create_name is not None:
-            if cp.saga_id in self._rows:
+            if cp.saga_id.int in self._rows:
                 raise SagaConcurrencyError(
                     f"saga {cp.saga_id} already exists", saga_id=cp.saga_id
                 )
@@ -243,7 +244,9 @@ class MemorySagaStorage(RunBackedStorage):
             elif cp.lease_seconds is not None:
                 row.lease_expires_at = now + cp.lease_seconds
         if cp.entries:  # kept as (entry, time); SagaLogEntry records are built when read
-            self._logs.setdefault(cp.saga_id, []).extend((e, now) for e in cp.entries)
+            log = self._logs.setdefault(cp.saga_id.int, [])
+            for e in cp.entries:
+                log.append((e, now))
         return row.version
 
     def _check_fence(self, row: _Row, cp: Checkpoint, now: float) -> None:
@@ -263,9 +266,9 @@ class MemorySagaStorage(RunBackedStorage):
 
     def _insert(self, saga_id: UUID, name: str, context: dict[str, Any], now: float) -> _Row:
         row = _Row(saga_id, name, SagaStatus.PENDING, _dump(saga_id, context), 1, now, now)
-        self._rows[saga_id] = row
+        self._rows[saga_id.int] = row
         self._sequence += 1
-        self._order[saga_id] = self._sequence
+        row.sequence = self._sequence
         return row
 
     def _claim(
@@ -323,7 +326,7 @@ class _MemoryRun(BufferedRun):
         lease_seconds: float,
     ) -> tuple[SagaState, bool]:
         storage = self._storage
-        if saga_id in storage._rows:
+        if saga_id.int in storage._rows:
             return await self.claim(saga_id, lease_seconds=lease_seconds, name=name), False
         now = storage.clock()
         row = storage._insert(saga_id, name, context, now)
@@ -368,7 +371,7 @@ class _MemoryRun(BufferedRun):
         if self.saga_id is None or not self.holds_lease:
             return
         self.holds_lease = False
-        row = self._storage._rows.get(self.saga_id)
+        row = self._storage._rows.get(self.saga_id.int)
         if row is not None and row.lease_owner == self.owner:
             row.lease_owner = row.lease_expires_at = None
             if self.retry_after is not None:
