@@ -8,6 +8,10 @@ On PostgreSQL the storage sends its hot-path statements straight through asyncpg
 SQLAlchemy's events: those are counted by an asyncpg query logger attached to every connection at
 checkout. They are single statements outside any transaction block (autocommit), so each is one
 server transaction.
+
+On MySQL/MariaDB the storage's hot path also goes through the driver's own cursor, so there
+every command is counted on the wire instead (the driver's ``_execute_command``: each COM_QUERY
+is a statement, each COMMIT a transaction) and SQLAlchemy's events are not used.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class SqlCounter:
         self.log: list[str] = []
         self._engine = engine.sync_engine
         self._watched: list[Any] = []
+        self._wire = engine.dialect.name in ("mysql", "mariadb")
         event.listen(self._engine, "before_cursor_execute", self._on_execute)
         event.listen(self._engine, "commit", self._on_end)
         event.listen(self._engine, "rollback", self._on_end)
@@ -48,11 +53,36 @@ class SqlCounter:
         event.remove(self._engine, "rollback", self._on_end)
         event.remove(self._engine.pool, "checkout", self._on_checkout)
         for driver in self._watched:
-            driver.remove_query_logger(self._on_driver_query)
+            if self._wire:
+                del driver._execute_command  # back to the class's method
+            else:
+                driver.remove_query_logger(self._on_driver_query)
+
+    def _wrap_wire(self, driver: Any) -> None:
+        if driver in self._watched:
+            return
+        original = driver._execute_command
+        counts, log = self.counts, self.log
+
+        async def counted(command: int, sql: Any, *args: Any, **kwargs: Any) -> Any:
+            text = sql.decode() if isinstance(sql, bytes) else str(sql)
+            word = text.lstrip().split(None, 1)[0].upper() if text.strip() else ""
+            if word in {"COMMIT", "ROLLBACK"}:
+                counts.transactions += 1
+            elif word:
+                counts.statements += 1
+                counts.reads += word == "SELECT"
+                log.append("wire: " + text.strip().split("\n")[0][:80])
+            return await original(command, sql, *args, **kwargs)
+
+        driver._execute_command = counted
+        self._watched.append(driver)
 
     def _on_checkout(self, dbapi_connection: Any, *args: Any) -> None:
         driver = getattr(dbapi_connection, "driver_connection", None)
-        if hasattr(driver, "add_query_logger") and driver not in self._watched:
+        if self._wire:
+            self._wrap_wire(driver)
+        elif hasattr(driver, "add_query_logger") and driver not in self._watched:
             driver.add_query_logger(self._on_driver_query)
             self._watched.append(driver)
 
@@ -65,6 +95,8 @@ class SqlCounter:
         self.log.append("raw: " + record.query.strip().split("\n")[0][:80])
 
     def _on_execute(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if self._wire:
+            return
         text = statement.lstrip().split(None, 1)[0].upper()
         if text in {"BEGIN", "PRAGMA"}:
             return
@@ -76,5 +108,7 @@ class SqlCounter:
             self.counts.transactions += 1
 
     def _on_end(self, conn: Any) -> None:
+        if self._wire:
+            return
         if conn.get_isolation_level() != "AUTOCOMMIT" and conn.in_transaction():
             self.counts.transactions += 1

@@ -38,6 +38,7 @@ class Dialect:
         self.checkpoint_sql = _pg_checkpoint(tables) if self.is_postgres else None
         self.insert_leased_sql = pg_insert_leased(tables) if self.is_postgres else None
         self.checkpoint_batch_sql = pg_checkpoint_batch(tables) if self.is_postgres else None
+        self.mysql_checkpoint_sql = mysql_checkpoint(tables) if self.is_mysql else None
 
     # -- time ---------------------------------------------------------------------------------
 
@@ -181,3 +182,25 @@ WITH v AS (
 )
 SELECT saga_id, version FROM u
 """
+
+
+def mysql_checkpoint(tables: SagaTables) -> tuple[str, str]:
+    """The MySQL/MariaDB checkpoint statements for the driver's own cursor (format paramstyle):
+    the fenced row update (parameters: has_ctx, ctx, status, reset, release, lease
+    microseconds (twice), saga_id hex, fence version (twice), expected version (twice), owner
+    (twice)) and the start of the log insert (append ``(%s, ...)`` rows)."""
+    ex, logs = tables.executions.name, tables.logs.name
+    update = f"""UPDATE {ex} SET
+  version = version + 1,
+  updated_at = UTC_TIMESTAMP(6),
+  context = IF(%s, %s, context),
+  status = COALESCE(%s, status),
+  recovery_attempts = IF(%s, 0, recovery_attempts),
+  lease_expires_at = IF(%s, NULL, IF(%s IS NULL, lease_expires_at,
+                                     TIMESTAMPADD(MICROSECOND, %s, UTC_TIMESTAMP(6)))),
+  lease_owner = IF(%s, NULL, lease_owner)
+WHERE saga_id = %s AND (%s IS NULL OR version = %s) AND (%s IS NULL OR version = %s)
+  AND (%s IS NULL OR lease_owner = %s)"""
+    insert = (f"INSERT INTO {logs} (saga_id, step_name, action, status, details, error_type, "
+              "created_at) VALUES ")
+    return update, insert

@@ -6,6 +6,7 @@ drivers' prepared-statement caches hit on every call.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 from uuid import UUID
 
@@ -323,6 +324,46 @@ class Queries:
         if version is None:
             await self._diagnose(conn, cp)
         return int(version)
+
+    async def write_checkpoint_mysql(
+        self, conn: AsyncConnection, cp: Checkpoint, text: str | None
+    ) -> int:
+        """A fenced update checkpoint on MySQL/MariaDB through the driver's own cursor:
+        UPDATE, INSERT of the log entries, COMMIT — without SQLAlchemy's per-statement cost.
+        Needs a known version (a run's fence); the caller checks."""
+        assert self.d.mysql_checkpoint_sql is not None
+        update, insert = self.d.mysql_checkpoint_sql
+        known = cp.fence_version if cp.fence_version is not None else cp.expected_version
+        assert known is not None
+        lease_us = None if cp.lease_seconds is None else int(cp.lease_seconds * 1_000_000)
+        raw: Any = (await conn.get_raw_connection()).driver_connection
+        sid = cp.saga_id.hex
+        try:
+            async with raw.cursor() as cursor:
+                matched = await cursor.execute(update, (
+                    text is not None, text, None if cp.status is None else cp.status.value,
+                    cp.reset_attempts, cp.releases_lease, lease_us, lease_us,
+                    cp.releases_lease, sid, cp.fence_version, cp.fence_version,
+                    cp.expected_version, cp.expected_version, cp.fence_owner, cp.fence_owner,
+                ))
+                if matched != 1:
+                    await raw.rollback()
+                    await self._diagnose(conn, cp)
+                if cp.entries:
+                    rows = ", ".join(["(%s, %s, %s, %s, %s, %s, UTC_TIMESTAMP(6))"] * len(cp.entries))
+                    params: list[Any] = []
+                    for e in cp.entries:
+                        params += (sid, e.step_name, e.action.value, e.status.value, e.details,
+                                   e.error_type)
+                    await cursor.execute(insert + rows, params)
+            await raw.commit()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await raw.rollback()
+            if getattr(raw, "closed", False) or not getattr(raw, "connected", True):
+                await conn.invalidate()
+            raise
+        return known + 1
 
     async def write_checkpoint(
         self, conn: AsyncConnection, cp: Checkpoint, text: str | None

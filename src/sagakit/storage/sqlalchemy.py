@@ -72,6 +72,8 @@ class SqlAlchemySagaStorage(RunBackedStorage):
         self._owns_engine = _owns_engine
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self.group_commit = GroupCommitter(self) if group_commit else None
+        self._raw_mysql = self.dialect.is_mysql and self.engine.dialect.driver in (
+            "asyncmy", "aiomysql")
         if self.dialect.is_sqlite:
             _configure_sqlite(self.engine)
 
@@ -152,6 +154,9 @@ class SqlAlchemySagaStorage(RunBackedStorage):
         if self.dialect.checkpoint_sql is not None:
             async with self.single(write=True) as conn:
                 return await self.queries.write_checkpoint_pg(conn, cp, text)
+        if self._raw_mysql and (cp.fence_version is not None or cp.expected_version is not None):
+            async with self.engine.connect() as conn:
+                return await self.queries.write_checkpoint_mysql(conn, cp, text)
         async with self.transaction() as conn:
             return await self.queries.write_checkpoint(conn, cp, text)
 
