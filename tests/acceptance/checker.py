@@ -182,6 +182,7 @@ def check_saga(
     log: Sequence[LogRow],
     events: Sequence[Event],
     exits: dict[str, int],
+    killed: set[str] | None = None,
 ) -> None:
     key = f"{sid} ({config.get('key')})"
     f.check("I1.exists", final is not None, key, "the saga was never created")
@@ -189,9 +190,11 @@ def check_saga(
         return
     permanent = config.get("comp_permanent")
     fail_step = config.get("fail_step")
+    deaths = {e.label for e in events if e.phase == "start"} & (killed or set())
     f.check("I1.terminal", final.status in ("COMPLETED", "FAILED")
             or (final.status == "PARKED" and permanent is not None), key,
-            f"ended {final.status} after {final.attempts} recovery attempts")
+            f"ended {final.status} after {final.attempts} recovery attempts; processes that "
+            f"ran its steps and were SIGKILLed: {len(deaths)}")
     f.check("I1.expected-status", final.status == expected_status(config), key,
             f"ended {final.status}, expected {expected_status(config)}")
 
@@ -294,12 +297,14 @@ def check_all(
 ) -> Findings:
     f = Findings()
     exits = {e.label: e.id for e in events if e.phase == "exit"}
+    killed = {e.label for e in events if e.phase == "exit" and (e.outcome or "").startswith("killed")}
     by_saga: dict[str, list[Event]] = defaultdict(list)
     for e in events:
         if e.saga_id is not None:
             by_saga[e.saga_id].append(e)
     for sid, config in configs.items():
-        check_saga(f, sid, config, finals.get(sid), logs.get(sid, []), by_saga.get(sid, []), exits)
+        check_saga(f, sid, config, finals.get(sid), logs.get(sid, []), by_saga.get(sid, []),
+                   exits, killed)
     unknown = set(by_saga) - set(configs)
     f.check("I0.known-sagas", not unknown, "-", f"events for unknown sagas {sorted(unknown)}")
     return f

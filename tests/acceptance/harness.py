@@ -19,7 +19,9 @@ What one run does:
    ``--lease`` seconds, polling every 0.1 s, backoff 0) and saga runner processes (each starts a
    batch of sagas with ``SagaTransaction`` and chosen ids), and keeps them going: a dead worker
    is replaced; a dead runner's sagas that were never created are started again by a new one.
-4. Meanwhile SIGKILLs ``--random-kills`` randomly chosen live processes at random moments.
+4. Meanwhile SIGKILLs ``--random-kills`` randomly chosen live processes at random moments
+   (some of them, busy recovery workers, get SIGTERM instead: a graceful shutdown they must
+   finish with exit code 0).
 5. Waits until every saga is COMPLETED, FAILED or PARKED (``--timeout``: else it fails listing
    the stuck sagas), stops the workers with SIGTERM, and writes one ``exit`` event per process.
 6. Checks the invariants of :mod:`tests.acceptance.checker` on every saga and prints the report:
@@ -79,13 +81,19 @@ class HarnessConfig:
     batch: int = 6
     runners: int = 3
     random_kills: int = 4
+    """Random interventions of the harness: SIGKILL, or for a worker (``term_share`` of the
+    time) SIGTERM, a graceful shutdown the worker must complete with exit code 0."""
+    term_share: float = 0.3
     kill_every: tuple[float, float] = (0.2, 0.8)
     crash_rate: float = 0.5
     lease: float = 1.0
-    max_attempts: int = 10
+    max_attempts: int = 20  # SIGKILLs count as attempts: keep far above one saga's crashes
     retry: int = 3
     step_ms: int = 20
     group_commit: bool = False
+    exhaust_retries: bool = False
+    """Let some transient compensations fail for a whole recovery run first (N = retry): shows
+    that sagakit then compensates the earlier steps before that one (I3.reverse-order-*)."""
     seed: int | None = None
     timeout: float = 120.0
     keep: bool = False
@@ -108,6 +116,9 @@ class Report:
     duration: float
     events: int
     unexpected_exits: list[str]
+    most_attempts: int = 0
+    graceful_stops: int = 0
+    """The most recovery attempts any saga not meant to park needed (SIGKILLs count)."""
     group_commit: bool = False
 
     @property
@@ -140,11 +151,13 @@ class Report:
             + ")",
             f"  processes        {self.processes} started",
             f"  kills (SIGKILL)  {self.kills}  (self-inflicted at crash points {self.kills_self}, "
-            f"random by the harness {self.kills_parent})",
+            f"random by the harness {self.kills_parent}); graceful SIGTERM stops of busy "
+            f"workers {self.graceful_stops}",
             f"  crash points     {self.total_crash_points}  ({points})",
             f"  invariant checks {self.total_checks}  ("
             + ", ".join(f"{k} {v}" for k, v in sorted(by_invariant.items())) + ")",
-            f"  events           {self.events}",
+            f"  events           {self.events}; most recovery attempts of a saga not meant "
+            f"to park: {self.most_attempts}",
             f"  violations       {len(self.violations)}",
             f"  duration         {self.duration:.1f}s",
         ]
@@ -198,7 +211,8 @@ def make_plan(config: HarnessConfig, rng: random.Random) -> dict[str, dict[str, 
         elif roll < 0.9:
             ctx["fail_step"] = rng.randint(2, 4)
             for k in rng.sample(range(ctx["fail_step"]), rng.randint(1, 2)):
-                ctx["comp_transient"][str(k)] = rng.randint(1, max(config.retry - 1, 1))
+                n = rng.randint(1, max(config.retry - 1, 1))
+                ctx["comp_transient"][str(k)] = config.retry if config.exhaust_retries else n
         else:
             ctx["fail_step"] = rng.randint(2, 4)
             ctx["comp_permanent"] = rng.randrange(ctx["fail_step"])
@@ -221,6 +235,7 @@ class Proc:
     output: Path
     waiter: asyncio.Task[int]
     killed_by_parent: bool = False
+    terminated: bool = False
 
 
 class Harness:
@@ -240,6 +255,7 @@ class Harness:
         self.procs: set[Proc] = set()
         self.started = 0
         self.kills_parent = 0
+        self.graceful_stops = 0
         self.unexpected: list[str] = []
         self.queue: list[list[str]] = []
         self.stopping = False
@@ -265,6 +281,7 @@ class Harness:
                 duration=time.monotonic() - t0, violations=findings.violations,
                 checks=dict(findings.checks), unexpected_exits=self.unexpected,
                 processes=self.started, kills_parent=self.kills_parent,
+                graceful_stops=self.graceful_stops,
                 group_commit=self.config.group_commit, **report_data,
             )
         finally:
@@ -311,7 +328,7 @@ class Harness:
         return proc
 
     def _live(self, kind: str) -> list[Proc]:
-        return [p for p in self.procs if p.kind == kind]
+        return [p for p in self.procs if p.kind == kind and not p.terminated]
 
     async def _drive(self) -> None:
         c = self.config
@@ -329,17 +346,25 @@ class Harness:
             for task in done:
                 await self._exited(waiters[task])
             now = time.monotonic()
-            if self.kills_parent < c.random_kills and now >= next_kill:
+            if self.kills_parent + self.graceful_stops < c.random_kills and now >= next_kill:
                 next_kill = now + self.rng.uniform(*c.kill_every)
-                candidates = [p for p in self.procs if now - p.started > 0.4
+                candidates = [p for p in self.procs if now - p.started > 0.4 and not p.terminated
                               and not p.killed_by_parent and p.process.returncode is None]
+                candidates.sort(key=lambda p: p.label)
+                ready = [p for p in candidates
+                         if p.kind == "worker" and b" ready" in p.output.read_bytes()]
+                graceful = bool(ready) and self.rng.random() < c.term_share
                 if candidates:
-                    victim = self.rng.choice(sorted(candidates, key=lambda p: p.label))
-                    victim.killed_by_parent = True
+                    victim = self.rng.choice(ready if graceful else candidates)
+                    if graceful:
+                        victim.terminated, sig = True, signal.SIGTERM
+                        self.graceful_stops += 1
+                    else:
+                        victim.killed_by_parent, sig = True, signal.SIGKILL
+                        self.kills_parent += 1
                     with contextlib.suppress(ProcessLookupError):
-                        victim.process.send_signal(signal.SIGKILL)
-                    self.kills_parent += 1
-                    self._say(f"harness kills {victim.label}")
+                        victim.process.send_signal(sig)
+                    self._say(f"harness sends {sig.name} to {victim.label}")
             if now >= next_poll and not self.queue and not self._live("saga"):
                 next_poll = now + 0.2
                 statuses = await self._statuses()
@@ -355,13 +380,15 @@ class Harness:
             outcome = "killed-by-parent"
         elif rc == -signal.SIGKILL:
             outcome = "killed-self"
+        elif proc.terminated:
+            outcome = f"terminated returncode={rc}"
         else:
             outcome = f"returncode={rc}"
         await self.events.record(None, None, None, "exit", outcome=outcome, label=proc.label,
                                  pid=proc.process.pid)
         self._say(f"{proc.label} ({proc.kind}) exited: {outcome}")
         expected = outcome.startswith("killed") or (rc == 0 and (
-            proc.kind == "saga" or self.stopping))
+            proc.kind == "saga" or self.stopping or proc.terminated))
         if not expected:
             tail = proc.output.read_text(errors="replace")[-2000:]
             self.unexpected.append(f"{proc.label} ({proc.kind}) {outcome}: ...{tail}")
@@ -442,6 +469,8 @@ class Harness:
                               and e.outcome == "killed-self"),
             "crash_points": dict(crash_points(events)),
             "events": len(events),
+            "most_attempts": max((f.attempts for sid, f in finals.items()
+                                  if self.plan[sid]["comp_permanent"] is None), default=0),
         }
         return findings, data
 
@@ -479,13 +508,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=d.batch, help="sagas per runner process")
     p.add_argument("--runners", type=int, default=d.runners, help="runner processes at once")
     p.add_argument("--random-kills", type=int, default=None,
-                   help="SIGKILLs of random processes (default: sagas / 6)")
+                   help="random SIGKILLs (or SIGTERMs of busy workers) of live processes (default: sagas / 6)")
     p.add_argument("--crash-rate", type=float, default=d.crash_rate,
                    help="share of sagas given crash points")
     p.add_argument("--lease", type=float, default=d.lease)
     p.add_argument("--max-attempts", type=int, default=d.max_attempts)
     p.add_argument("--group-commit", action="store_true",
                    help="the processes' storages use group commit")
+    p.add_argument("--exhaust-retries", action="store_true",
+                   help="some compensations fail through all retries of one recovery run")
     p.add_argument("--seed", type=int)
     p.add_argument("--timeout", type=float, default=None, help="seconds (default scales)")
     p.add_argument("--keep", action="store_true", help="keep the tables and process logs")
@@ -496,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         concurrency=a.concurrency, batch=a.batch, runners=a.runners,
         random_kills=a.random_kills if a.random_kills is not None else max(a.sagas // 6, 1),
         crash_rate=a.crash_rate, lease=a.lease, max_attempts=a.max_attempts,
-        group_commit=a.group_commit, seed=a.seed,
+        group_commit=a.group_commit, exhaust_retries=a.exhaust_retries, seed=a.seed,
         timeout=a.timeout if a.timeout is not None else 60 + 2.0 * a.sagas,
         keep=a.keep, verbose=a.verbose,
     )

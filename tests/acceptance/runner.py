@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import random
+import signal
 import sys
 import uuid
 from pathlib import Path
@@ -89,9 +90,12 @@ async def run_worker(args: argparse.Namespace) -> int:
     )
     worker = RecoveryWorker(storage, [CrashSaga], concurrency=args.concurrency,
                             poll_interval=args.poll, options=options, shutdown_timeout=10.0)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # what run() installs, before saying "ready"
+        loop.add_signal_handler(sig, worker.stop)
     print(f"worker {args.label} ready", flush=True)
     try:
-        await worker.run()
+        await worker.run(install_signal_handlers=False)
     finally:
         await storage.close()
         await events.close()
@@ -142,7 +146,16 @@ def _sabotage(kind: str) -> None:
                     t.c.status.in_(["RUNNING", "COMPENSATING"])).limit(limit))
                 return [r[0] for r in rows]
 
+        claim_due = queries.Queries.claim_due
+
+        async def steal_due(self: Any, conn: Any, *args: Any) -> Any:
+            t = self.t
+            await conn.execute(sa.update(t).where(t.c.status.in_(["RUNNING", "COMPENSATING"]))
+                               .values(lease_owner=None, lease_expires_at=None))
+            return await claim_due(self, conn, *args)
+
         queries.Queries.claim = steal  # type: ignore[method-assign]
+        queries.Queries.claim_due = steal_due  # type: ignore[method-assign]
         sqlalchemy.SqlAlchemySagaStorage.get_sagas_for_recovery = everything  # type: ignore[method-assign]
     else:
         raise ValueError(f"unknown sabotage {kind!r}")
@@ -157,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--prefix", required=True)
         p.add_argument("--label", required=True)
         p.add_argument("--lease", type=float, default=1.0)
-        p.add_argument("--max-attempts", type=int, default=10)
+        p.add_argument("--max-attempts", type=int, default=20)
         p.add_argument("--retry", type=int, default=3)
         p.add_argument("--group-commit", action="store_true")
     sub.choices["saga"].add_argument("--plan", required=True)

@@ -59,11 +59,11 @@ async def test_fast_crash_injection(backend: str) -> None:
     await _require_server(backend)
     report = await run_harness(HarnessConfig(
         backend=backend, sagas=20, workers=2, concurrency=4, batch=5, runners=2,
-        random_kills=3, crash_rate=0.5, seed=SEED, timeout=90,
+        random_kills=4, crash_rate=0.5, seed=SEED, timeout=90,
     ))
     _assert_clean(report)
     assert report.kills_self > 0
-    assert report.kills_parent > 0
+    assert report.kills_parent + report.graceful_stops > 0
     for category in ("checkpoint_boundary", "in_step", "in_compensation"):
         assert report.crash_points.get(category, 0) > 0, (category, report.render())
 
