@@ -49,3 +49,15 @@ async def _drop_tables() -> None:
             pass
         finally:
             await storage.close()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The large variants (marked ``slow``) run only when asked for: ``pytest -m slow``.
+    Otherwise they are deselected, not skipped."""
+    expression = config.option.markexpr or ""
+    if "slow" in expression.replace("not slow", ""):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]

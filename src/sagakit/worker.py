@@ -105,19 +105,22 @@ class RecoveryWorker:
         concurrently. Workers polling together claim disjoint sagas (the claim skips rows
         another worker is claiming). A storage without ``claim_due`` is polled by listing due
         sagas and claiming them one by one (a saga another worker won is skipped)."""
-        claim_due = getattr(self.storage, "claim_due", None)
-        if claim_due is None:
+        if getattr(self.storage, "claim_due", None) is None:
             return await self._run_listed()
+        claimed = await self._claim(self.concurrency)
+        return list(await asyncio.gather(*(self.recover(s.saga_id, s) for s in claimed)))
+
+    async def _claim(self, limit: int) -> list[SagaState]:
         names = frozenset({self.saga_name} if self.saga_name else self._sagas)
-        claimed: list[SagaState] = await claim_due(
+        claimed: list[SagaState] = await self.storage.claim_due(
             self.owner,
-            limit=self.concurrency,
+            limit=limit,
             lease_seconds=self.options.lease_seconds,
             max_recovery_attempts=self.options.max_recovery_attempts,
             saga_names=names & frozenset(self._sagas),
             stale_after_seconds=self.stale_after_seconds,
         )
-        return list(await asyncio.gather(*(self.recover(s.saga_id, s) for s in claimed)))
+        return claimed
 
     async def _run_listed(self) -> list[RecoveryOutcome]:
         due = await self.storage.get_sagas_for_recovery(
@@ -182,20 +185,49 @@ class RecoveryWorker:
                 loop.remove_signal_handler(sig)
 
     async def _loop(self) -> None:
+        if getattr(self.storage, "claim_due", None) is None:
+            await self._poll_loop()
+            return
+        in_flight: set[asyncio.Task[RecoveryOutcome]] = set()
+        stopped = asyncio.ensure_future(self._stop.wait())
+        try:
+            while not self.stopping():
+                free = self.concurrency - len(in_flight)
+                claimed = await self._claim(free) if free > 0 else []
+                for state in claimed:  # a slot is refilled as soon as a saga finishes
+                    in_flight.add(asyncio.create_task(self.recover(state.saga_id, state)))
+                if claimed and len(in_flight) < self.concurrency:
+                    continue  # there may be more due right away
+                timeout = None if len(in_flight) >= self.concurrency else self.poll_interval
+                done, _ = await asyncio.wait(
+                    {*in_flight, stopped}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                in_flight -= done
+        finally:
+            stopped.cancel()
+            await self._drain(in_flight)
+
+    async def _drain(self, in_flight: set[asyncio.Task[RecoveryOutcome]]) -> None:
+        """Shutting down: sagas in hand stop at their next checkpoint; past the timeout, cancel."""
+        if not in_flight:
+            return
+        _, pending = await asyncio.wait(in_flight, timeout=self.shutdown_timeout)
+        if pending:
+            logger.warning("shutdown timeout: cancelling sagas still in hand")
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _poll_loop(self) -> None:
+        """For storages without ``claim_due``: poll, recover the batch, poll again."""
         while not self.stopping():
             poll = asyncio.ensure_future(self.run_once())
             stopped = asyncio.ensure_future(self._stop.wait())
             await asyncio.wait({poll, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            if not poll.done():  # shutting down: sagas in hand stop at their next checkpoint
-                done, _ = await asyncio.wait({poll}, timeout=self.shutdown_timeout)
-                if not done:
-                    logger.warning("shutdown timeout: cancelling sagas still in hand")
-                    poll.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await poll
-                stopped.cancel()
-                return
             stopped.cancel()
+            if not poll.done():
+                await self._drain({poll})  # type: ignore[arg-type]
+                return
             outcomes = poll.result()
             if not any(o.status is not None or (o.error is not None and not o.busy)
                        for o in outcomes):

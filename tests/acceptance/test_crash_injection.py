@@ -47,13 +47,6 @@ def _assert_clean(report: Report) -> None:
     assert report.total_checks > 0
 
 
-@pytest.fixture
-def slow_selected(request: pytest.FixtureRequest) -> None:
-    expression = request.config.option.markexpr or ""
-    if "slow" not in expression.replace("not slow", ""):
-        pytest.skip("the large crash-injection run: select it with -m slow")
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_fast_crash_injection(backend: str) -> None:
     await _require_server(backend)
@@ -70,7 +63,7 @@ async def test_fast_crash_injection(backend: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
-async def test_large_crash_injection(backend: str, slow_selected: None) -> None:
+async def test_large_crash_injection(backend: str) -> None:
     await _require_server(backend)
     report = await run_harness(HarnessConfig(
         backend=backend, sagas=200, workers=3, concurrency=4, batch=10, runners=3,

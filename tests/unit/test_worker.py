@@ -148,3 +148,35 @@ async def test_run_polls_until_stopped() -> None:
 def test_concurrency_must_be_positive() -> None:
     with pytest.raises(ValueError, match="concurrency"):
         RecoveryWorker(MemorySagaStorage(), [ThreeStepSaga], concurrency=0)
+
+
+async def test_a_slow_saga_does_not_hold_the_other_slots() -> None:
+    storage, script = MemorySagaStorage(), Script()
+    slow = await _crash_after(FourStepSaga(), script, storage, "StepA", context=Ctx("slow"))
+    quick = [await _crash_after(ThreeStepSaga(), script, storage, "StepA") for _ in range(3)]
+    gate = Gate()
+
+    async def hold_the_slow_one(handler: Any, context: Ctx) -> None:
+        if context.order_id == "slow":
+            await gate(handler, context)
+
+    script.hook("StepB", "act", hold_the_slow_one)
+    worker = _worker(storage, script, concurrency=2, poll_interval=0.01)
+    running = asyncio.create_task(worker.run(install_signal_handlers=False))
+    await gate.entered.wait()
+    for _ in range(500):  # every quick saga finishes while the slow one still holds a slot
+        states = [await storage.get_saga(i) for i in quick]
+        if all(s.status is SagaStatus.COMPLETED for s in states):
+            break
+        await asyncio.sleep(0.01)
+    assert [s.status for s in states] == [SagaStatus.COMPLETED] * 3
+    assert (await storage.get_saga(slow)).status is SagaStatus.RUNNING  # still in hand
+    gate.release.set()
+    for _ in range(500):
+        if (await storage.get_saga(slow)).status is SagaStatus.COMPLETED:
+            break
+        await asyncio.sleep(0.01)
+    worker.stop()
+    await running
+    final = [(await storage.get_saga(i)).status for i in [slow, *quick]]
+    assert final == [SagaStatus.COMPLETED] * 4
