@@ -30,6 +30,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parent))  # the repository: its tests hold the statement counter
 
 from scenarios import SECTIONS  # noqa: E402
 from scenarios.common import FULL, QUICK, Backend, Section, Session  # noqa: E402

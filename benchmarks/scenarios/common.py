@@ -44,7 +44,7 @@ class Sizes:
 
 
 FULL = Sizes(
-    memory_sagas=3000, memory_repeats=5, rounds=4, min_sagas=256,
+    memory_sagas=3000, memory_repeats=5, rounds=8, min_sagas=1024,
     concurrencies=(1, 8, 32, 128, 512), steps=(1, 5, 20, 100), step_budget=1500,
     context_sizes=(100, 10_000, 1_000_000), context_sagas=20, count_sagas=40,
     recovery_backlog=10_000, recovery_workers=(1, 4), recovery_concurrency=8,
@@ -169,8 +169,10 @@ async def drive(
 ) -> Measure:
     """Run ``total`` sagas with ``concurrency`` concurrent workers (a closed loop: each worker
     starts its next saga when the last one ends), after ``warmup`` unmeasured sagas run the same
-    way (default: one per worker, which also opens the pool's connections)."""
-    await _loop(one, concurrency, warmup if warmup is not None else concurrency, [])
+    way (default: four per worker, which also opens the pool's connections and lets each
+    prepare its statements)."""
+    # A warm-up long enough for every pooled connection to prepare its statements.
+    await _loop(one, concurrency, warmup if warmup is not None else max(4 * concurrency, 64), [])
     latencies: list[float] = []
     errors: list[BaseException] = []
     cpu0, t0 = time.process_time(), time.perf_counter()
@@ -220,82 +222,9 @@ async def _loop(
 # -- counting what a storage sends ------------------------------------------------------------
 
 
-def param_bytes(value: Any) -> int:
-    """Bytes of text carried by a statement's parameters (str and bytes, recursively)."""
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, bytes | bytearray | memoryview):
-        return len(value)
-    if isinstance(value, dict):
-        return sum(param_bytes(v) for v in value.values())
-    if isinstance(value, list | tuple):
-        return sum(param_bytes(v) for v in value)
-    return 0
-
-
-@dataclasses.dataclass
-class Counts:
-    statements: int = 0
-    transactions: int = 0
-    param_bytes: int = 0
-    reads: int = 0
-
-
-class Counter:
-    """Counts statements, server transactions and parameter bytes an engine sends (the same rules
-    as tests/integration/sqlcount.py, plus bytes). Statements sagakit sends straight through
-    asyncpg are seen by an asyncpg query logger attached at checkout; each is autocommit."""
-
-    def __init__(self, engine: Any) -> None:
-        from sqlalchemy import event
-
-        self._event = event
-        self.counts = Counts()
-        self._engine = engine.sync_engine
-        self._watched: list[Any] = []
-        event.listen(self._engine, "before_cursor_execute", self._on_execute)
-        event.listen(self._engine, "commit", self._on_end)
-        event.listen(self._engine, "rollback", self._on_end)
-        event.listen(self._engine.pool, "checkout", self._on_checkout)
-
-    def close(self) -> None:
-        ev = self._event
-        ev.remove(self._engine, "before_cursor_execute", self._on_execute)
-        ev.remove(self._engine, "commit", self._on_end)
-        ev.remove(self._engine, "rollback", self._on_end)
-        ev.remove(self._engine.pool, "checkout", self._on_checkout)
-        for driver in self._watched:
-            driver.remove_query_logger(self._on_driver_query)
-
-    def _on_checkout(self, dbapi_connection: Any, *args: Any) -> None:
-        driver = getattr(dbapi_connection, "driver_connection", None)
-        if hasattr(driver, "add_query_logger") and driver not in self._watched:
-            driver.add_query_logger(self._on_driver_query)
-            self._watched.append(driver)
-
-    def _on_driver_query(self, record: Any) -> None:
-        self.counts.statements += 1
-        self.counts.transactions += 1
-        self.counts.param_bytes += param_bytes(record.args)
-        if record.query.lstrip().upper().startswith("SELECT"):
-            self.counts.reads += 1
-
-    def _on_execute(self, conn: Any, cursor: Any, statement: str, parameters: Any,
-                    context: Any, executemany: bool) -> None:
-        word = statement.lstrip().split(None, 1)[0].upper()
-        if word in {"BEGIN", "PRAGMA"}:
-            return
-        self.counts.statements += 1
-        self.counts.param_bytes += param_bytes(parameters)
-        if word == "SELECT":
-            self.counts.reads += 1
-        if conn.get_isolation_level() == "AUTOCOMMIT":
-            self.counts.transactions += 1
-
-    def _on_end(self, conn: Any) -> None:
-        if conn.get_isolation_level() != "AUTOCOMMIT" and conn.in_transaction():
-            self.counts.transactions += 1
-
+# Counting is shared with the tests: one implementation of "what did the engine send".
+from tests.integration.sqlcount import Counts, param_bytes  # noqa: E402,F401
+from tests.integration.sqlcount import SqlCounter as Counter  # noqa: E402
 
 # -- backends -------------------------------------------------------------------------------------
 

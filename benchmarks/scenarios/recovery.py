@@ -284,11 +284,11 @@ async def run(session: Session, section: Section) -> None:
         f"A backlog of {backlog} interrupted 5-step sagas (RUNNING, no lease, no step log) "
         f"recovered by {' and by '.join(map(str, sizes.recovery_workers))} RecoveryWorker "
         f"instances, {where}. Each worker has its own engine, "
-        f"concurrency={sizes.recovery_concurrency}, the default batch size "
-        f"({4 * sizes.recovery_concurrency}) and poll_interval=0.05 s. Workers list the oldest "
-        "due sagas, so several workers collide on the same ones: busy = claims lost to another "
-        "worker; attempts = recoveries tried (a saga another worker finished meanwhile counts "
-        "as an attempt, not a recovery). Client CPU = the workers' CPU per recovered saga."
+        f"concurrency={sizes.recovery_concurrency} and poll_interval=0.05 s. Each worker claims "
+        "up to `concurrency` due sagas at a time in one atomic step (claim_due: FOR UPDATE SKIP "
+        "LOCKED), so workers take disjoint sagas: busy = claims lost to another worker (0 "
+        "expected); attempts = recoveries tried. Client CPU = the workers' CPU per recovered "
+        "saga."
     )
     runs_total = len(session.backends) * len(sizes.recovery_workers)
     deadline = max(30.0, sizes.section_timeout * TIMEOUT_FACTOR / max(1, runs_total) - 60)

@@ -28,9 +28,23 @@ class Counts:
     statements: int = 0
     transactions: int = 0
     reads: int = 0
+    param_bytes: int = 0
+    """Bytes of the values sent with statements (on MySQL/MariaDB, counted on the wire: the
+    statement text, which carries them inline)."""
 
     def reset(self) -> None:
-        self.statements = self.transactions = self.reads = 0
+        self.statements = self.transactions = self.reads = self.param_bytes = 0
+
+
+def param_bytes(value: Any) -> int:
+    """Rough size of a statement's parameters: strings and bytes by length, containers summed."""
+    if isinstance(value, str | bytes):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(param_bytes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(param_bytes(v) for v in value)
+    return 0
 
 
 class SqlCounter:
@@ -72,6 +86,7 @@ class SqlCounter:
             elif word:
                 counts.statements += 1
                 counts.reads += word == "SELECT"
+                counts.param_bytes += len(text)
                 log.append("wire: " + text.strip().split("\n")[0][:80])
             return await original(command, sql, *args, **kwargs)
 
@@ -88,6 +103,7 @@ class SqlCounter:
 
     def _on_driver_query(self, record: Any) -> None:
         text = record.query.lstrip().split(None, 1)[0].upper()
+        self.counts.param_bytes += param_bytes(record.args)
         self.counts.statements += 1
         self.counts.transactions += 1
         if text == "SELECT":
@@ -101,6 +117,7 @@ class SqlCounter:
         if text in {"BEGIN", "PRAGMA"}:
             return
         self.counts.statements += 1
+        self.counts.param_bytes += param_bytes(args[0] if args else None)
         if text == "SELECT":
             self.counts.reads += 1
         self.log.append(statement.strip().split("\n")[0][:80])
