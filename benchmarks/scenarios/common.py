@@ -405,7 +405,7 @@ async def count_costs(
         c = counter.counts
         return c.transactions / sagas, c.statements / sagas, c.param_bytes / sagas
     finally:
-        counter.close()
+        await counter.aclose()
         await drop(session, storage)
 
 

@@ -251,7 +251,7 @@ async def count_recovery(session: Session, backend: Backend, sagas: int) -> dict
         try:
             outcomes = await worker.run_once()
         finally:
-            counter.close()
+            await counter.aclose()
         done = max(1, sum(1 for o in outcomes if o.status is not None))
         c = counter.counts
         return {"statements": c.statements / done, "reads": c.reads / done,

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from tests.acceptance.harness import HarnessConfig, Report, run_harness
+from tests.acceptance.harness import HarnessConfig, HarnessStuck, Report, run_harness
 from tests.conftest import MYSQL_DSN, POSTGRES_DSN, server_unavailable
 
 pytestmark = pytest.mark.acceptance
@@ -92,6 +92,13 @@ async def test_the_harness_notices_a_broken_sagakit(
                            timeout=60)
     for name, value in options.items():
         setattr(config, name, value)
-    report = await run_harness(config)
+    try:
+        report = await run_harness(config)
+    except HarnessStuck:
+        # A broken sagakit may also leave a saga unfinished (e.g. stolen leases fence out the
+        # write that would have parked it): the harness noticed, which is what this asserts.
+        if sabotage != "steal":
+            raise
+        return
     print(report.render())
     assert any(v.startswith(f"[{invariant}]") for v in report.violations), report.render()

@@ -16,6 +16,7 @@ is a statement, each COMMIT a transaction) and SQLAlchemy's events are not used.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import Any
 
@@ -60,6 +61,13 @@ class SqlCounter:
         event.listen(self._engine, "commit", self._on_end)
         event.listen(self._engine, "rollback", self._on_end)
         event.listen(self._engine.pool, "checkout", self._on_checkout)
+
+    async def aclose(self) -> None:
+        """Stop counting, after the driver's query logs still queued on the event loop (asyncpg
+        delivers them with ``call_soon``) have been counted."""
+        for _ in range(3):
+            await asyncio.sleep(0)
+        self.close()
 
     def close(self) -> None:
         event.remove(self._engine, "before_cursor_execute", self._on_execute)

@@ -41,7 +41,7 @@ async def test_happy_path_costs_n_plus_one_transactions(sql_storage: Any) -> Non
     try:
         results = [r async for r in _mediator(sql_storage).stream(OrderContext("o-1"))]
     finally:
-        counter.close()
+        await counter.aclose()
     assert len(results) == N_STEPS
     assert counter.counts.transactions == N_STEPS + 1
     assert counter.counts.reads == 0
@@ -63,7 +63,7 @@ async def test_failure_after_k_steps_costs_2k_plus_2_transactions(sql_storage: A
             async for _ in _mediator(sql_storage).stream(OrderContext("o-2"), saga_id=saga_id):
                 pass
     finally:
-        counter.close()
+        await counter.aclose()
     assert counter.counts.transactions == 2 * k + 2
     assert counter.counts.reads == 0
     state = await sql_storage.get_saga(saga_id)

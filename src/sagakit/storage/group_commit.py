@@ -71,7 +71,7 @@ class GroupCommitter:
         s = self.storage
         batch.sort(key=lambda item: str(item[0].saga_id))  # one lock order for every batch
         try:
-            async with s.single(write=True) if s.dialect.is_postgres else s.transaction() as conn:
+            async with s.raw_lease() if s.dialect.is_postgres else s.transaction() as conn:
                 written = await s.queries.write_batch(conn, [(cp, text) for cp, text, _ in batch])
             self.batches += 1
         except Exception:

@@ -42,7 +42,7 @@ _CLAIMABLE = {
 }
 
 
-async def _raw(conn: AsyncConnection, method: str, sql: str, *args: Any) -> Any:
+async def _raw(conn: Any, method: str, sql: str, *args: Any) -> Any:
     """Run one statement on the driver's own connection (asyncpg's, on PostgreSQL), skipping
     SQLAlchemy's per-statement overhead. A connection the driver reports closed is invalidated,
     so the pool replaces it instead of handing it out again."""
@@ -242,7 +242,7 @@ class Queries:
     # -- lease writes -------------------------------------------------------------------------
 
     async def insert_leased(
-        self, conn: AsyncConnection, saga_id: UUID, name: str, text: str,
+        self, conn: Any, saga_id: UUID, name: str, text: str,
         context: dict[str, Any], fingerprint: str | None, owner: str, lease: float,
     ) -> SagaState:
         if self.d.insert_leased_sql is not None:  # PostgreSQL: straight to asyncpg
@@ -308,9 +308,9 @@ class Queries:
 
     # -- checkpoints --------------------------------------------------------------------------
 
-    async def write_checkpoint_pg(
-        self, conn: AsyncConnection, cp: Checkpoint, text: str | None
-    ) -> int:
+    async def write_checkpoint_pg(self, conn: Any, cp: Checkpoint, text: str | None) -> int | None:
+        """One statement through asyncpg; the new version, or None when the fence did not
+        match (the caller finds out why with :meth:`diagnose`)."""
         entries = cp.entries
         assert self.d.checkpoint_sql is not None
         version = await _raw(
@@ -321,9 +321,7 @@ class Queries:
             [e.status.value for e in entries], [e.details for e in entries],
             [e.error_type for e in entries],
         )
-        if version is None:
-            await self._diagnose(conn, cp)
-        return int(version)
+        return None if version is None else int(version)
 
     async def write_checkpoint_mysql(
         self, conn: AsyncConnection, cp: Checkpoint, text: str | None
@@ -396,7 +394,7 @@ class Queries:
     # -- group commit: many sagas' checkpoints in one transaction -------------------------------
 
     async def write_batch(
-        self, conn: AsyncConnection, items: list[tuple[Checkpoint, str | None]]
+        self, conn: Any, items: list[tuple[Checkpoint, str | None]]
     ) -> dict[UUID, int]:
         """Write fenced update checkpoints of distinct sagas in one transaction (the caller's).
         Returns the new version of each saga whose fence matched; the others are left as they
@@ -422,7 +420,7 @@ class Queries:
         return written
 
     async def _write_batch_pg(
-        self, conn: AsyncConnection, items: list[tuple[Checkpoint, str | None]]
+        self, conn: Any, items: list[tuple[Checkpoint, str | None]]
     ) -> dict[UUID, int]:
         assert self.d.checkpoint_batch_sql is not None
         cps = [cp for cp, _ in items]

@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.util.concurrency import greenlet_spawn
 
 from sagakit.exceptions import SagaNotFoundError, SagaSerializationError
 from sagakit.records import SagaLogEntry, SagaState, SagaStatus
@@ -149,11 +150,20 @@ class SqlAlchemySagaStorage(RunBackedStorage):
         """A connection inside a transaction, committed on success."""
         return self.engine.begin()
 
+    def raw_lease(self) -> Any:
+        """A pooled connection for driver-level statements (PostgreSQL), see ``_PoolLease``."""
+        return _PoolLease(self.engine)
+
     async def write_one(self, cp: Checkpoint, text: str | None) -> int:
         """Write one update checkpoint in its own transaction; return the new version."""
         if self.dialect.checkpoint_sql is not None:
-            async with self.single(write=True) as conn:
-                return await self.queries.write_checkpoint_pg(conn, cp, text)
+            async with _PoolLease(self.engine) as lease:
+                version = await self.queries.write_checkpoint_pg(lease, cp, text)
+            if version is None:  # fenced out: find out why (a read, off the hot path)
+                async with self.single() as conn:
+                    await self.queries.diagnose(conn, cp)
+            assert version is not None
+            return version
         if self._raw_mysql and (cp.fence_version is not None or cp.expected_version is not None):
             async with self.engine.connect() as conn:
                 return await self.queries.write_checkpoint_mysql(conn, cp, text)
@@ -324,7 +334,7 @@ class _SqlRun(BufferedRun):
         s = self._s
         text = s.dump(saga_id, context)
         try:
-            async with s.single(write=True) as conn:
+            async with _PoolLease(s.engine) if s.dialect.is_postgres else s.single(write=True) as conn:
                 state = await s.queries.insert_leased(
                     conn, saga_id, name, text, context, fingerprint, self.owner, lease_seconds
                 )
@@ -364,6 +374,32 @@ class _SqlRun(BufferedRun):
         self.holds_lease = False
         async with self._s.single(write=True) as conn:
             await self._s.queries.release(conn, self.saga_id, self.owner, self.retry_after)
+
+
+class _PoolLease:
+    """A connection taken straight from the engine's pool for driver-level statements (the
+    PostgreSQL hot path), without SQLAlchemy's Connection around it: what ``_raw`` needs —
+    ``get_raw_connection()`` and ``invalidate()`` — and nothing else. Statements run outside any
+    transaction block (autocommit)."""
+
+    __slots__ = ("_fairy", "_pool")
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._pool = engine.sync_engine.pool
+        self._fairy: Any = None
+
+    async def __aenter__(self) -> _PoolLease:
+        self._fairy = await greenlet_spawn(self._pool.connect)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await greenlet_spawn(self._fairy.close)
+
+    async def get_raw_connection(self) -> Any:
+        return self._fairy
+
+    async def invalidate(self) -> None:
+        await greenlet_spawn(self._fairy.invalidate)
 
 
 def _engine_of(obj: AsyncEngine | async_sessionmaker[Any]) -> AsyncEngine:
