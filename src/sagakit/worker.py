@@ -111,15 +111,21 @@ class RecoveryWorker:
         return list(await asyncio.gather(*(self.recover(s.saga_id, s) for s in claimed)))
 
     async def _claim(self, limit: int) -> list[SagaState]:
+        """Claim due sagas; a failing claim (the database briefly unreachable, say) is logged
+        and claims nothing, so a worker outlives database hiccups."""
         names = frozenset({self.saga_name} if self.saga_name else self._sagas)
-        claimed: list[SagaState] = await self.storage.claim_due(
-            self.owner,
-            limit=limit,
-            lease_seconds=self.options.lease_seconds,
-            max_recovery_attempts=self.options.max_recovery_attempts,
-            saga_names=names & frozenset(self._sagas),
-            stale_after_seconds=self.stale_after_seconds,
-        )
+        try:
+            claimed: list[SagaState] = await self.storage.claim_due(
+                self.owner,
+                limit=limit,
+                lease_seconds=self.options.lease_seconds,
+                max_recovery_attempts=self.options.max_recovery_attempts,
+                saga_names=names & frozenset(self._sagas),
+                stale_after_seconds=self.stale_after_seconds,
+            )
+        except Exception:
+            logger.warning("claiming due sagas failed; will poll again", exc_info=True)
+            return []
         return claimed
 
     async def _run_listed(self) -> list[RecoveryOutcome]:

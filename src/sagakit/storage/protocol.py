@@ -201,8 +201,8 @@ class SagaStorage(Protocol):
         """Claim, in one atomic step, up to ``limit`` sagas that ``get_sagas_for_recovery``
         would list (optionally only those named in ``saga_names``): each is leased to
         ``owner``, counts one recovery attempt, and PENDING becomes RUNNING. Sagas another
-        worker is claiming at the same moment are skipped, not waited for (``SKIP LOCKED``
-        where the database has it). Optional: a worker falls back to listing and claiming one
+        worker claims at the same moment go to one of them, never to both (``SKIP LOCKED`` where
+        the database does that well). Optional: a worker falls back to listing and claiming one
         by one."""
         ...
 

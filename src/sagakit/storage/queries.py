@@ -178,13 +178,13 @@ class Queries:
         names: frozenset[str] | None, stale_after: float | None,
     ) -> list[SagaState]:
         """Lease up to ``limit`` due sagas to ``owner`` in the caller's transaction. Rows another
-        transaction is claiming are skipped (SKIP LOCKED on PostgreSQL and MariaDB; SQLite
-        serialises writers with BEGIN IMMEDIATE)."""
+        transaction is claiming are skipped (SKIP LOCKED) on PostgreSQL; on MySQL/MariaDB the
+        primary-key UPDATE re-checks each lease; SQLite serialises writers (BEGIN IMMEDIATE)."""
         t, d = self.t, self.d
         due = self._due(limit, max_attempts, stale_after, None)
         if names is not None:
             due = due.where(t.c.name.in_(sorted(names)))
-        if not d.is_sqlite:
+        if d.is_postgres:
             due = due.with_for_update(skip_locked=True)
         params = {"owner": owner, **d.time_params(
             lease=lease, stale=None if stale_after is None else -stale_after)}
@@ -202,12 +202,22 @@ class Queries:
         ids = [r[0] for r in (await conn.execute(due, params)).all()]
         if not ids:
             return []
-        update = sa.update(t).where(t.c.saga_id.in_(ids)).values(**values)
+        # MySQL/MariaDB: the candidates were read without locks (FOR UPDATE on the secondary
+        # index deadlocks against concurrent checkpoints); the UPDATE, by primary key, re-checks
+        # that each is still free, so of two workers that read the same candidates each saga
+        # goes to one. SQLite: BEGIN IMMEDIATE already serialises claimers.
+        update = sa.update(t).where(
+            t.c.saga_id.in_(ids),
+            sa.text(RECOVERABLE_SQL),
+            t.c.recovery_attempts <= max_attempts,
+            sa.or_(t.c.lease_owner.is_(None), t.c.lease_expires_at <= d.now()),
+        ).values(**values)
         if d.is_sqlite:
             rows = (await conn.execute(update.returning(*self.columns), params)).all()
         else:
             await conn.execute(update, params)
-            rows = (await conn.execute(sa.select(*self.columns).where(t.c.saga_id.in_(ids)))).all()
+            mine = sa.select(*self.columns).where(t.c.saga_id.in_(ids), t.c.lease_owner == owner)
+            rows = (await conn.execute(mine)).all()
         return [row_to_state(r) for r in rows]
 
     def _due(

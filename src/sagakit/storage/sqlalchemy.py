@@ -16,6 +16,7 @@ orchestrator never does that.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -41,6 +42,8 @@ from sagakit.storage.run import BufferedRun, Checkpoint, RunBackedStorage
 from sagakit.storage.schema import SagaTables
 
 __all__ = ["SqlAlchemySagaStorage"]
+
+logger = logging.getLogger("sagakit.storage")
 
 DEFAULT_MAX_CONTEXT_BYTES = 16 * 1024 * 1024
 _EXTRAS = {"asyncpg": "postgres", "asyncmy": "mysql", "aiomysql": "aiomysql", "aiosqlite": ""}
@@ -229,11 +232,20 @@ class SqlAlchemySagaStorage(RunBackedStorage):
         saga_names: frozenset[str] | None = None,
         stale_after_seconds: float | None = None,
     ) -> list[SagaState]:
-        async with self.single(write=True) if self.dialect.is_postgres else self.transaction() as conn:
-            return await self.queries.claim_due(
-                conn, owner, limit, lease_seconds, max_recovery_attempts, saga_names,
-                stale_after_seconds,
-            )
+        try:
+            async with self.single(write=True) if self.dialect.is_postgres else self.transaction() as conn:
+                return await self.queries.claim_due(
+                    conn, owner, limit, lease_seconds, max_recovery_attempts, saga_names,
+                    stale_after_seconds,
+                )
+        except exc.OperationalError as error:
+            if not _is_lock_conflict(error):
+                raise
+            # InnoDB may pick the claim as a deadlock victim against concurrent checkpoints
+            # (its locks on the secondary index); the transaction was rolled back, nothing was
+            # claimed: the next poll tries again.
+            logger.info("claim_due lost a lock conflict (%s); claiming nothing this time", error.orig)
+            return []
 
     async def list_sagas(
         self,
@@ -400,6 +412,16 @@ class _PoolLease:
 
     async def invalidate(self) -> None:
         await greenlet_spawn(self._fairy.invalidate)
+
+
+def _is_lock_conflict(error: exc.DBAPIError) -> bool:
+    """A deadlock or lock wait timeout (MySQL/MariaDB 1213/1205, PostgreSQL 40P01/55P03)."""
+    orig = error.orig
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if code in ("40P01", "55P03"):
+        return True
+    args: Any = getattr(orig, "args", ())
+    return bool(args) and args[0] in (1213, 1205)
 
 
 def _engine_of(obj: AsyncEngine | async_sessionmaker[Any]) -> AsyncEngine:
