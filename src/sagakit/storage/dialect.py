@@ -8,7 +8,7 @@ clock is the database's clock.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -68,7 +68,7 @@ class Dialect:
             now = datetime.now(UTC).replace(tzinfo=None)
             params["now"] = now
             for name, value in seconds.items():
-                params[name + "_at"] = None if value is None else _plus(now, value)
+                params[name + "_at"] = None if value is None else now + timedelta(seconds=value)
         elif self.is_mysql:
             for name, value in seconds.items():
                 params[name + "_us"] = None if value is None else int(value * 1_000_000)
@@ -82,12 +82,6 @@ class Dialect:
         if value is not None and value.tzinfo is None:
             return value.replace(tzinfo=UTC)
         return value
-
-
-def _plus(now: datetime, seconds: float) -> datetime:
-    from datetime import timedelta
-
-    return now + timedelta(seconds=seconds)
 
 
 def _pg_checkpoint(tables: SagaTables) -> str:

@@ -160,7 +160,7 @@ class SqlAlchemySagaStorage(RunBackedStorage):
     async def write_one(self, cp: Checkpoint, text: str | None) -> int:
         """Write one update checkpoint in its own transaction; return the new version."""
         if self.dialect.checkpoint_sql is not None:
-            async with _PoolLease(self.engine) as lease:
+            async with self.raw_lease() as lease:
                 version = await self.queries.write_checkpoint_pg(lease, cp, text)
             if version is None:  # fenced out: find out why (a read, off the hot path)
                 async with self.single() as conn:
@@ -346,7 +346,7 @@ class _SqlRun(BufferedRun):
         s = self._s
         text = s.dump(saga_id, context)
         try:
-            async with _PoolLease(s.engine) if s.dialect.is_postgres else s.single(write=True) as conn:
+            async with s.raw_lease() if s.dialect.is_postgres else s.single(write=True) as conn:
                 state = await s.queries.insert_leased(
                     conn, saga_id, name, text, context, fingerprint, self.owner, lease_seconds
                 )
