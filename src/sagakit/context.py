@@ -59,7 +59,7 @@ def _is_pydantic_model(tp: Any) -> bool:
 class ContextCodec(Generic[C]):
     """Turns contexts of one type into stored dicts and back. Build with :func:`codec_for`."""
 
-    __slots__ = ("_decode", "_encode", "context_type", "kind")
+    __slots__ = ("_decode", "_encode", "_encode_json", "context_type", "kind")
 
     def __init__(self, context_type: type[C]) -> None:
         context_type = typing.get_origin(context_type) or context_type  # dict[str, Any] -> dict
@@ -67,15 +67,18 @@ class ContextCodec(Generic[C]):
         if context_type is dict or (isinstance(context_type, type) and issubclass(context_type, dict)):
             self.kind = "dict"
             self._encode: Callable[[Any], dict[str, Any]] = _encode_dict
+            self._encode_json: Callable[[Any], bytes] = _encode_dict_json
             self._decode: Callable[[Mapping[str, Any]], Any] = dict
         elif _is_pydantic_model(context_type):
             self.kind = "pydantic"
             self._encode = _encode_pydantic
+            self._encode_json = _encode_pydantic_json
             model = cast(Any, context_type)
             self._decode = lambda data: model.model_validate(data, by_alias=False, by_name=True)
         elif dataclasses.is_dataclass(context_type):
             self.kind = "dataclass"
             self._encode = _encode_dataclass
+            self._encode_json = _encode_dataclass_json
             self._decode = lambda data: msgspec.convert(data, context_type, strict=False)
         else:
             raise SagaSerializationError(
@@ -90,6 +93,20 @@ class ContextCodec(Generic[C]):
                 f"expected a {self.context_type.__name__} context, got {type(context).__name__}"
             )
         return self._encode(context)
+
+    def encode_json(self, context: C) -> bytes:
+        """Context -> its stored JSON text (what :meth:`encode` returns, as JSON). Equal
+        contexts give equal bytes, so comparing the bytes tells whether a context changed.
+        Raises SagaSerializationError naming the bad field."""
+        if not isinstance(context, self.context_type):
+            raise SagaSerializationError(
+                f"expected a {self.context_type.__name__} context, got {type(context).__name__}"
+            )
+        return self._encode_json(context)
+
+    def decode_json(self, text: bytes) -> C:
+        """Stored JSON text -> context (see :meth:`decode`)."""
+        return self.decode(orjson.loads(text))
 
     def decode(self, data: Mapping[str, Any]) -> C:
         """Stored dict -> context. Raises SagaSerializationError when the data does not fit.
@@ -127,9 +144,13 @@ _JSON_ENCODER = msgspec.json.Encoder(enc_hook=lambda obj: _reject(obj))
 
 def _encode_dataclass(context: Any) -> dict[str, Any]:
     # One C pass to JSON and one back: plain lists and string keys, no Python-level walk.
+    return cast(dict[str, Any], orjson.loads(_encode_dataclass_json(context)))
+
+
+def _encode_dataclass_json(context: Any) -> bytes:
     # msgspec writes NaN and infinities as null, so types that can hold floats are checked.
     try:
-        data = orjson.loads(_JSON_ENCODER.encode(context))
+        data = _JSON_ENCODER.encode(context)
     except (TypeError, ValueError, OverflowError) as exc:
         raise _locate(context, exc) from exc
     if _may_hold_floats(type(context)):
@@ -139,7 +160,7 @@ def _encode_dataclass(context: Any) -> dict[str, Any]:
                 f"context {type(context).__name__}: field {path!r} is not a finite number, "
                 "which JSON cannot represent", field=path,
             )
-    return data  # type: ignore[no-any-return]
+    return data
 
 
 _FLOATY: dict[Any, bool] = {}
@@ -202,6 +223,15 @@ def _encode_pydantic(context: Any) -> dict[str, Any]:
 def _encode_dict(context: Any) -> dict[str, Any]:
     _check_json(context, "")
     return cast(dict[str, Any], _plain_copy(context))
+
+
+def _encode_dict_json(context: Any) -> bytes:
+    _check_json(context, "")
+    return orjson.dumps(context)
+
+
+def _encode_pydantic_json(context: Any) -> bytes:
+    return orjson.dumps(_encode_pydantic(context))
 
 
 def _finish(context: Any, data: Any) -> dict[str, Any]:

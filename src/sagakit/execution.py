@@ -34,11 +34,18 @@ from sagakit.exceptions import (
     SagaSerializationError,
     SagaStorageError,
 )
-from sagakit.invocation import StepInvocation, reset_current, set_current
+from sagakit.invocation import StepInvocation, current_invocation, reset_current, set_current
 from sagakit.lease import LeaseKeeper
 from sagakit.middleware import Middleware, build_chain, saga_log_context
 from sagakit.plan import Backward, CompletedStep, Finished, Forward, Mismatch, Plan, decide
-from sagakit.records import TERMINAL_STATUSES, SagaAction, SagaState, SagaStatus, SagaStepStatus
+from sagakit.records import (
+    TERMINAL_STATUSES,
+    ContextJSON,
+    SagaAction,
+    SagaState,
+    SagaStatus,
+    SagaStepStatus,
+)
 from sagakit.saga import Saga, StepSpec
 from sagakit.step import SagaStepHandler, SagaStepResult
 from sagakit.storage.protocol import LeasedRun
@@ -58,11 +65,12 @@ def describe_error(exc: BaseException) -> tuple[str, str]:
 
 @dataclasses.dataclass(slots=True)
 class Resumption(Generic[C]):
-    """What is needed to continue an existing saga: the plan and its stored context."""
+    """What is needed to continue an existing saga: the plan, its stored context decoded, and
+    that context's JSON as the engine encodes it (to tell later whether a step changed it)."""
 
     plan: Plan
     context: C | None
-    stored: dict[str, Any]
+    stored: bytes
 
 
 async def prepare_resume(
@@ -70,6 +78,7 @@ async def prepare_resume(
     state: SagaState,
     saga: Saga[C],
     decode: Callable[[dict[str, Any]], C],
+    codec: ContextCodec[C],
     *,
     max_recovery_attempts: int,
     resume_parked: bool = False,
@@ -87,7 +96,7 @@ async def prepare_resume(
     if state.status in TERMINAL_STATUSES or (
         state.status is SagaStatus.PARKED and not resume_parked
     ):
-        return Resumption(Finished(state.status), None, state.context)
+        return Resumption(Finished(state.status), None, b"")
     if not resume_parked and state.recovery_attempts > max_recovery_attempts:
         logger.error(
             "saga %s %s: %d recovery attempts, more than the %d allowed; parking it",
@@ -95,7 +104,7 @@ async def prepare_resume(
         )
         await run.update_status(state.saga_id, SagaStatus.PARKED)
         await run.commit()
-        return Resumption(Finished(SagaStatus.PARKED), None, state.context)
+        return Resumption(Finished(SagaStatus.PARKED), None, b"")
     history = await run.get_step_history(state.saga_id)
     plan = decide(state.status, saga.step_specs, history, resume_parked=resume_parked)
     if state.fingerprint and state.fingerprint != saga.fingerprint:
@@ -105,7 +114,9 @@ async def prepare_resume(
             "its log no longer fits: parking it" if isinstance(plan, Mismatch)
             else "its log still fits the current steps: continuing",
         )
-    return Resumption(plan, decode(state.context), state.context)
+    stored = state.context
+    context = decode(stored if isinstance(stored, dict) else dict(stored))
+    return Resumption(plan, context, codec.encode_json(context))
 
 
 class Execution(Generic[C]):
@@ -119,7 +130,7 @@ class Execution(Generic[C]):
         run: LeasedRun,
         codec: ContextCodec[C],
         context: C,
-        stored_context: dict[str, Any],
+        stored_context: bytes,
         container: Container,
         middlewares: Sequence[Middleware],
         retry: RetryPolicy,
@@ -182,7 +193,7 @@ class Execution(Generic[C]):
     def checkpointed_context(self) -> dict[str, Any]:
         """The context's stored form as of the last checkpoint: during a step, the context as
         it was before the step started."""
-        return self._stored
+        return ContextJSON(self._stored).to_dict()
 
     def blame(self, handler_name: str) -> None:
         """Record a failure now being handled under this handler's name in the step log."""
@@ -230,8 +241,13 @@ class Execution(Generic[C]):
         """Run step ``index`` and write its checkpoint (completing the saga after the last)."""
         run, saga_id = self.run, self.saga_id
         previous = self._stored
+        spec = self.saga.step_specs[index]
         try:
-            result, handler_name = await self.run_step(self.saga.step_specs[index])
+            if spec.fallback is None:
+                handler_name = spec.name
+                result = await self.call_act(handler_name)
+            else:
+                result, handler_name = await self.run_step(spec)
             data = self._encode_changed(handler_name)
         except Exception as exc:
             await self._fail_and_compensate(exc, completed)
@@ -280,20 +296,34 @@ class Execution(Generic[C]):
             return await self.call_act(spec.name), spec.name
 
     async def call_act(self, handler_name: str) -> SagaStepResult[C, Any]:
+        """Run one handler's act through the middleware chain (the step's log scope is the
+        invocation itself, see SagaLogFilter)."""
         self._failed_handler = handler_name
-        handler = await self._handler(handler_name)
+        handler = self._handlers.get(handler_name)
+        if handler is None:
+            handler = await self._handler(handler_name)
         invocation = StepInvocation(
             self.saga_id, self.saga.name, handler_name, SagaAction.ACT, 1, self.context, handler
         )
-        out = await self._chain(invocation)
-        if isinstance(out, SagaStepResult):
+        token = set_current(invocation)
+        try:
+            if self._chain is _invoke:  # no middleware: call the step directly
+                out = await handler.act(invocation.context)
+            else:
+                out = await self._chain(invocation)
+        finally:
+            reset_current(token)
+        if type(out) is SagaStepResult:
+            return SagaStepResult(out.step_type, out.response, self.saga_id, handler_name,
+                                  out.error_type, out.error_message)
+        if isinstance(out, SagaStepResult):  # a subclass: keep its type and extra fields
             return dataclasses.replace(out, saga_id=self.saga_id, step_name=handler_name)
         return SagaStepResult(type(handler), out, self.saga_id, handler_name)
 
-    def _encode_changed(self, step_name: str) -> dict[str, Any] | None:
+    def _encode_changed(self, step_name: str) -> ContextJSON | None:
         """The context's stored form if it changed since the last checkpoint, else None."""
         try:
-            data = self.codec.encode(self.context)
+            data = self.codec.encode_json(self.context)
         except SagaSerializationError as exc:
             raise SagaSerializationError(
                 f"saga {self.saga.name!r} {self.saga_id}: step {step_name!r} left the context "
@@ -306,7 +336,7 @@ class Execution(Generic[C]):
         if data == self._stored:
             return None
         self._stored = data
-        return data
+        return ContextJSON(data)
 
     async def _fail_step(self, exc: Exception, *, nothing_to_undo: bool = False) -> None:
         self.step_error = exc
@@ -405,11 +435,14 @@ def _never() -> bool:
 
 
 async def _invoke(invocation: StepInvocation) -> Any:
-    token = set_current(invocation)
+    """The end of the middleware chain: call the step (as the current invocation, in case a
+    middleware passed on another one)."""
+    token = set_current(invocation) if current_invocation() is not invocation else None
     try:
         if invocation.action is SagaAction.ACT:
             return await invocation.handler.act(invocation.context)
         await invocation.handler.compensate(invocation.context)
         return None
     finally:
-        reset_current(token)
+        if token is not None:
+            reset_current(token)

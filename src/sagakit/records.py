@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Iterator, Mapping
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+import orjson
+
 __all__ = [
     "TERMINAL_STATUSES",
+    "ContextJSON",
     "SagaAction",
     "SagaLogEntry",
     "SagaState",
@@ -84,13 +88,14 @@ class SagaState:
 
     ``version`` grows by one with every committed write of the saga; a checkpoint names the version
     it expects, which is how a stale writer is fenced out. ``lease_owner``/``lease_expires_at``
-    say which run may write the saga and until when.
+    say which run may write the saga and until when. ``context`` is the stored context, read-only
+    (a dict when read back from a storage).
     """
 
     saga_id: UUID
     name: str
     status: SagaStatus
-    context: dict[str, Any]
+    context: Mapping[str, Any]
     version: int
     recovery_attempts: int = 0
     created_at: datetime | None = None
@@ -100,3 +105,54 @@ class SagaState:
     fingerprint: str | None = None
     next_attempt_at: datetime | None = None
     """Recovery backs off: the saga is not listed for recovery before this time."""
+
+
+class ContextJSON(Mapping[str, Any]):
+    """A saga context in its stored form, as the engine hands it to a storage: ``json`` is the
+    validated JSON text (UTF-8 bytes), so a storage writes it as is instead of encoding the
+    context again. It is also a read-only mapping of the decoded data (decoded on first use),
+    for storages that want a dict: ``dict(context)`` or :meth:`to_dict`.
+    """
+
+    __slots__ = ("_data", "json")
+
+    def __init__(self, json: bytes) -> None:
+        self.json = json
+        self._data: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A fresh dict of the data (the caller may change it)."""
+        return orjson.loads(self.json)  # type: ignore[no-any-return]
+
+    def _decoded(self) -> dict[str, Any]:
+        data = self._data
+        if data is None:
+            data = self._data = self.to_dict()
+        return data
+
+    def __getitem__(self, key: str) -> Any:
+        return self._decoded()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._decoded())
+
+    def __len__(self) -> int:
+        return len(self._decoded())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ContextJSON):
+            return self.json == other.json or self._decoded() == other._decoded()
+        return isinstance(other, Mapping) and self._decoded() == dict(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"ContextJSON({self.json!r})"
+
+
+def context_json(context: Mapping[str, Any]) -> bytes:
+    """The JSON text of a context mapping: ``ContextJSON`` as is, anything else encoded (raises
+    TypeError when it is not JSON-serialisable)."""
+    if type(context) is ContextJSON:
+        return context.json
+    return orjson.dumps(context if isinstance(context, dict) else dict(context))

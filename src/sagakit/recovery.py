@@ -18,7 +18,7 @@ from uuid import UUID
 
 from sagakit.compensator import RetryPolicy
 from sagakit.container import as_container
-from sagakit.context import codec_for
+from sagakit.context import ContextCodec, codec_for
 from sagakit.exceptions import SagaDefinitionError
 from sagakit.execution import Execution, Resumption, prepare_resume
 from sagakit.middleware import Middleware, SagaRun, observe_saga, saga_log_context
@@ -180,6 +180,8 @@ async def _drive(
     claimed: SagaState | None = None,
 ) -> SagaStatus:
     decode = _decoder(saga, context_builder)
+    codec: ContextCodec[Any] = codec_for(saga.context_type or (
+        context_builder if isinstance(context_builder, type) else dict))
     explicit = mode != "recover"
     with saga_log_context(saga_id, saga.name):
         async with open_run(storage) as run:
@@ -194,14 +196,15 @@ async def _drive(
             observed = SagaRun(saga_id, saga.name, mode, state.status)
             async with observe_saga(options.middlewares, observed):
                 resumption = await prepare_resume(
-                    run, state, saga, decode, max_recovery_attempts=options.max_recovery_attempts,
+                    run, state, saga, decode, codec,
+                    max_recovery_attempts=options.max_recovery_attempts,
                     resume_parked=explicit,
                 )
                 if isinstance(resumption.plan, Finished):
                     observed.status = resumption.plan.status
                     return resumption.plan.status
                 execution = Execution(
-                    saga=saga, saga_id=saga_id, run=run, codec=codec_for(saga.context_type or dict),
+                    saga=saga, saga_id=saga_id, run=run, codec=codec,
                     context=resumption.context, stored_context=resumption.stored,
                     container=as_container(container), middlewares=options.middlewares,
                     retry=options.retry, lease_seconds=options.lease_seconds, status=state.status,

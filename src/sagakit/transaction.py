@@ -14,7 +14,7 @@ from sagakit.exceptions import SagaParkedError, SagaSerializationError
 from sagakit.execution import Execution, prepare_resume
 from sagakit.middleware import Middleware, SagaRun, in_saga_log_context, observe_saga
 from sagakit.plan import Forward
-from sagakit.records import SagaStatus
+from sagakit.records import ContextJSON, SagaStatus
 from sagakit.saga import Saga
 from sagakit.step import SagaStepResult
 from sagakit.storage.compat import open_run
@@ -75,7 +75,7 @@ class SagaTransaction(Generic[C]):
         self.saga_id: UUID = saga_id if saga_id is not None else uuid.uuid4()
         self.codec = codec_for(saga.context_type or type(context))
         try:
-            self._initial = self.codec.encode(context)
+            self._initial = self.codec.encode_json(context)
         except SagaSerializationError as exc:
             raise SagaSerializationError(
                 f"saga {saga.name!r} {self.saga_id}: {exc.message}",
@@ -123,7 +123,7 @@ class SagaTransaction(Generic[C]):
         saga = self.saga
         async with open_run(self.storage) as run:
             state, created = await run.start(
-                self.saga_id, saga.name, self._initial,
+                self.saga_id, saga.name, ContextJSON(self._initial),
                 fingerprint=saga.fingerprint, lease_seconds=self.lease_seconds,
             )
             self.status = state.status
@@ -148,7 +148,7 @@ class SagaTransaction(Generic[C]):
                     if self.execution is not None:
                         observed.error = self.execution.step_error
 
-    async def _plan(self, run: Any, state: Any, created: bool) -> tuple[Any, dict[str, Any]]:
+    async def _plan(self, run: Any, state: Any, created: bool) -> tuple[Any, bytes]:
         """What to run: everything for a new saga; for a stored one, what its log says is left
         (adopting the stored context). Raises SagaParkedError for a parked saga."""
         if created:
@@ -161,7 +161,8 @@ class SagaTransaction(Generic[C]):
                 saga_id=self.saga_id, saga_name=saga.name,
             )
         resumption = await prepare_resume(
-            run, state, saga, self.codec.decode, max_recovery_attempts=self.max_recovery_attempts
+            run, state, saga, self.codec.decode, self.codec,
+            max_recovery_attempts=self.max_recovery_attempts,
         )
         if resumption.context is not None:
             self.context = resumption.context

@@ -9,13 +9,13 @@ live run from a crashed one, so run a single recovery worker per saga with them.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, cast
 from uuid import UUID
 
 from sagakit.exceptions import SagaNotFoundError
-from sagakit.records import TERMINAL_STATUSES, SagaLogEntry, SagaState, SagaStatus
+from sagakit.records import TERMINAL_STATUSES, ContextJSON, SagaLogEntry, SagaState, SagaStatus
 from sagakit.storage.protocol import LeasedRun, SagaStorage
 from sagakit.storage.run import BufferedRun, Checkpoint, wrong_saga
 
@@ -57,7 +57,7 @@ class CommitPerCallRun(BufferedRun):
         self,
         saga_id: UUID,
         name: str,
-        context: dict[str, Any],
+        context: Mapping[str, Any],
         *,
         fingerprint: str | None,
         lease_seconds: float,
@@ -66,7 +66,7 @@ class CommitPerCallRun(BufferedRun):
             return await self.claim(saga_id, lease_seconds=lease_seconds, name=name), False
         except SagaNotFoundError:
             pass
-        await self._storage.create_saga(saga_id, name, context)
+        await self._storage.create_saga(saga_id, name, _plain(context))
         await self._storage.update_status(saga_id, SagaStatus.RUNNING)
         state = await self._state(saga_id, name)
         self.saga_id, self.version = saga_id, state.version
@@ -102,12 +102,17 @@ class CommitPerCallRun(BufferedRun):
         """No leases here."""
 
 
+def _plain(context: Mapping[str, Any]) -> dict[str, Any]:
+    """A seed-style storage gets a plain dict, never the engine's ContextJSON."""
+    return context.to_dict() if isinstance(context, ContextJSON) else dict(context)
+
+
 async def _replay(target: Any, cp: Checkpoint) -> None:
     """Apply a checkpoint through seed-protocol calls: context, log entries, then status."""
     if cp.create_name is not None:
-        await target.create_saga(cp.saga_id, cp.create_name, cp.context or {})
+        await target.create_saga(cp.saga_id, cp.create_name, _plain(cp.context or {}))
     elif cp.context is not None:
-        await target.update_context(cp.saga_id, cp.context, cp.expected_version)
+        await target.update_context(cp.saga_id, _plain(cp.context), cp.expected_version)
     for e in cp.entries:
         await target.log_step(
             cp.saga_id, e.step_name, e.action.value, e.status, e.details, error_type=e.error_type

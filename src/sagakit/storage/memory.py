@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -30,6 +30,7 @@ from sagakit.records import (
     SagaLogEntry,
     SagaState,
     SagaStatus,
+    context_json,
 )
 from sagakit.storage.run import (
     BufferedRun,
@@ -81,9 +82,9 @@ def _dt(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
-def _dump(saga_id: UUID, context: dict[str, Any]) -> bytes:
+def _dump(saga_id: UUID, context: Mapping[str, Any]) -> bytes:
     try:
-        return orjson.dumps(context)
+        return context_json(context)
     except TypeError as exc:
         raise SagaSerializationError(
             f"saga {saga_id}: context is not JSON-serialisable: {exc}", saga_id=saga_id
@@ -264,7 +265,7 @@ class MemorySagaStorage(RunBackedStorage):
                     saga_name=row.name,
                 )
 
-    def _insert(self, saga_id: UUID, name: str, context: dict[str, Any], now: float) -> _Row:
+    def _insert(self, saga_id: UUID, name: str, context: Mapping[str, Any], now: float) -> _Row:
         row = _Row(saga_id, name, SagaStatus.PENDING, _dump(saga_id, context), 1, now, now)
         self._rows[saga_id.int] = row
         self._sequence += 1
@@ -320,7 +321,7 @@ class _MemoryRun(BufferedRun):
         self,
         saga_id: UUID,
         name: str,
-        context: dict[str, Any],
+        context: Mapping[str, Any],
         *,
         fingerprint: str | None,
         lease_seconds: float,

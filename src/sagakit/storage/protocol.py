@@ -18,6 +18,7 @@ nothing more and raises ``SagaLeaseLostError``. Reads through a run see committe
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol, runtime_checkable
 from uuid import UUID
@@ -31,11 +32,11 @@ __all__ = ["ISagaStorage", "LeasedRun", "SagaStorage", "SagaStorageRun"]
 class SagaStorageRun(Protocol):
     """A scoped session for one saga; mutations are buffered until :meth:`commit`."""
 
-    async def create_saga(self, saga_id: UUID, name: str, context: dict[str, Any]) -> None:
+    async def create_saga(self, saga_id: UUID, name: str, context: Mapping[str, Any]) -> None:
         """Buffer the creation of a PENDING saga at version 1."""
 
     async def update_context(
-        self, saga_id: UUID, context: dict[str, Any], current_version: int | None = None
+        self, saga_id: UUID, context: Mapping[str, Any], current_version: int | None = None
     ) -> None:
         """Buffer a context write. With ``current_version`` the commit fails with
         SagaConcurrencyError unless the stored version is still that one."""
@@ -85,7 +86,7 @@ class LeasedRun(SagaStorageRun, Protocol):
         self,
         saga_id: UUID,
         name: str,
-        context: dict[str, Any],
+        context: Mapping[str, Any],
         *,
         fingerprint: str | None,
         lease_seconds: float,
@@ -127,11 +128,11 @@ class LeasedRun(SagaStorageRun, Protocol):
 class SagaStorage(Protocol):
     """Where sagas are persisted. Every mutating method here commits on its own."""
 
-    async def create_saga(self, saga_id: UUID, name: str, context: dict[str, Any]) -> None:
+    async def create_saga(self, saga_id: UUID, name: str, context: Mapping[str, Any]) -> None:
         """Create a PENDING saga at version 1. Raises SagaConcurrencyError if the id exists."""
 
     async def update_context(
-        self, saga_id: UUID, context: dict[str, Any], current_version: int | None = None
+        self, saga_id: UUID, context: Mapping[str, Any], current_version: int | None = None
     ) -> None:
         """Replace the context; with ``current_version``, only if the stored version matches
         (else SagaConcurrencyError, nothing written)."""

@@ -7,6 +7,7 @@ drivers' prepared-statement caches hit on every call.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from typing import Any
 from uuid import UUID
 
@@ -253,7 +254,7 @@ class Queries:
 
     async def insert_leased(
         self, conn: Any, saga_id: UUID, name: str, text: str,
-        context: dict[str, Any], fingerprint: str | None, owner: str, lease: float,
+        context: Mapping[str, Any], fingerprint: str | None, owner: str, lease: float,
     ) -> SagaState:
         if self.d.insert_leased_sql is not None:  # PostgreSQL: straight to asyncpg
             try:

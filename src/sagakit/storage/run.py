@@ -15,6 +15,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 from uuid import UUID
@@ -70,7 +71,7 @@ class Checkpoint:
 
     saga_id: UUID
     create_name: str | None = None
-    context: dict[str, Any] | None = None
+    context: Mapping[str, Any] | None = None
     status: SagaStatus | None = None
     entries: list[PendingEntry] = dataclasses.field(default_factory=list)
     expected_version: int | None = None
@@ -112,13 +113,13 @@ class BufferedRun(abc.ABC):
             )
         return pending
 
-    async def create_saga(self, saga_id: UUID, name: str, context: dict[str, Any]) -> None:
+    async def create_saga(self, saga_id: UUID, name: str, context: Mapping[str, Any]) -> None:
         pending = self._buffer(saga_id)
         pending.create_name = name
         pending.context = context
 
     async def update_context(
-        self, saga_id: UUID, context: dict[str, Any], current_version: int | None = None
+        self, saga_id: UUID, context: Mapping[str, Any], current_version: int | None = None
     ) -> None:
         pending = self._buffer(saga_id)
         pending.context = context
@@ -217,7 +218,7 @@ class BufferedRun(abc.ABC):
         self,
         saga_id: UUID,
         name: str,
-        context: dict[str, Any],
+        context: Mapping[str, Any],
         *,
         fingerprint: str | None,
         lease_seconds: float,
@@ -273,13 +274,13 @@ class RunBackedStorage(abc.ABC):
     def create_run(self) -> AbstractAsyncContextManager[BufferedRun]:
         return _RunScope(self._new_run())
 
-    async def create_saga(self, saga_id: UUID, name: str, context: dict[str, Any]) -> None:
+    async def create_saga(self, saga_id: UUID, name: str, context: Mapping[str, Any]) -> None:
         run = self._new_run()
         await run.create_saga(saga_id, name, context)
         await run.commit()
 
     async def update_context(
-        self, saga_id: UUID, context: dict[str, Any], current_version: int | None = None
+        self, saga_id: UUID, context: Mapping[str, Any], current_version: int | None = None
     ) -> None:
         run = self._new_run()
         await run.update_context(saga_id, context, current_version)

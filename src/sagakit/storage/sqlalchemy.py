@@ -17,12 +17,11 @@ orchestrator never does that.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 from uuid import UUID
 
-import orjson
 import sqlalchemy as sa
 from sqlalchemy import event, exc
 from sqlalchemy.ext.asyncio import (
@@ -34,7 +33,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.util.concurrency import greenlet_spawn
 
 from sagakit.exceptions import SagaNotFoundError, SagaSerializationError
-from sagakit.records import SagaLogEntry, SagaState, SagaStatus
+from sagakit.records import SagaLogEntry, SagaState, SagaStatus, context_json
 from sagakit.storage.dialect import Dialect
 from sagakit.storage.group_commit import GroupCommitter
 from sagakit.storage.queries import Queries, row_to_state
@@ -173,10 +172,10 @@ class SqlAlchemySagaStorage(RunBackedStorage):
         async with self.transaction() as conn:
             return await self.queries.write_checkpoint(conn, cp, text)
 
-    def dump(self, saga_id: UUID, context: dict[str, Any]) -> str:
+    def dump(self, saga_id: UUID, context: Mapping[str, Any]) -> str:
         """The context's JSON text; SagaSerializationError if it is not JSON or too large."""
         try:
-            text = orjson.dumps(context).decode()
+            text = context_json(context).decode()
         except TypeError as error:
             raise SagaSerializationError(
                 f"saga {saga_id}: context is not JSON-serialisable: {error}", saga_id=saga_id
@@ -338,7 +337,7 @@ class _SqlRun(BufferedRun):
         self,
         saga_id: UUID,
         name: str,
-        context: dict[str, Any],
+        context: Mapping[str, Any],
         *,
         fingerprint: str | None,
         lease_seconds: float,
