@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import random
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -36,6 +37,14 @@ class RetryPolicy:
             raise ValueError(f"compensation_retry_backoff must be >= 1, got {self.backoff}")
         if not 0 <= self.jitter <= 1:
             raise ValueError(f"compensation_retry_jitter must be within [0, 1], got {self.jitter}")
+
+    @staticmethod
+    @functools.lru_cache(maxsize=64)
+    def of(attempts: int, delay: float, backoff: float, max_delay: float,
+           jitter: float) -> RetryPolicy:
+        """The (shared, immutable) policy for these settings; raises ValueError like the
+        constructor. Cached: a transaction per saga need not validate the same settings."""
+        return RetryPolicy(attempts, delay, backoff, max_delay, jitter)
 
     def wait_before(self, attempt: int) -> float:
         """Seconds to wait before ``attempt`` (2, 3, ...)."""

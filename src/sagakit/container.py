@@ -45,6 +45,9 @@ class _Constructor:
         return type_()
 
 
+_CONSTRUCTOR = _Constructor()
+
+
 class MappingContainer:
     """``{HandlerClass: instance_or_factory}``; a class missing from the mapping is constructed
     with no arguments. A factory (any callable value that is not an instance of the key) is
@@ -207,7 +210,7 @@ def as_container(obj: Any) -> Container:
     Raises TypeError for anything else.
     """
     if obj is None:
-        return _Constructor()
+        return _CONSTRUCTOR
     resolve = getattr(obj, "resolve", None)
     if isinstance(obj, Container) and inspect.iscoroutinefunction(resolve):
         return obj

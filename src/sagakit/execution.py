@@ -34,7 +34,13 @@ from sagakit.exceptions import (
     SagaSerializationError,
     SagaStorageError,
 )
-from sagakit.invocation import StepInvocation, current_invocation, reset_current, set_current
+from sagakit.invocation import (
+    StepInvocation,
+    _current,
+    current_invocation,
+    reset_current,
+    set_current,
+)
 from sagakit.lease import LeaseKeeper
 from sagakit.middleware import Middleware, build_chain, saga_log_context
 from sagakit.plan import Backward, CompletedStep, Finished, Forward, Mismatch, Plan, decide
@@ -47,7 +53,7 @@ from sagakit.records import (
     SagaStepStatus,
 )
 from sagakit.saga import Saga, StepSpec
-from sagakit.step import SagaStepHandler, SagaStepResult
+from sagakit.step import SagaStepHandler, SagaStepResult, step_result
 from sagakit.storage.protocol import LeasedRun
 
 __all__ = ["Execution", "Resumption", "describe_error", "prepare_resume"]
@@ -305,20 +311,20 @@ class Execution(Generic[C]):
         invocation = StepInvocation(
             self.saga_id, self.saga.name, handler_name, SagaAction.ACT, 1, self.context, handler
         )
-        token = set_current(invocation)
+        token = _current.set(invocation)
         try:
             if self._chain is _invoke:  # no middleware: call the step directly
                 out = await handler.act(invocation.context)
             else:
                 out = await self._chain(invocation)
         finally:
-            reset_current(token)
+            _current.reset(token)
         if type(out) is SagaStepResult:
-            return SagaStepResult(out.step_type, out.response, self.saga_id, handler_name,
-                                  out.error_type, out.error_message)
+            return step_result(out.step_type, out.response, self.saga_id, handler_name,
+                               out.error_type, out.error_message)
         if isinstance(out, SagaStepResult):  # a subclass: keep its type and extra fields
             return dataclasses.replace(out, saga_id=self.saga_id, step_name=handler_name)
-        return SagaStepResult(type(handler), out, self.saga_id, handler_name)
+        return step_result(type(handler), out, self.saga_id, handler_name)
 
     def _encode_changed(self, step_name: str) -> ContextJSON | None:
         """The context's stored form if it changed since the last checkpoint, else None."""

@@ -24,9 +24,9 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 from uuid import UUID
 
 from sagakit.invocation import StepInvocation, current_invocation
@@ -41,7 +41,8 @@ __all__ = [
     "SagaObserver",
     "SagaRun",
     "build_chain",
-    "in_saga_log_context",
+    "enter_log_scope",
+    "leave_log_scope",
     "observe_saga",
     "saga_log_context",
 ]
@@ -148,33 +149,17 @@ class saga_log_context:
             self._token = None
 
 
-class in_saga_log_context(Generic[T]):
-    """Drive an async generator with the saga's log context set while it runs — and only then:
-    the context is never left set across a step result handed to the caller (where the
-    caller's code runs). A plain async iterator, not a generator: one frame less per step."""
+def enter_log_scope(
+    saga_id: UUID, saga_name: str
+) -> contextvars.Token[_LogScope | None]:
+    """Make records filtered by :class:`SagaLogFilter` name this saga until
+    :func:`leave_log_scope` (for a generator that drives a saga: it leaves the scope before
+    each ``yield``, so the caller's code never runs inside it, and enters it again after)."""
+    return _log_scope.set(_LogScope(saga_id, saga_name, None))
 
-    __slots__ = ("_iterator", "_scope")
 
-    def __init__(self, iterator: AsyncGenerator[T, None], saga_id: UUID, saga_name: str) -> None:
-        self._iterator = iterator
-        self._scope = _LogScope(saga_id, saga_name, None)
-
-    def __aiter__(self) -> in_saga_log_context[T]:
-        return self
-
-    async def __anext__(self) -> T:
-        token = _log_scope.set(self._scope)
-        try:
-            return await self._iterator.__anext__()
-        finally:
-            _log_scope.reset(token)
-
-    async def aclose(self) -> None:
-        token = _log_scope.set(self._scope)
-        try:
-            await self._iterator.aclose()
-        finally:
-            _log_scope.reset(token)
+def leave_log_scope(token: contextvars.Token[_LogScope | None]) -> None:
+    _log_scope.reset(token)
 
 
 class SagaLogFilter(logging.Filter):

@@ -37,6 +37,29 @@ class SagaStepResult(Generic[ContextT, ResponseT]):
         return self.response
 
 
+_new = object.__new__
+_set_fields = tuple(
+    SagaStepResult.__dict__[f.name].__set__ for f in dataclasses.fields(SagaStepResult)
+)
+
+
+def step_result(
+    step_type: type[Any], response: Any, saga_id: UUID, step_name: str,
+    error_type: str | None = None, error_message: str | None = None,
+) -> SagaStepResult[Any, Any]:
+    """Build a result as the engine does for every step: the same as the constructor, without
+    the frozen dataclass's per-field ``object.__setattr__`` (half the cost)."""
+    result: SagaStepResult[Any, Any] = _new(SagaStepResult)
+    set_type, set_response, set_id, set_name, set_error_type, set_message = _set_fields
+    set_type(result, step_type)
+    set_response(result, response)
+    set_id(result, saga_id)
+    set_name(result, step_name)
+    set_error_type(result, error_type)
+    set_message(result, error_message)
+    return result
+
+
 class SagaStepHandler(abc.ABC, Generic[ContextT, ResponseT]):
     """One step of a saga: ``act`` moves forward, ``compensate`` undoes what ``act`` did.
 

@@ -12,8 +12,14 @@ from sagakit.container import as_container
 from sagakit.context import codec_for
 from sagakit.exceptions import SagaParkedError, SagaSerializationError
 from sagakit.execution import Execution, prepare_resume
-from sagakit.middleware import Middleware, SagaRun, in_saga_log_context, observe_saga
-from sagakit.plan import Forward
+from sagakit.middleware import (
+    Middleware,
+    SagaRun,
+    enter_log_scope,
+    leave_log_scope,
+    observe_saga,
+)
+from sagakit.plan import Forward, Plan
 from sagakit.records import ContextJSON, SagaStatus
 from sagakit.saga import Saga
 from sagakit.step import SagaStepResult
@@ -62,7 +68,7 @@ class SagaTransaction(Generic[C]):
         lease_seconds: float = 30.0,
         max_recovery_attempts: int = 5,
     ) -> None:
-        self.retry = RetryPolicy(
+        self.retry = RetryPolicy.of(
             compensation_retry_count,
             compensation_retry_delay,
             compensation_retry_backoff,
@@ -94,7 +100,7 @@ class SagaTransaction(Generic[C]):
         self.resumed = False
         """True when the saga_id already existed and the stored saga was resumed."""
         self.execution: Execution[C] | None = None
-        self._iterator: in_saga_log_context[SagaStepResult[C, Any]] | None = None
+        self._iterator: AsyncGenerator[SagaStepResult[C, Any], None] | None = None
 
     async def __aenter__(self) -> SagaTransaction[C]:
         return self
@@ -102,9 +108,9 @@ class SagaTransaction(Generic[C]):
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    def __aiter__(self) -> in_saga_log_context[SagaStepResult[C, Any]]:
+    def __aiter__(self) -> AsyncGenerator[SagaStepResult[C, Any], None]:
         if self._iterator is None:
-            self._iterator = in_saga_log_context(self._iterate(), self.saga_id, self.saga.name)
+            self._iterator = self._iterate()
         return self._iterator
 
     async def aclose(self) -> None:
@@ -120,35 +126,51 @@ class SagaTransaction(Generic[C]):
         return self.status
 
     async def _iterate(self) -> AsyncGenerator[SagaStepResult[C, Any], None]:
-        saga = self.saga
-        async with open_run(self.storage) as run:
-            state, created = await run.start(
-                self.saga_id, saga.name, ContextJSON(self._initial),
-                fingerprint=saga.fingerprint, lease_seconds=self.lease_seconds,
-            )
-            self.status = state.status
-            observed = SagaRun(self.saga_id, saga.name, "run" if created else "resume",
-                               state.status)
-            async with observe_saga(self.middlewares, observed):
-                try:
-                    plan, stored = await self._plan(run, state, created)
-                    execution = self.execution = Execution(
-                        saga=saga, saga_id=self.saga_id, run=run, codec=self.codec,
-                        context=self.context, stored_context=stored, container=self.container,
-                        middlewares=self.middlewares, retry=self.retry,
-                        lease_seconds=self.lease_seconds, status=state.status,
-                    )
+        # The saga's log scope is set while this generator runs, and only then: it is left
+        # before each yield (the caller's code runs there) and entered again after.
+        saga, saga_id = self.saga, self.saga_id
+        scope = enter_log_scope(saga_id, saga.name)
+        try:
+            async with open_run(self.storage) as run:
+                state, created = await run.start(
+                    saga_id, saga.name, ContextJSON(self._initial),
+                    fingerprint=saga.fingerprint, lease_seconds=self.lease_seconds,
+                )
+                self.status = state.status
+                observed = SagaRun(saga_id, saga.name, "run" if created else "resume",
+                                   state.status)
+                async with observe_saga(self.middlewares, observed):
                     try:
-                        async for result in execution.execute(plan):
-                            yield result
+                        execution, plan = await self._execution(run, state, created)
+                        try:
+                            async for result in execution.execute(plan):
+                                leave_log_scope(scope)
+                                try:
+                                    yield result
+                                finally:
+                                    scope = enter_log_scope(saga_id, saga.name)
+                        finally:
+                            self.status = execution.status
                     finally:
-                        self.status = execution.status
-                finally:
-                    observed.status = self.status
-                    if self.execution is not None:
-                        observed.error = self.execution.step_error
+                        observed.status = self.status
+                        if self.execution is not None:
+                            observed.error = self.execution.step_error
+        finally:
+            leave_log_scope(scope)
 
-    async def _plan(self, run: Any, state: Any, created: bool) -> tuple[Any, bytes]:
+    async def _execution(
+        self, run: Any, state: Any, created: bool
+    ) -> tuple[Execution[C], Plan]:
+        plan, stored = await self._plan(run, state, created)
+        execution = self.execution = Execution(
+            saga=self.saga, saga_id=self.saga_id, run=run, codec=self.codec,
+            context=self.context, stored_context=stored, container=self.container,
+            middlewares=self.middlewares, retry=self.retry,
+            lease_seconds=self.lease_seconds, status=state.status,
+        )
+        return execution, plan
+
+    async def _plan(self, run: Any, state: Any, created: bool) -> tuple[Plan, bytes]:
         """What to run: everything for a new saga; for a stored one, what its log says is left
         (adopting the stored context). Raises SagaParkedError for a parked saga."""
         if created:

@@ -145,3 +145,23 @@ async def test_starting_a_terminal_saga_on_a_commit_per_call_storage_writes_noth
     assert await drive(transaction(ThreeStepSaga(), script, storage, saga_id=saga_id)) == []
     assert storage.writes() == []
     assert script.acts() == ["StepA", "StepB", "StepC"]
+
+
+async def test_a_seed_storage_is_handed_plain_dicts_never_the_engines_json():
+    storage, script = SeedStorage(), Script()
+    seen: list[type] = []
+    inner_create, inner_update = storage.inner.create_saga, storage.inner.update_context
+
+    async def create(saga_id: uuid.UUID, name: str, context: Any) -> None:
+        seen.append(type(context))
+        await inner_create(saga_id, name, context)
+
+    async def update(saga_id: uuid.UUID, context: Any, current_version: Any = None) -> None:
+        seen.append(type(context))
+        await inner_update(saga_id, context, current_version)
+
+    storage.inner.create_saga = create  # type: ignore[method-assign]
+    storage.inner.update_context = update  # type: ignore[method-assign]
+    await drive(transaction(ThreeStepSaga(), script, storage))
+    assert seen
+    assert set(seen) == {dict}

@@ -374,3 +374,61 @@ async def test_in_place_changes_to_a_resumed_context_are_checkpointed():
     await drive(LooseSaga().transaction(LooseContext({}), None, storage, saga_id=saga_id))
     stored = (await state(storage, saga_id)).context
     assert stored["anything"] == {"steps": ["AppendMeta", "AppendMetaTwo"]}
+
+
+# -- ContextJSON: the context on its way to a storage --------------------------------------
+
+
+def test_context_json_is_a_read_only_mapping_of_its_json() -> None:
+    from sagakit.records import ContextJSON, context_json
+
+    data = ContextJSON(b'{"a": 1, "b": [1, 2]}')
+    assert dict(data) == {"a": 1, "b": [1, 2]}
+    assert data["a"] == 1
+    assert len(data) == 2
+    assert data == {"a": 1, "b": [1, 2]}
+    assert data == ContextJSON(b'{"b":[1,2],"a":1}')
+    fresh = data.to_dict()
+    fresh["a"] = 2
+    assert data["a"] == 1  # to_dict() hands out a copy
+    assert context_json(data) is data.json  # written as is
+    assert orjson.loads(context_json({"x": (1, 2)})) == {"x": [1, 2]}
+
+
+@pytest.mark.parametrize("kind", ["dataclass", "pydantic", "dict"])
+def test_encode_json_is_the_stored_form_and_equal_contexts_give_equal_bytes(kind: str) -> None:
+    fixed = model()
+    make = {"dataclass": lambda: Ctx(order_id="o-1"),
+            "pydantic": lambda: fixed.model_copy(deep=True),
+            "dict": lambda: {"order_id": "o-1", "trail": []}}[kind]
+    codec: Any = codec_for(type(make()))
+    one, two = make(), make()
+    assert codec.encode_json(one) == codec.encode_json(two)
+    assert orjson.loads(codec.encode_json(one)) == codec.encode(one)
+    assert codec.encode(codec.decode_json(codec.encode_json(one))) == codec.encode(one)
+
+
+async def test_the_storage_receives_the_engines_json_and_does_not_encode_again() -> None:
+    from sagakit.records import ContextJSON
+
+    storage = MemorySagaStorage()
+    seen: list[Any] = []
+    new_run = storage._new_run
+
+    def spying_run() -> Any:
+        run = new_run()
+        update = run.update_context
+
+        async def update_context(saga_id: Any, context: Any, current_version: Any = None) -> None:
+            seen.append(context)
+            await update(saga_id, context, current_version)
+
+        run.update_context = update_context  # type: ignore[method-assign]
+        return run
+
+    storage._new_run = spying_run  # type: ignore[method-assign]
+    saga_id = uuid.uuid4()
+    await drive(transaction(ThreeStepSaga(), Script(), storage, saga_id=saga_id))
+    assert len(seen) == 3
+    assert all(type(c) is ContextJSON for c in seen)
+    assert storage._rows[saga_id.int].context is seen[-1].json  # stored without re-encoding

@@ -61,3 +61,56 @@ async def test_a_run_that_lost_its_lease_is_fenced_out(monkeypatch: pytest.Monke
 async def _a_run(storage: MemorySagaStorage) -> object:
     async with storage.create_run() as run:
         return run
+
+
+async def test_one_timer_watches_every_running_saga_and_the_shortest_lease_sets_its_pace() -> None:
+    from sagakit.lease import _Sweeper
+
+    storage, script = MemorySagaStorage(), Script()
+    gate = Gate()
+    script.hook("StepB", "act", gate)
+    long_id, short_id = uuid.uuid4(), uuid.uuid4()
+    long_run = asyncio.create_task(
+        transaction(ThreeStepSaga(), script, storage, saga_id=long_id, lease_seconds=60).run())
+    await gate.entered.wait()
+    gate.entered.clear()
+    short_run = asyncio.create_task(
+        transaction(ThreeStepSaga(), script, storage, saga_id=short_id, lease_seconds=0.3).run())
+    await gate.entered.wait()
+    sweeper = _Sweeper._by_loop[asyncio.get_running_loop()]
+    assert len(sweeper.keepers) == 2
+    assert sweeper.period == pytest.approx(0.05)  # a sixth of the shortest lease
+    long_lease = (await storage.get_saga(long_id)).lease_expires_at
+    await asyncio.sleep(0.9)  # three short leases: only renewals keep the short one
+    assert (await storage.get_saga(short_id)).lease_owner is not None
+    assert await storage.get_sagas_for_recovery(10) == []
+    assert (await storage.get_saga(long_id)).lease_expires_at == long_lease  # not stale: untouched
+    gate.release.set()
+    assert await long_run is SagaStatus.COMPLETED
+    assert await short_run is SagaStatus.COMPLETED
+    assert not sweeper.keepers
+    await asyncio.sleep(0.1)  # the next tick finds nothing running and stops the timer
+    assert asyncio.get_running_loop() not in _Sweeper._by_loop
+
+
+def _child_owner(queue: object) -> None:
+    from sagakit.storage.run import new_owner_id
+
+    queue.put(new_owner_id())  # type: ignore[attr-defined]
+
+
+def test_owner_ids_are_unique_and_a_forked_child_draws_its_own() -> None:
+    import multiprocessing
+
+    from sagakit.storage.run import new_owner_id
+
+    ids = {new_owner_id() for _ in range(10_000)}
+    assert len(ids) == 10_000
+    mine = new_owner_id()
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_owner, args=(queue,))
+    child.start()
+    theirs = queue.get(timeout=30)
+    child.join(30)
+    assert theirs.rsplit("-", 1)[0] != mine.rsplit("-", 1)[0]  # another process, another prefix

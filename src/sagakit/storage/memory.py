@@ -37,10 +37,9 @@ from sagakit.storage.run import (
     Checkpoint,
     PendingEntry,
     RunBackedStorage,
+    releases_lease,
     wrong_saga,
 )
-
-_RELEASING = (SagaStatus.COMPLETED, SagaStatus.FAILED, SagaStatus.PARKED)
 
 __all__ = ["MemorySagaStorage"]
 
@@ -240,7 +239,7 @@ class MemorySagaStorage(RunBackedStorage):
                 row.recovery_attempts = 0
             row.version += 1
             row.updated_at = now
-            if cp.status in _RELEASING:
+            if releases_lease(cp.status):
                 row.lease_owner = row.lease_expires_at = None
             elif cp.lease_seconds is not None:
                 row.lease_expires_at = now + cp.lease_seconds
@@ -335,7 +334,9 @@ class _MemoryRun(BufferedRun):
         row.lease_owner = self.owner
         row.lease_expires_at = now + lease_seconds
         row.fingerprint = fingerprint
-        state = row.state()
+        # As the SQL storage does: the state of a new saga is not read back (no timestamps).
+        state = SagaState(saga_id, name, SagaStatus.RUNNING, context, 1, 0,
+                          lease_owner=self.owner, fingerprint=fingerprint)
         self._took_lease(state, lease_seconds)
         return state, True
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import itertools
 import logging
 import os
 import socket
@@ -30,7 +31,8 @@ from sagakit.records import (
 )
 
 __all__ = [
-    "BufferedRun", "Checkpoint", "PendingEntry", "RunBackedStorage", "new_owner_id", "wrong_saga",
+    "BufferedRun", "Checkpoint", "PendingEntry", "RunBackedStorage", "new_owner_id",
+    "releases_lease", "wrong_saga",
 ]
 
 _HOST = socket.gethostname()
@@ -45,9 +47,29 @@ def wrong_saga(saga_id: UUID, stored: str, expected: str) -> SagaDefinitionError
     )
 
 
+def releases_lease(status: SagaStatus | None) -> bool:
+    """Whether writing this status ends the run's lease (terminal or PARKED). Identity tests:
+    ``in`` on enum members would call their Python-level ``__eq__``/``__hash__``."""
+    return (status is SagaStatus.COMPLETED or status is SagaStatus.FAILED
+            or status is SagaStatus.PARKED)
+
+
 def new_owner_id() -> str:
-    """A lease owner id unique to one run: host, process and a random part."""
-    return f"{_HOST}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+    """A lease owner id unique to one run: host, process, a random part drawn once per process
+    (again in a forked child) and a counter."""
+    return f"{_OWNER_PREFIX}{next(_owner_counter):x}"
+
+
+def _new_owner_prefix() -> None:
+    global _OWNER_PREFIX, _owner_counter
+    _OWNER_PREFIX = f"{_HOST}:{os.getpid()}:{uuid.uuid4().hex[:8]}-"
+    _owner_counter = itertools.count(1)
+
+
+_OWNER_PREFIX = ""
+_owner_counter = itertools.count(1)
+_new_owner_prefix()
+os.register_at_fork(after_in_child=_new_owner_prefix)
 
 
 @dataclasses.dataclass(slots=True)
@@ -82,7 +104,7 @@ class Checkpoint:
 
     @property
     def releases_lease(self) -> bool:
-        return self.status in (SagaStatus.COMPLETED, SagaStatus.FAILED, SagaStatus.PARKED)
+        return releases_lease(self.status)
 
 
 class BufferedRun(abc.ABC):
