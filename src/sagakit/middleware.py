@@ -43,6 +43,7 @@ __all__ = [
     "build_chain",
     "enter_log_scope",
     "leave_log_scope",
+    "log_scope",
     "observe_saga",
     "saga_log_context",
 ]
@@ -149,13 +150,16 @@ class saga_log_context:
             self._token = None
 
 
-def enter_log_scope(
-    saga_id: UUID, saga_name: str
-) -> contextvars.Token[_LogScope | None]:
+def log_scope(saga_id: UUID, saga_name: str) -> _LogScope:
+    """A saga's log scope, to enter (and leave) with :func:`enter_log_scope`."""
+    return _LogScope(saga_id, saga_name, None)
+
+
+def enter_log_scope(scope: _LogScope) -> contextvars.Token[_LogScope | None]:
     """Make records filtered by :class:`SagaLogFilter` name this saga until
     :func:`leave_log_scope` (for a generator that drives a saga: it leaves the scope before
     each ``yield``, so the caller's code never runs inside it, and enters it again after)."""
-    return _log_scope.set(_LogScope(saga_id, saga_name, None))
+    return _log_scope.set(scope)
 
 
 def leave_log_scope(token: contextvars.Token[_LogScope | None]) -> None:

@@ -17,6 +17,7 @@ from sagakit.middleware import (
     SagaRun,
     enter_log_scope,
     leave_log_scope,
+    log_scope,
     observe_saga,
 )
 from sagakit.plan import Forward, Plan
@@ -129,7 +130,8 @@ class SagaTransaction(Generic[C]):
         # The saga's log scope is set while this generator runs, and only then: it is left
         # before each yield (the caller's code runs there) and entered again after.
         saga, saga_id = self.saga, self.saga_id
-        scope = enter_log_scope(saga_id, saga.name)
+        scope = log_scope(saga_id, saga.name)
+        token = enter_log_scope(scope)
         try:
             async with open_run(self.storage) as run:
                 state, created = await run.start(
@@ -144,11 +146,11 @@ class SagaTransaction(Generic[C]):
                         execution, plan = await self._execution(run, state, created)
                         try:
                             async for result in execution.execute(plan):
-                                leave_log_scope(scope)
+                                leave_log_scope(token)
                                 try:
                                     yield result
                                 finally:
-                                    scope = enter_log_scope(saga_id, saga.name)
+                                    token = enter_log_scope(scope)
                         finally:
                             self.status = execution.status
                     finally:
@@ -156,7 +158,7 @@ class SagaTransaction(Generic[C]):
                         if self.execution is not None:
                             observed.error = self.execution.step_error
         finally:
-            leave_log_scope(scope)
+            leave_log_scope(token)
 
     async def _execution(
         self, run: Any, state: Any, created: bool
