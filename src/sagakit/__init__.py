@@ -27,7 +27,14 @@ from sagakit.fallback import Fallback
 from sagakit.invocation import StepInvocation, current_invocation
 from sagakit.mediator import SagaMap, SagaMediator, bootstrap
 from sagakit.middleware import LoggingMiddleware, Middleware, SagaLogFilter, SagaRun
-from sagakit.records import SagaAction, SagaLogEntry, SagaState, SagaStatus, SagaStepStatus
+from sagakit.records import (
+    ContextJSON,
+    SagaAction,
+    SagaLogEntry,
+    SagaState,
+    SagaStatus,
+    SagaStepStatus,
+)
 from sagakit.recovery import RecoveryOptions, abort_saga, recover_saga, resume_saga
 from sagakit.saga import Saga
 from sagakit.step import SagaStepHandler, SagaStepResult
@@ -47,6 +54,7 @@ __all__ = [
     "CircuitOpenError",
     "CircuitState",
     "Container",
+    "ContextJSON",
     "Fallback",
     "ISagaStorage",
     "LoggingMiddleware",

@@ -16,6 +16,7 @@ PUBLIC = [
     "CircuitOpenError",
     "CircuitState",
     "Container",
+    "ContextJSON",
     "Fallback",
     "ISagaStorage",
     "LoggingMiddleware",
