@@ -30,10 +30,11 @@ HOW_TO_READ = """\
   next saga when the last ends.
 - **commits/saga** counts server transactions (COMMITs, plus statements sent in autocommit mode);
   **statements/saga** every statement; both counted on a separate short run with hooks that would
-  otherwise cost CPU. A PostgreSQL checkpoint is one statement (update and log insert in one CTE).
-- **Group commit** (`group_commit=True`) writes the checkpoints of concurrently running sagas in
-  one transaction; `checkpoints/batch` says how many shared one. The saga's start (the row insert)
-  is not batched.
+  otherwise cost CPU. A PostgreSQL checkpoint is one statement (update and log insert in one CTE);
+  a MariaDB checkpoint is three (update, log insert, COMMIT) sent as one query: one round trip.
+- **Group commit** (`group_commit=True`) writes the starts and checkpoints of concurrently
+  running sagas in one transaction; `writes/batch` says how many shared one (a saga writes 6
+  times: its start and 5 checkpoints).
 - This machine may be shared and busy: see the load average above. Numbers taken under load are
   noisy (the memory section reports the best of several repeats for that reason); re-measure on a
   quiet machine before comparing with targets.

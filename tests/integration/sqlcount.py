@@ -7,11 +7,15 @@ implicitly are not statements of ours and are not counted.
 On PostgreSQL the storage sends its hot-path statements straight through asyncpg, below
 SQLAlchemy's events: those are counted by an asyncpg query logger attached to every connection at
 checkout. They are single statements outside any transaction block (autocommit), so each is one
-server transaction.
+server transaction. The type introspection asyncpg runs by itself, once per connection, the
+first time a statement uses a type it has not met yet (``typeinfo_tree`` and the ``jit``
+setting around it), is not counted.
 
 On MySQL/MariaDB the storage's hot path also goes through the driver's own cursor, so there
-every command is counted on the wire instead (the driver's ``_execute_command``: each COM_QUERY
-is a statement, each COMMIT a transaction) and SQLAlchemy's events are not used.
+every command is counted on the wire instead (the driver's ``_execute_command``) and
+SQLAlchemy's events are not used. One COM_QUERY may carry several statements (the storage sends
+a checkpoint's ``UPDATE``, ``INSERT`` and ``COMMIT`` as one query, separated by ``;`` and a
+newline): each is counted, a ``COMMIT`` as a transaction, and the query as one round trip.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+_ASYNCPG_INTROSPECTION = ("typeinfo_tree", "set_config('jit'")
+"""Markers of the queries asyncpg sends on its own to learn about types (see above)."""
+
 
 @dataclasses.dataclass
 class Counts:
@@ -32,9 +39,12 @@ class Counts:
     param_bytes: int = 0
     """Bytes of the values sent with statements (on MySQL/MariaDB, counted on the wire: the
     statement text, which carries them inline)."""
+    round_trips: int = 0
+    """Queries sent and answered (counted on the wire on MySQL/MariaDB only)."""
 
     def reset(self) -> None:
         self.statements = self.transactions = self.reads = self.param_bytes = 0
+        self.round_trips = 0
 
 
 def param_bytes(value: Any) -> int:
@@ -87,15 +97,17 @@ class SqlCounter:
         counts, log = self.counts, self.log
 
         async def counted(command: int, sql: Any, *args: Any, **kwargs: Any) -> Any:
-            text = sql.decode() if isinstance(sql, bytes) else str(sql)
-            word = text.lstrip().split(None, 1)[0].upper() if text.strip() else ""
-            if word in {"COMMIT", "ROLLBACK"}:
-                counts.transactions += 1
-            elif word:
-                counts.statements += 1
-                counts.reads += word == "SELECT"
-                counts.param_bytes += len(text)
-                log.append("wire: " + text.strip().split("\n")[0][:80])
+            text = sql.decode(errors="replace") if isinstance(sql, bytes) else str(sql)
+            counts.round_trips += 1
+            for statement in text.split(";\n"):  # a multi-statement query, see above
+                word = statement.lstrip().split(None, 1)[0].upper() if statement.strip() else ""
+                if word in {"COMMIT", "ROLLBACK"}:
+                    counts.transactions += 1
+                elif word:
+                    counts.statements += 1
+                    counts.reads += word == "SELECT"
+                    counts.param_bytes += len(statement)
+                    log.append("wire: " + statement.strip().split("\n")[0][:80])
             return await original(command, sql, *args, **kwargs)
 
         driver._execute_command = counted
@@ -110,6 +122,8 @@ class SqlCounter:
             self._watched.append(driver)
 
     def _on_driver_query(self, record: Any) -> None:
+        if any(marker in record.query for marker in _ASYNCPG_INTROSPECTION):
+            return
         text = record.query.lstrip().split(None, 1)[0].upper()
         self.counts.param_bytes += param_bytes(record.args)
         self.counts.statements += 1

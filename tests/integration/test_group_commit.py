@@ -8,11 +8,12 @@ from typing import Any
 
 import pytest
 
-from sagakit import SagaLeaseLostError, SagaStatus
+from sagakit import SagaBusyError, SagaLeaseLostError, SagaStatus
 from sagakit.records import SagaAction, SagaStepStatus
 from sagakit.storage.sqlalchemy import SqlAlchemySagaStorage
 from tests.conftest import TABLES
 from tests.integration.sagas import OrderContext, OrderSaga, Recorder
+from tests.integration.sqlcount import SqlCounter
 
 pytestmark = pytest.mark.integration
 
@@ -31,8 +32,8 @@ async def test_concurrent_sagas_share_commits_and_all_complete(grouped: Any) -> 
                     for i in range(30)]
     statuses = await asyncio.gather(*(t.run() for t in transactions))
     assert statuses == [SagaStatus.COMPLETED] * 30
-    checkpoints = 30 * len(OrderSaga.steps)
-    assert 0 < grouped.group_commit.batches < checkpoints
+    writes = 30 * (len(OrderSaga.steps) + 1)  # the start and a checkpoint per step
+    assert 0 < grouped.group_commit.batches < writes
     for t in transactions:
         state = await grouped.get_saga(t.saga_id)
         assert state.version == len(OrderSaga.steps) + 1
@@ -86,3 +87,133 @@ async def test_a_checkpoint_the_database_rejects_fails_only_its_own_saga(grouped
     assert [e.step_name for e in await grouped.get_step_history(good.saga_id)] == ["Fine"]
     for scope in (scope1, scope2):
         await scope.__aexit__(None, None, None)
+
+
+async def _start_many(storage: Any, saga_ids: list[Any]) -> tuple[list[Any], list[Any]]:
+    """Start runs of the given ids at the same moment; (scopes, results of start())."""
+    scopes = [storage.create_run() for _ in saga_ids]
+    runs = [await scope.__aenter__() for scope in scopes]
+    results = await asyncio.gather(
+        *(run.start(saga_id, "Grouped", {"i": i}, fingerprint=None, lease_seconds=30)
+          for i, (run, saga_id) in enumerate(zip(runs, saga_ids, strict=True))),
+        return_exceptions=True,
+    )
+    return scopes, results
+
+
+async def _close(scopes: list[Any]) -> None:
+    for scope in scopes:
+        await scope.__aexit__(None, None, None)
+
+
+# SQLite writes each start at once: its inserts cannot be coalesced.
+@pytest.mark.parametrize("sql_storage", ["postgres", "mysql"], indirect=True)
+async def test_concurrent_starts_share_commits(grouped: Any) -> None:
+    saga_ids = [uuid.uuid4() for _ in range(20)]
+    counter = SqlCounter(grouped.engine)
+    try:
+        scopes, results = await _start_many(grouped, saga_ids)
+    finally:
+        await counter.aclose()
+    # The first start finds the storage idle and is written at once, alone; the 19 that arrive
+    # meanwhile go out together.
+    assert counter.counts.transactions <= 3, counter.log
+    assert [created for _, created in results] == [True] * 20
+    for saga_id, (state, _) in zip(saga_ids, results, strict=True):
+        stored = await grouped.get_saga(saga_id)
+        assert (stored.status, stored.version, stored.context) == (SagaStatus.RUNNING, 1,
+                                                                   state.context)
+        assert stored.lease_owner == state.lease_owner is not None
+    await _close(scopes)
+
+
+@pytest.mark.parametrize("sql_storage", ["postgres", "mysql"], indirect=True)
+async def test_a_start_of_an_existing_id_in_a_batch_claims_it_and_spares_its_neighbours(
+    grouped: Any,
+) -> None:
+    existing = uuid.uuid4()
+    await grouped.create_saga(existing, "Grouped", {"stored": True})
+    saga_ids = [uuid.uuid4() for _ in range(6)]
+    saga_ids[3] = existing
+    scopes, results = await _start_many(grouped, saga_ids)
+    for saga_id, (state, created) in zip(saga_ids, results, strict=True):
+        assert created is (saga_id != existing)
+        assert state.lease_owner is not None
+        assert (await grouped.get_saga(saga_id)).lease_owner == state.lease_owner
+    claimed = await grouped.get_saga(existing)
+    assert (claimed.status, claimed.context) == (SagaStatus.RUNNING, {"stored": True})
+    await _close(scopes)
+
+
+@pytest.mark.parametrize("sql_storage", ["postgres", "mysql"], indirect=True)
+async def test_two_starts_of_one_new_id_in_a_batch(grouped: Any) -> None:
+    twice = uuid.uuid4()
+    saga_ids = [uuid.uuid4(), twice, uuid.uuid4(), twice]
+    scopes, results = await _start_many(grouped, saga_ids)
+    assert [r[1] for r in results if not isinstance(r, BaseException)].count(True) == 3
+    assert sum(isinstance(r, SagaBusyError) for r in results) == 1
+    for saga_id in saga_ids:
+        assert (await grouped.get_saga(saga_id)).status is SagaStatus.RUNNING
+    await _close(scopes)
+
+
+@pytest.mark.parametrize("sql_storage", ["postgres", "mysql"], indirect=True)
+async def test_a_start_alone_is_written_at_once(grouped: Any) -> None:
+    counter = SqlCounter(grouped.engine)
+    try:
+        scopes, results = await _start_many(grouped, [uuid.uuid4()])
+    finally:
+        await counter.aclose()
+    assert results[0][1] is True
+    assert counter.counts.transactions == 1
+    assert grouped.group_commit.batches == 1
+    await _close(scopes)
+
+
+@pytest.mark.parametrize("sql_storage", ["postgres", "mysql"], indirect=True)
+async def test_a_batch_holds_at_most_max_batch_bytes_of_contexts(grouped: Any) -> None:
+    grouped.group_commit.max_batch_bytes = 1  # every context is larger: one write per batch
+    counter = SqlCounter(grouped.engine)
+    try:
+        scopes, results = await _start_many(grouped, [uuid.uuid4() for _ in range(5)])
+    finally:
+        await counter.aclose()
+    assert [created for _, created in results] == [True] * 5
+    assert counter.counts.transactions == 5
+    await _close(scopes)
+
+
+@pytest.mark.parametrize("sql_storage", ["postgres", "mysql"], indirect=True)
+async def test_a_cancelled_commit_does_not_disturb_its_batch(grouped: Any) -> None:
+    started = [await _started(grouped) for _ in range(3)]
+    runs = [run for _, run in started]
+    for run in runs:
+        await run.log_step(run.saga_id, "Step", SagaAction.ACT, SagaStepStatus.COMPLETED)
+        await run.update_context(run.saga_id, {"n": 1})
+    commits = [asyncio.create_task(run.commit()) for run in runs]
+    await asyncio.sleep(0)  # the first is being written alone, the other two wait in the queue
+    commits[1].cancel()
+    results = await asyncio.gather(*commits, return_exceptions=True)
+    assert results[0] is None
+    assert results[2] is None
+    assert isinstance(results[1], asyncio.CancelledError)
+    for run in (runs[0], runs[2]):
+        assert (await grouped.get_saga(run.saga_id)).context == {"n": 1}
+    for scope, _ in started:
+        await scope.__aexit__(None, None, None)
+
+
+@pytest.mark.parametrize("sql_storage", ["postgres", "mysql"], indirect=True)
+async def test_a_large_batch_is_written_in_parallel_parts(grouped: Any) -> None:
+    grouped.group_commit.parallel, grouped.group_commit.min_part = 2, 4
+    counter = SqlCounter(grouped.engine)
+    try:
+        # The first start is written alone; the 8 queued meanwhile make one batch, written as
+        # two transactions of 4 at once.
+        scopes, results = await _start_many(grouped, [uuid.uuid4() for _ in range(9)])
+    finally:
+        await counter.aclose()
+    assert [created for _, created in results] == [True] * 9
+    assert counter.counts.transactions == 3
+    assert grouped.group_commit.batches == 3
+    await _close(scopes)

@@ -20,6 +20,7 @@ from sagakit import (
     recover_saga,
 )
 from sagakit.exceptions import SagaNotFoundError
+from sagakit.records import SagaStepStatus
 from sagakit.storage.sqlalchemy import SqlAlchemySagaStorage
 from tests.conftest import MYSQL_DSN, POSTGRES_DSN, TABLES
 from tests.integration.sagas import OrderContext, OrderSaga, Recorder
@@ -215,5 +216,26 @@ async def test_read_for_update_locks_the_row_until_the_run_commits(url: str) -> 
             await run.commit()
             await other
         assert (await storage.load_saga_state(saga_id))[1:] == ({"n": 3}, 3)
+    finally:
+        await storage.close()
+
+
+@pytest.mark.parametrize("group_commit", [False, True], ids=["plain", "group"])
+async def test_a_checkpoint_stays_atomic_on_an_autocommit_mysql_engine(group_commit: bool) -> None:
+    storage = SqlAlchemySagaStorage.from_url(MYSQL_DSN, isolation_level="AUTOCOMMIT",
+                                             group_commit=group_commit, **TABLES)
+    await storage.create_schema()
+    saga_id = uuid.uuid4()
+    try:
+        async with storage.create_run() as run:
+            await run.start(saga_id, "Atomic", {"n": 0}, fingerprint=None, lease_seconds=30)
+            await run.update_context(saga_id, {"n": 1})
+            # VARCHAR(255): the log insert fails after the row update in the same query
+            await run.log_step(saga_id, "x" * 300, "act", SagaStepStatus.COMPLETED)
+            with pytest.raises(Exception, match="too long"):
+                await run.commit()
+        state = await storage.get_saga(saga_id)
+        assert (state.context, state.version) == ({"n": 0}, 1)  # the update was rolled back
+        assert await storage.get_step_history(saga_id) == []
     finally:
         await storage.close()

@@ -6,8 +6,6 @@ drivers' prepared-statement caches hit on every call.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Mapping
 from typing import Any
 from uuid import UUID
 
@@ -31,6 +29,7 @@ from sagakit.records import (
     SagaStepStatus,
 )
 from sagakit.storage.dialect import Dialect
+from sagakit.storage.pool import LeasedStart
 from sagakit.storage.run import Checkpoint, wrong_saga
 from sagakit.storage.schema import RECOVERABLE_SQL
 
@@ -41,19 +40,6 @@ _CLAIMABLE = {
     False: _RECOVERABLE,
     True: sorted([*_RECOVERABLE, SagaStatus.PARKED.value]),
 }
-
-
-async def _raw(conn: Any, method: str, sql: str, *args: Any) -> Any:
-    """Run one statement on the driver's own connection (asyncpg's, on PostgreSQL), skipping
-    SQLAlchemy's per-statement overhead. A connection the driver reports closed is invalidated,
-    so the pool replaces it instead of handing it out again."""
-    raw: Any = (await conn.get_raw_connection()).driver_connection
-    try:
-        return await getattr(raw, method)(sql, *args)
-    except Exception:
-        if raw.is_closed():
-            await conn.invalidate()
-        raise
 
 
 def row_to_state(row: Any) -> SagaState:
@@ -117,6 +103,7 @@ class Queries:
         )
         self._release_later = self._release.values(next_attempt_at=d.now_plus("retry"))
         self._updates: dict[tuple[bool, ...], Any] = {}
+        self._statements: dict[tuple[Any, ...], Any] = {}
 
     def _claim_stmt(self, sid: Any, allow_parked: bool) -> Any:
         t, d = self.t, self.d
@@ -170,8 +157,10 @@ class Queries:
         self, conn: AsyncConnection, limit: int, max_attempts: int,
         stale_after: float | None, saga_name: str | None,
     ) -> list[UUID]:
-        stmt = self._due(limit, max_attempts, stale_after, saga_name)
-        params = self.d.time_params(stale=None if stale_after is None else -stale_after)
+        names = None if saga_name is None else frozenset({saga_name})
+        stmt = self._due(stale_after is not None, names)
+        params = {"limit": limit, "max_attempts": max_attempts,
+                  **self.d.time_params(stale=None if stale_after is None else -stale_after)}
         return [r[0] for r in (await conn.execute(stmt, params)).all()]
 
     async def claim_due(
@@ -181,25 +170,17 @@ class Queries:
         """Lease up to ``limit`` due sagas to ``owner`` in the caller's transaction. Rows another
         transaction is claiming are skipped (SKIP LOCKED) on PostgreSQL; on MySQL/MariaDB the
         primary-key UPDATE re-checks each lease; SQLite serialises writers (BEGIN IMMEDIATE)."""
-        t, d = self.t, self.d
-        due = self._due(limit, max_attempts, stale_after, None)
-        if names is not None:
-            due = due.where(t.c.name.in_(sorted(names)))
-        if d.is_postgres:
-            due = due.with_for_update(skip_locked=True)
-        params = {"owner": owner, **d.time_params(
+        d = self.d
+        params = {"owner": owner, "limit": limit, "max_attempts": max_attempts, **d.time_params(
             lease=lease, stale=None if stale_after is None else -stale_after)}
-        values = {
-            "lease_owner": sa.bindparam("owner"), "lease_expires_at": d.now_plus("lease"),
-            "version": t.c.version + 1, "updated_at": d.now(),
-            "recovery_attempts": t.c.recovery_attempts + 1,
-            "status": sa.case((t.c.status == SagaStatus.PENDING.value, SagaStatus.RUNNING.value),
-                              else_=t.c.status),
-        }
         if d.is_postgres:  # one statement: lock, lease and return
-            stmt = (sa.update(t).where(t.c.saga_id.in_(due.scalar_subquery())).values(**values)
-                    .returning(*self.columns))
+            stmt = self._cached(("claim", stale_after is not None, names), lambda: (
+                sa.update(self.t)
+                .where(self.t.c.saga_id.in_(self._due(stale_after is not None, names)
+                                            .with_for_update(skip_locked=True).scalar_subquery()))
+                .values(**self._claim_values()).returning(*self.columns)))
             return [row_to_state(r) for r in (await conn.execute(stmt, params)).all()]
+        due = self._due(stale_after is not None, names)
         ids = [r[0] for r in (await conn.execute(due, params)).all()]
         if not ids:
             return []
@@ -207,35 +188,84 @@ class Queries:
         # index deadlocks against concurrent checkpoints); the UPDATE, by primary key, re-checks
         # that each is still free, so of two workers that read the same candidates each saga
         # goes to one. SQLite: BEGIN IMMEDIATE already serialises claimers.
-        update = sa.update(t).where(
-            t.c.saga_id.in_(ids),
-            sa.text(RECOVERABLE_SQL),
-            t.c.recovery_attempts <= max_attempts,
-            sa.or_(t.c.lease_owner.is_(None), t.c.lease_expires_at <= d.now()),
-        ).values(**values)
+        update, mine = self._cached(("claim ids",), self._claim_by_ids)
+        params["ids"] = ids
         if d.is_sqlite:
             rows = (await conn.execute(update.returning(*self.columns), params)).all()
         else:
             await conn.execute(update, params)
-            mine = sa.select(*self.columns).where(t.c.saga_id.in_(ids), t.c.lease_owner == owner)
-            rows = (await conn.execute(mine)).all()
+            rows = (await conn.execute(mine, {"ids": ids, "owner": owner})).all()
         return [row_to_state(r) for r in rows]
 
-    def _due(
-        self, limit: int, max_attempts: int, stale_after: float | None, saga_name: str | None
-    ) -> Any:
+    def _claim_values(self) -> dict[str, Any]:
+        """What a claim writes: the lease, one more version and recovery attempt, and RUNNING
+        for a PENDING saga."""
         t, d = self.t, self.d
-        stmt = sa.select(t.c.saga_id).where(
-            sa.text(RECOVERABLE_SQL),  # literal, matching the partial index's predicate
-            t.c.recovery_attempts <= max_attempts,
+        return {
+            "lease_owner": sa.bindparam("owner"), "lease_expires_at": d.now_plus("lease"),
+            "version": t.c.version + 1, "updated_at": d.now(),
+            "recovery_attempts": t.c.recovery_attempts + 1,
+            "status": sa.case((t.c.status == SagaStatus.PENDING.value, SagaStatus.RUNNING.value),
+                              else_=t.c.status),
+        }
+
+    def _claim_by_ids(self) -> tuple[Any, Any]:
+        """The claim of candidates read beforehand (MySQL/MariaDB, SQLite): the UPDATE of those
+        still due, by primary key, and the SELECT of the rows it leased to ``owner``."""
+        t, d = self.t, self.d
+        ids = sa.bindparam("ids", expanding=True, type_=sa.Uuid())
+        update = sa.update(t).where(
+            t.c.saga_id.in_(ids),
+            sa.text(RECOVERABLE_SQL),
+            t.c.recovery_attempts <= sa.bindparam("max_attempts", type_=sa.Integer()),
+            sa.or_(t.c.lease_owner.is_(None), t.c.lease_expires_at <= d.now()),
+        ).values(**self._claim_values())
+        mine = sa.select(*self.columns).where(t.c.saga_id.in_(ids),
+                                              t.c.lease_owner == sa.bindparam("owner"))
+        return update, mine
+
+    def _cached(self, key: tuple[Any, ...], build: Any) -> Any:
+        """A statement built once per key (bounded: the keys are few in practice)."""
+        stmt = self._statements.get(key)
+        if stmt is None:
+            if len(self._statements) > 256:
+                self._statements.clear()
+            stmt = self._statements[key] = build()
+        return stmt
+
+    def _due(self, stale: bool, names: frozenset[str] | None) -> Any:
+        """The recovery scan: the ids of up to ``:limit`` due sagas, least recently updated
+        first (``:max_attempts``, and ``:stale_at`` with ``stale``, are parameters too).
+        PostgreSQL and SQLite read them from the partial index of recoverable sagas, in its
+        order. MySQL/MariaDB have no partial indexes: there one branch per recoverable status
+        reads the (status, updated_at) index in its order (InnoDB keys it by saga_id last) and
+        stops at the limit, and the branches are merged; a single ``status IN`` query would
+        sort every due saga on each call (a backlog of 10 000 costs milliseconds per claim)."""
+        return self._cached(("due", stale, names), lambda: self._build_due(stale, names))
+
+    def _build_due(self, stale: bool, names: frozenset[str] | None) -> Any:
+        t, d = self.t, self.d
+        limit = sa.bindparam("limit", type_=sa.Integer())
+        conditions = [
+            t.c.recovery_attempts <= sa.bindparam("max_attempts", type_=sa.Integer()),
             sa.or_(t.c.lease_owner.is_(None), t.c.lease_expires_at <= d.now()),
             sa.or_(t.c.next_attempt_at.is_(None), t.c.next_attempt_at <= d.now()),
-        )
-        if saga_name is not None:
-            stmt = stmt.where(t.c.name == saga_name)
-        if stale_after is not None:
-            stmt = stmt.where(t.c.updated_at <= d.now_plus("stale"))
-        return stmt.order_by(t.c.updated_at, t.c.saga_id).limit(limit)
+        ]
+        if names is not None:
+            conditions.append(t.c.name.in_(sorted(names)))
+        if stale:
+            conditions.append(t.c.updated_at <= d.now_plus("stale"))
+        if not d.is_mysql:
+            return (sa.select(t.c.saga_id)
+                    .where(sa.text(RECOVERABLE_SQL), *conditions)  # the partial index's predicate
+                    .order_by(t.c.updated_at, t.c.saga_id).limit(limit))
+        branches = [
+            sa.select(t.c.saga_id, t.c.updated_at).where(t.c.status == status, *conditions)
+            .order_by(t.c.updated_at, t.c.saga_id).limit(limit)
+            for status in _RECOVERABLE
+        ]
+        due = sa.union_all(*branches).subquery("due")
+        return sa.select(due.c.saga_id).order_by(due.c.updated_at, due.c.saga_id).limit(limit)
 
     async def list_sagas(
         self, conn: AsyncConnection, statuses: frozenset[SagaStatus] | None,
@@ -252,24 +282,18 @@ class Queries:
 
     # -- lease writes -------------------------------------------------------------------------
 
-    async def insert_leased(
-        self, conn: Any, saga_id: UUID, name: str, text: str,
-        context: Mapping[str, Any], fingerprint: str | None, owner: str, lease: float,
-    ) -> SagaState:
-        if self.d.insert_leased_sql is not None:  # PostgreSQL: straight to asyncpg
-            try:
-                await _raw(conn, "execute", self.d.insert_leased_sql, saga_id, name, text,
-                           fingerprint, owner, lease)
-            except Exception as error:
-                if type(error).__name__ == "UniqueViolationError":
-                    raise sa.exc.IntegrityError("INSERT", None, error) from error
-                raise
-        else:
-            params = {"sid": saga_id, "name": name, "ctx": text, "fingerprint": fingerprint,
-                      "owner": owner, **self.d.time_params(lease=lease)}
+    async def insert_leased(self, conn: AsyncConnection, start: LeasedStart) -> bool:
+        """Insert the saga RUNNING and leased, in the caller's transaction (SQLite; PostgreSQL
+        and MySQL/MariaDB go through their driver-level writers). False, with nothing written,
+        if the id exists."""
+        params = {"sid": start.saga_id, "name": start.name, "ctx": start.text,
+                  "fingerprint": start.fingerprint, "owner": start.owner,
+                  **self.d.time_params(lease=start.lease_seconds)}
+        try:
             await conn.execute(self._insert_leased, params)
-        return SagaState(saga_id, name, SagaStatus.RUNNING, context, 1, 0,
-                         lease_owner=owner, fingerprint=fingerprint)
+        except sa.exc.IntegrityError:
+            return False
+        return True
 
     async def claim(
         self, conn: AsyncConnection, saga_id: UUID, owner: str, lease: float,
@@ -319,61 +343,6 @@ class Queries:
 
     # -- checkpoints --------------------------------------------------------------------------
 
-    async def write_checkpoint_pg(self, conn: Any, cp: Checkpoint, text: str | None) -> int | None:
-        """One statement through asyncpg; the new version, or None when the fence did not
-        match (the caller finds out why with :meth:`diagnose`)."""
-        entries = cp.entries
-        assert self.d.checkpoint_sql is not None
-        version = await _raw(
-            conn, "fetchval", self.d.checkpoint_sql, cp.saga_id, text is not None, text,
-            None if cp.status is None else cp.status.value, cp.reset_attempts,
-            cp.releases_lease, cp.lease_seconds, cp.fence_version, cp.expected_version,
-            cp.fence_owner, [e.step_name for e in entries], [e.action.value for e in entries],
-            [e.status.value for e in entries], [e.details for e in entries],
-            [e.error_type for e in entries],
-        )
-        return None if version is None else int(version)
-
-    async def write_checkpoint_mysql(
-        self, conn: AsyncConnection, cp: Checkpoint, text: str | None
-    ) -> int:
-        """A fenced update checkpoint on MySQL/MariaDB through the driver's own cursor:
-        UPDATE, INSERT of the log entries, COMMIT — without SQLAlchemy's per-statement cost.
-        Needs a known version (a run's fence); the caller checks."""
-        assert self.d.mysql_checkpoint_sql is not None
-        update, insert = self.d.mysql_checkpoint_sql
-        known = cp.fence_version if cp.fence_version is not None else cp.expected_version
-        assert known is not None
-        lease_us = None if cp.lease_seconds is None else int(cp.lease_seconds * 1_000_000)
-        raw: Any = (await conn.get_raw_connection()).driver_connection
-        sid = cp.saga_id.hex
-        try:
-            async with raw.cursor() as cursor:
-                matched = await cursor.execute(update, (
-                    text is not None, text, None if cp.status is None else cp.status.value,
-                    cp.reset_attempts, cp.releases_lease, lease_us, lease_us,
-                    cp.releases_lease, sid, cp.fence_version, cp.fence_version,
-                    cp.expected_version, cp.expected_version, cp.fence_owner, cp.fence_owner,
-                ))
-                if matched != 1:
-                    await raw.rollback()
-                    await self._diagnose(conn, cp)
-                if cp.entries:
-                    rows = ", ".join(["(%s, %s, %s, %s, %s, %s, UTC_TIMESTAMP(6))"] * len(cp.entries))
-                    params: list[Any] = []
-                    for e in cp.entries:
-                        params += (sid, e.step_name, e.action.value, e.status.value, e.details,
-                                   e.error_type)
-                    await cursor.execute(insert + rows, params)
-            await raw.commit()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await raw.rollback()
-            if getattr(raw, "closed", False) or not getattr(raw, "connected", True):
-                await conn.invalidate()
-            raise
-        return known + 1
-
     async def write_checkpoint(
         self, conn: AsyncConnection, cp: Checkpoint, text: str | None
     ) -> int:
@@ -407,11 +376,10 @@ class Queries:
     async def write_batch(
         self, conn: Any, items: list[tuple[Checkpoint, str | None]]
     ) -> dict[UUID, int]:
-        """Write fenced update checkpoints of distinct sagas in one transaction (the caller's).
+        """Write fenced update checkpoints of distinct sagas in one transaction (the caller's),
+        statement by statement (SQLite; PostgreSQL and MySQL/MariaDB have driver-level batches).
         Returns the new version of each saga whose fence matched; the others are left as they
         were, without their log entries."""
-        if self.d.checkpoint_batch_sql is not None:
-            return await self._write_batch_pg(conn, items)
         written: dict[UUID, int] = {}
         logs: list[dict[str, Any]] = []
         for cp, text in items:
@@ -429,26 +397,6 @@ class Queries:
         if logs:
             await conn.execute(self._insert_log, logs)
         return written
-
-    async def _write_batch_pg(
-        self, conn: Any, items: list[tuple[Checkpoint, str | None]]
-    ) -> dict[UUID, int]:
-        assert self.d.checkpoint_batch_sql is not None
-        cps = [cp for cp, _ in items]
-        entries = [(cp.saga_id, e) for cp in cps for e in cp.entries]
-        rows = await _raw(
-            conn, "fetch", self.d.checkpoint_batch_sql,
-            [cp.saga_id for cp in cps], [text is not None for _, text in items],
-            [text for _, text in items],
-            [None if cp.status is None else cp.status.value for cp in cps],
-            [cp.reset_attempts for cp in cps], [cp.releases_lease for cp in cps],
-            [cp.lease_seconds for cp in cps], [cp.fence_version for cp in cps],
-            [cp.expected_version for cp in cps], [cp.fence_owner for cp in cps],
-            [sid for sid, _ in entries], [e.step_name for _, e in entries],
-            [e.action.value for _, e in entries], [e.status.value for _, e in entries],
-            [e.details for _, e in entries], [e.error_type for _, e in entries],
-        )
-        return {row[0]: row[1] for row in rows}
 
     async def diagnose(self, conn: AsyncConnection, cp: Checkpoint) -> None:
         """Raise why a fenced checkpoint matched no row (not found, lease lost, version)."""

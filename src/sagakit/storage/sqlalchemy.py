@@ -5,8 +5,13 @@ Costs per checkpoint (one committed transaction each):
 
 - PostgreSQL: one statement, one round trip (the row update and the log inserts in one
   data-modifying CTE, sent in autocommit mode).
-- MySQL/MariaDB: UPDATE, INSERT, COMMIT.
+- MySQL/MariaDB: UPDATE, INSERT, COMMIT, sent as one multi-statement query: one round trip.
 - SQLite: BEGIN IMMEDIATE, UPDATE, INSERT, COMMIT (no network; WAL mode).
+
+Both hot paths (checkpoints and saga starts) go straight to the driver (asyncpg, asyncmy or
+aiomysql) on a pooled connection: see :mod:`sagakit.storage.postgres` and
+:mod:`sagakit.storage.mysql`. With ``group_commit=True`` the checkpoints and starts of concurrent
+sagas share transactions (:mod:`sagakit.storage.group_commit`).
 
 A run borrows a pooled connection only for the duration of one write or read: nothing is held
 while a step runs. The one exception is ``load_saga_state(read_for_update=True)`` through a run,
@@ -30,12 +35,14 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.util.concurrency import greenlet_spawn
 
 from sagakit.exceptions import SagaNotFoundError, SagaSerializationError
 from sagakit.records import SagaLogEntry, SagaState, SagaStatus, context_json
 from sagakit.storage.dialect import Dialect
 from sagakit.storage.group_commit import GroupCommitter
+from sagakit.storage.mysql import MySqlWriter
+from sagakit.storage.pool import LeasedStart, PoolLease
+from sagakit.storage.postgres import PgWriter
 from sagakit.storage.queries import Queries, row_to_state
 from sagakit.storage.run import BufferedRun, Checkpoint, RunBackedStorage
 from sagakit.storage.schema import SagaTables
@@ -74,9 +81,14 @@ class SqlAlchemySagaStorage(RunBackedStorage):
         self.max_context_bytes = max_context_bytes
         self._owns_engine = _owns_engine
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
-        self.group_commit = GroupCommitter(self) if group_commit else None
-        self._raw_mysql = self.dialect.is_mysql and self.engine.dialect.driver in (
-            "asyncmy", "aiomysql")
+        self.group_commit = (GroupCommitter(self, parallel=2 if self.dialect.is_mysql else 1)
+                             if group_commit else None)
+        self.writer: PgWriter | MySqlWriter | None = None
+        """The driver-level hot path (checkpoints, starts, batches), where there is one."""
+        if self.dialect.is_postgres:
+            self.writer = PgWriter(self.tables)
+        elif self.dialect.is_mysql and self.engine.dialect.driver in ("asyncmy", "aiomysql"):
+            self.writer = MySqlWriter(self.tables)
         if self.dialect.is_sqlite:
             _configure_sqlite(self.engine)
 
@@ -152,25 +164,55 @@ class SqlAlchemySagaStorage(RunBackedStorage):
         """A connection inside a transaction, committed on success."""
         return self.engine.begin()
 
-    def raw_lease(self) -> Any:
-        """A pooled connection for driver-level statements (PostgreSQL), see ``_PoolLease``."""
-        return _PoolLease(self.engine)
+    def raw_lease(self) -> PoolLease:
+        """A pooled connection for driver-level statements, see :class:`PoolLease`."""
+        return PoolLease(self.engine)
+
+    @property
+    def batches_starts(self) -> bool:
+        """Whether group commit can put saga starts in its batches (PostgreSQL, MySQL/MariaDB
+        through asyncmy or aiomysql)."""
+        return self.writer is not None
 
     async def write_one(self, cp: Checkpoint, text: str | None) -> int:
-        """Write one update checkpoint in its own transaction; return the new version."""
-        if self.dialect.checkpoint_sql is not None:
+        """Write one update checkpoint in its own transaction; return the new version. Raises
+        SagaNotFoundError, SagaLeaseLostError or SagaConcurrencyError (nothing written) when the
+        fence does not match; driver errors as they are."""
+        if self.writer is not None:
             async with self.raw_lease() as lease:
-                version = await self.queries.write_checkpoint_pg(lease, cp, text)
+                version = await self.writer.write_checkpoint(lease, cp, text)
             if version is None:  # fenced out: find out why (a read, off the hot path)
                 async with self.single() as conn:
                     await self.queries.diagnose(conn, cp)
             assert version is not None
             return version
-        if self._raw_mysql and (cp.fence_version is not None or cp.expected_version is not None):
-            async with self.engine.connect() as conn:
-                return await self.queries.write_checkpoint_mysql(conn, cp, text)
         async with self.transaction() as conn:
             return await self.queries.write_checkpoint(conn, cp, text)
+
+    async def insert_one(self, start: LeasedStart) -> bool:
+        """Insert a saga RUNNING and leased in its own transaction; False, with nothing
+        written, if the id exists. Driver errors as they are."""
+        if self.writer is not None:
+            async with self.raw_lease() as lease:
+                return await self.writer.insert_leased(lease, start)
+        async with self.transaction() as conn:
+            return await self.queries.insert_leased(conn, start)
+
+    async def write_batch(
+        self, items: list[tuple[Checkpoint, str | None]], starts: list[LeasedStart]
+    ) -> tuple[list[int | None], list[bool]]:
+        """Write update checkpoints of distinct sagas and insert started sagas (only where
+        :attr:`batches_starts`) in one transaction. Returns, in the order given, each
+        checkpoint's new version (None when its fence did not match: it was not written) and
+        whether each start was inserted (not when its id exists). Raises on a driver error,
+        with nothing written."""
+        if self.writer is not None:
+            async with self.raw_lease() as lease:
+                return await self.writer.write_batch(lease, items, starts)
+        assert not starts, "this storage does not batch saga starts"
+        async with self.transaction() as conn:
+            written = await self.queries.write_batch(conn, items)
+        return [written.get(cp.saga_id) for cp, _ in items], []
 
     def dump(self, saga_id: UUID, context: Mapping[str, Any]) -> str:
         """The context's JSON text; SagaSerializationError if it is not JSON or too large."""
@@ -343,14 +385,16 @@ class _SqlRun(BufferedRun):
         lease_seconds: float,
     ) -> tuple[SagaState, bool]:
         s = self._s
-        text = s.dump(saga_id, context)
-        try:
-            async with s.raw_lease() if s.dialect.is_postgres else s.single(write=True) as conn:
-                state = await s.queries.insert_leased(
-                    conn, saga_id, name, text, context, fingerprint, self.owner, lease_seconds
-                )
-        except exc.IntegrityError:
+        start = LeasedStart(saga_id, name, s.dump(saga_id, context), fingerprint, self.owner,
+                            lease_seconds)
+        if s.group_commit is not None:
+            created = await s.group_commit.start(start)
+        else:
+            created = await s.insert_one(start)
+        if not created:  # the id exists: claim it instead
             return await self.claim(saga_id, lease_seconds=lease_seconds, name=name), False
+        state = SagaState(saga_id, name, SagaStatus.RUNNING, context, 1, 0,
+                          lease_owner=self.owner, fingerprint=fingerprint)
         self._took_lease(state, lease_seconds)
         return state, True
 
@@ -385,32 +429,6 @@ class _SqlRun(BufferedRun):
         self.holds_lease = False
         async with self._s.single(write=True) as conn:
             await self._s.queries.release(conn, self.saga_id, self.owner, self.retry_after)
-
-
-class _PoolLease:
-    """A connection taken straight from the engine's pool for driver-level statements (the
-    PostgreSQL hot path), without SQLAlchemy's Connection around it: what ``_raw`` needs —
-    ``get_raw_connection()`` and ``invalidate()`` — and nothing else. Statements run outside any
-    transaction block (autocommit)."""
-
-    __slots__ = ("_fairy", "_pool")
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._pool = engine.sync_engine.pool
-        self._fairy: Any = None
-
-    async def __aenter__(self) -> _PoolLease:
-        self._fairy = await greenlet_spawn(self._pool.connect)
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await greenlet_spawn(self._fairy.close)
-
-    async def get_raw_connection(self) -> Any:
-        return self._fairy
-
-    async def invalidate(self) -> None:
-        await greenlet_spawn(self._fairy.invalidate)
 
 
 def _is_lock_conflict(error: exc.DBAPIError) -> bool:
