@@ -286,9 +286,12 @@ async def run(session: Session, section: Section) -> None:
         f"instances, {where}. Each worker has its own engine, "
         f"concurrency={sizes.recovery_concurrency} and poll_interval=0.05 s. Each worker claims "
         "up to `concurrency` due sagas at a time in one atomic step (claim_due: FOR UPDATE SKIP "
-        "LOCKED), so workers take disjoint sagas: busy = claims lost to another worker (0 "
-        "expected); attempts = recoveries tried. Client CPU = the workers' CPU per recovered "
-        "saga."
+        "LOCKED on PostgreSQL; on MariaDB an unlocked read of the due sagas, in index order, "
+        "and a primary-key UPDATE that re-checks each lease), so workers take disjoint sagas: "
+        "busy = claims lost to another worker (0 expected); attempts = recoveries tried. Client "
+        "CPU = the workers' CPU per recovered saga. The machine has 2 cores shared by the "
+        "workers and the database server, so 4 worker processes compete for CPU rather than "
+        "add it."
     )
     runs_total = len(session.backends) * len(sizes.recovery_workers)
     deadline = max(30.0, sizes.section_timeout * TIMEOUT_FACTOR / max(1, runs_total) - 60)
