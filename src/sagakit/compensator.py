@@ -14,6 +14,8 @@ import functools
 import random
 from collections.abc import Awaitable, Callable, Sequence
 
+from sagakit.exceptions import SagaLeaseLostError
+
 __all__ = ["CompensationFailure", "CompensationTask", "RetryPolicy", "SagaCompensator"]
 
 
@@ -116,6 +118,8 @@ class SagaCompensator:
                 await asyncio.sleep(self.retry.wait_before(attempt))
             try:
                 await task.call(attempt)
+            except SagaLeaseLostError:
+                raise  # another run owns the saga now: no retry, no record
             except Exception as exc:
                 error = exc
             else:

@@ -160,6 +160,7 @@ class Execution(Generic[C]):
         self._chain = build_chain(middlewares, _invoke)
         self._failed_handler = ""
         self._unstorable = False
+        self._keeper: LeaseKeeper | None = None
         self.should_stop: Callable[[], bool] = _never
         """Checked after each checkpoint; True makes the run stop there (graceful shutdown)."""
 
@@ -183,7 +184,7 @@ class Execution(Generic[C]):
                 saga_name=self.saga.name,
             )
         assert isinstance(plan, Backward)
-        async with LeaseKeeper(self.run, self.lease_seconds):
+        async with LeaseKeeper(self.run, self.lease_seconds) as self._keeper:
             await self._backward(plan.to_compensate)
         nothing: tuple[SagaStepResult[C, Any], ...] = ()
         for result in nothing:  # an async generator that yields nothing
@@ -192,7 +193,7 @@ class Execution(Generic[C]):
     async def compensate(self, to_compensate: Sequence[CompletedStep]) -> None:
         """Go backward now (an explicit abort); the caller made COMPENSATING durable first."""
         self.status = SagaStatus.COMPENSATING
-        async with LeaseKeeper(self.run, self.lease_seconds):
+        async with LeaseKeeper(self.run, self.lease_seconds) as self._keeper:
             await self._backward(to_compensate)
 
     @property
@@ -235,7 +236,7 @@ class Execution(Generic[C]):
             await self._finish_forward()
             return
         completed = list(plan.completed)
-        async with LeaseKeeper(self.run, self.lease_seconds):
+        async with LeaseKeeper(self.run, self.lease_seconds) as self._keeper:
             for index in range(plan.start, len(specs)):
                 yield await self._forward_step(index, completed)
                 if index < len(specs) - 1 and self.should_stop():
@@ -248,6 +249,8 @@ class Execution(Generic[C]):
         run, saga_id = self.run, self.saga_id
         previous = self._stored
         spec = self.saga.step_specs[index]
+        if self._keeper is not None:  # outside the try: a lost lease is not a step failure
+            self._keeper.ensure(saga_id, self.saga.name, spec.name)
         try:
             if spec.fallback is None:
                 handler_name = spec.name
@@ -420,6 +423,8 @@ class Execution(Generic[C]):
         self.status = SagaStatus.FAILED if done else SagaStatus.COMPENSATING
 
     async def _call_compensate(self, handler_name: str, attempt: int) -> None:
+        if self._keeper is not None:  # SagaLeaseLostError ends the compensation, no retry
+            self._keeper.ensure(self.saga_id, self.saga.name, handler_name)
         handler = await self._handler(handler_name)
         invocation = StepInvocation(
             self.saga_id, self.saga.name, handler_name, SagaAction.COMPENSATE, attempt,

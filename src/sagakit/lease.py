@@ -18,6 +18,7 @@ import contextlib
 import logging
 import time
 import weakref
+from uuid import UUID
 
 from sagakit.exceptions import SagaLeaseLostError
 from sagakit.storage.protocol import LeasedRun
@@ -28,7 +29,11 @@ logger = logging.getLogger("sagakit")
 
 
 class LeaseKeeper:
-    """``async with LeaseKeeper(run, lease_seconds):`` around the part of a run where steps run."""
+    """``async with LeaseKeeper(run, lease_seconds):`` around the part of a run where steps run.
+
+    :meth:`ensure` is called before every step invocation: a run must not start step code once
+    its lease is known lost, or may have run out (its renewal did not get through in time, say
+    behind a database lock): another worker may have claimed the saga meanwhile."""
 
     __slots__ = ("_renewal", "_sweeper", "interval", "lease_seconds", "lost", "run")
 
@@ -55,6 +60,19 @@ class LeaseKeeper:
             with contextlib.suppress(asyncio.CancelledError):
                 await renewal
 
+    def ensure(self, saga_id: UUID, saga_name: str, step_name: str) -> None:
+        """Raise SagaLeaseLostError if the lease is lost or may have run out."""
+        if self.lost is not None:
+            raise self.lost
+        run = self.run
+        until = getattr(run, "lease_until", None)
+        if until is not None and getattr(run, "holds_lease", False) and time.monotonic() >= until:
+            raise SagaLeaseLostError(
+                f"saga {saga_id}: this run's lease may have run out (no renewal got through "
+                f"in time); step {step_name!r} was not started",
+                saga_id=saga_id, saga_name=saga_name, step_name=step_name,
+            )
+
     def check(self, now: float, loop: asyncio.AbstractEventLoop) -> None:
         """Start a renewal if no checkpoint was written for a third of the lease."""
         if self.lost is not None:
@@ -65,8 +83,12 @@ class LeaseKeeper:
             self._renewal = loop.create_task(self._renew())
 
     async def _renew(self) -> None:
+        sent = time.monotonic()
         try:
             await self.run.renew_lease(self.lease_seconds)
+            confirm = getattr(self.run, "confirm_lease", None)
+            if confirm is not None:
+                confirm(sent)
         except SagaLeaseLostError as exc:
             self.lost = exc
             logger.error("%s", exc)

@@ -114,3 +114,35 @@ def test_owner_ids_are_unique_and_a_forked_child_draws_its_own() -> None:
     theirs = queue.get(timeout=30)
     child.join(30)
     assert theirs.rsplit("-", 1)[0] != mine.rsplit("-", 1)[0]  # another process, another prefix
+
+
+async def test_a_run_whose_renewal_stalls_past_its_lease_starts_no_more_step_code(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Compensation retries write nothing between attempts, so only the lease's renewals keep
+    the run entitled to retry. When a renewal hangs (a database lock, say) past the lease,
+    another worker may claim the saga: the run must not start another attempt."""
+    storage, script = MemorySagaStorage(), Script()
+    script.fail("StepC", "act", RuntimeError("boom"))
+    script.always("StepB", "compensate", RuntimeError("payment service down"))
+    stalled = asyncio.Event()
+
+    async def hangs(self: object, lease_seconds: float) -> None:
+        stalled.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(type(await _a_run(storage)), "renew_lease", hangs)
+    saga_id = uuid.uuid4()
+    txn = transaction(ThreeStepSaga(), script, storage, saga_id=saga_id, lease_seconds=0.3,
+                      compensation_retry_count=5, compensation_retry_delay=0.4)
+    with pytest.raises(SagaLeaseLostError) as caught:
+        await txn.run()
+    assert stalled.is_set()
+    assert caught.value.step_name == "StepB"
+    # The first attempt ran under a fresh lease; the retries would have started after it ran out.
+    assert script.count("StepB", "compensate") == 1
+    assert script.count("StepA", "compensate") == 0
+    state = await storage.get_saga(saga_id)
+    assert state.status is SagaStatus.COMPENSATING  # left for recovery, nothing recorded
+    assert [e.step_name for e in await storage.get_step_history(saga_id)] == [
+        "StepA", "StepB", "StepC"]

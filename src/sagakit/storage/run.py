@@ -119,6 +119,9 @@ class BufferedRun(abc.ABC):
         self.retry_after: float | None = None
         """Set before the run ends to make recovery wait this long before the next attempt."""
         self.last_commit: float | None = None  # time.monotonic() of the last durable write
+        self.lease_until: float | None = None
+        """time.monotonic() until which this run's lease surely holds: a lease-extending write
+        acknowledged, plus the lease, counted from when the write was sent."""
         self._pending: Checkpoint | None = None
 
     # -- buffered operations (the seed protocol) ----------------------------------------------
@@ -192,11 +195,14 @@ class BufferedRun(abc.ABC):
                 pending.fence_owner = self.owner
                 if not releases:
                     pending.lease_seconds = self.lease_seconds
+        sent = time.monotonic()
         try:
             version = await self._write(pending)
         finally:
             self._pending = None
         self.last_commit = time.monotonic()
+        if pending.fence_owner is not None and pending.lease_seconds is not None:
+            self.lease_until = sent + pending.lease_seconds
         if same or self.saga_id is None:
             self.saga_id = pending.saga_id
             self.version = version
@@ -206,8 +212,15 @@ class BufferedRun(abc.ABC):
     async def rollback(self) -> None:
         self._pending = None
 
+    def confirm_lease(self, sent: float) -> None:
+        """A renewal sent at ``sent`` (time.monotonic()) went through."""
+        if self.lease_seconds is not None:
+            self.lease_until = sent + self.lease_seconds
+        self.last_commit = time.monotonic()
+
     def _took_lease(self, state: SagaState, lease_seconds: float) -> None:
         self.last_commit = time.monotonic()
+        self.lease_until = self.last_commit + lease_seconds
         self.saga_id = state.saga_id
         self.version = state.version
         self.lease_seconds = lease_seconds
