@@ -104,10 +104,6 @@ class ContextCodec(Generic[C]):
             )
         return self._encode_json(context)
 
-    def decode_json(self, text: bytes) -> C:
-        """Stored JSON text -> context (see :meth:`decode`)."""
-        return self.decode(orjson.loads(text))
-
     def decode(self, data: Mapping[str, Any]) -> C:
         """Stored dict -> context. Raises SagaSerializationError when the data does not fit.
 

@@ -256,7 +256,7 @@ class Execution(Generic[C]):
                 handler_name = spec.name
                 result = await self.call_act(handler_name)
             else:
-                result, handler_name = await self.run_step(spec)
+                result, handler_name = await self._run_fallback(spec)
             data = self._encode_changed(handler_name)
         except Exception as exc:
             await self._fail_and_compensate(exc, completed)
@@ -296,32 +296,22 @@ class Execution(Generic[C]):
         await self.commit()
         self.status = SagaStatus.COMPLETED
 
-    async def run_step(self, spec: StepSpec) -> tuple[SagaStepResult[C, Any], str]:
-        """Run one step's act (through its fallback, if it has one); return (result, handler)."""
+    async def _run_fallback(self, spec: StepSpec) -> tuple[SagaStepResult[C, Any], str]:
+        """Run a step that has a fallback; return (result, the handler that completed)."""
+        assert spec.fallback is not None
         with saga_log_context(self.saga_id, self.saga.name, spec.name):
-            if spec.fallback is not None:
-                result, name = await spec.fallback.run(self, spec)
-                return result, name
-            return await self.call_act(spec.name), spec.name
+            result, handler_name = await spec.fallback.run(self, spec)
+        return result, handler_name
 
     async def call_act(self, handler_name: str) -> SagaStepResult[C, Any]:
-        """Run one handler's act through the middleware chain (the step's log scope is the
-        invocation itself, see SagaLogFilter)."""
+        """Run one handler's act through the middleware chain."""
         self._failed_handler = handler_name
         handler = self._handlers.get(handler_name)
         if handler is None:
             handler = await self._handler(handler_name)
-        invocation = StepInvocation(
+        out = await self._call(StepInvocation(
             self.saga_id, self.saga.name, handler_name, SagaAction.ACT, 1, self.context, handler
-        )
-        token = _current.set(invocation)
-        try:
-            if self._chain is _invoke:  # no middleware: call the step directly
-                out = await handler.act(invocation.context)
-            else:
-                out = await self._chain(invocation)
-        finally:
-            _current.reset(token)
+        ))
         if type(out) is SagaStepResult:
             return step_result(out.step_type, out.response, self.saga_id, handler_name,
                                out.error_type, out.error_message)
@@ -426,12 +416,24 @@ class Execution(Generic[C]):
         if self._keeper is not None:  # SagaLeaseLostError ends the compensation, no retry
             self._keeper.ensure(self.saga_id, self.saga.name, handler_name)
         handler = await self._handler(handler_name)
-        invocation = StepInvocation(
+        await self._call(StepInvocation(
             self.saga_id, self.saga.name, handler_name, SagaAction.COMPENSATE, attempt,
             self.context, handler,
-        )
-        with saga_log_context(self.saga_id, self.saga.name, handler_name):
-            await self._chain(invocation)
+        ))
+
+    async def _call(self, invocation: StepInvocation) -> Any:
+        """Call the step through the middleware chain, as the current invocation (which is
+        also the log scope of whatever the middlewares and the step log, see SagaLogFilter)."""
+        token = _current.set(invocation)
+        try:
+            if self._chain is not _invoke:
+                return await self._chain(invocation)
+            # No middleware: what _invoke would do, one coroutine frame less per step.
+            if invocation.action is SagaAction.ACT:
+                return await invocation.handler.act(invocation.context)
+            return await invocation.handler.compensate(invocation.context)
+        finally:
+            _current.reset(token)
 
     async def _handler(self, handler_name: str) -> SagaStepHandler[Any, Any]:
         handler = self._handlers.get(handler_name)

@@ -405,7 +405,7 @@ def test_encode_json_is_the_stored_form_and_equal_contexts_give_equal_bytes(kind
     one, two = make(), make()
     assert codec.encode_json(one) == codec.encode_json(two)
     assert orjson.loads(codec.encode_json(one)) == codec.encode(one)
-    assert codec.encode(codec.decode_json(codec.encode_json(one))) == codec.encode(one)
+    assert codec.encode(codec.decode(orjson.loads(codec.encode_json(one)))) == codec.encode(one)
 
 
 async def test_the_storage_receives_the_engines_json_and_does_not_encode_again() -> None:
