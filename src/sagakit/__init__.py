@@ -22,6 +22,8 @@ from sagakit.exceptions import (
     SagaParkedError,
     SagaSerializationError,
     SagaStorageError,
+    SagaStorageRejectedError,
+    SagaStorageUnavailableError,
 )
 from sagakit.fallback import Fallback
 from sagakit.invocation import StepInvocation, current_invocation
@@ -89,6 +91,8 @@ __all__ = [
     "SagaStepStatus",
     "SagaStorage",
     "SagaStorageError",
+    "SagaStorageRejectedError",
+    "SagaStorageUnavailableError",
     "SagaStorageRun",
     "SagaTransaction",
     "SqlAlchemySagaStorage",

@@ -8,8 +8,14 @@ The tree::
     ├── SagaNotFoundError        (also a LookupError) no saga with that id is stored
     ├── SagaBusyError            another live run holds the saga's lease
     ├── SagaParkedError          the saga is parked; only an explicit resume or abort touches it
-    ├── SagaStorageError         a checkpoint could not be written (database down, connection
-    │                            lost...); the saga stays at its last checkpoint, recoverable
+    ├── SagaStorageError         the storage failed (``__cause__`` is the driver's error); a
+    │   │                        checkpoint that failed so was not written: the saga stays at
+    │   │                        its last checkpoint, recoverable
+    │   ├── SagaStorageUnavailableError  no connection: the server is down or restarting, a
+    │   │                        connection was lost, or no pooled connection came free in time;
+    │   │                        trying again later may succeed
+    │   └── SagaStorageRejectedError     the database refused the data of a write (a value it
+    │                            cannot store); writing the same data again fails again
     └── SagaConcurrencyError     a checkpoint's expected version did not match: someone else wrote
         └── SagaLeaseLostError   this run's lease was taken over; it stopped writing
 
@@ -36,6 +42,8 @@ __all__ = [
     "SagaParkedError",
     "SagaSerializationError",
     "SagaStorageError",
+    "SagaStorageRejectedError",
+    "SagaStorageUnavailableError",
 ]
 
 
@@ -105,8 +113,21 @@ class SagaParkedError(SagaError):
 
 
 class SagaStorageError(SagaError):
-    """The storage failed while writing a checkpoint; ``__cause__`` is the driver's error.
-    Nothing of that checkpoint is durable, and the saga can be recovered from the last one."""
+    """The storage failed; ``__cause__`` is the driver's error. A checkpoint that failed so is
+    not durable, and the saga can be recovered from the last one."""
+
+
+class SagaStorageUnavailableError(SagaStorageError):
+    """The database could not be reached: the server is down or restarting, the connection was
+    lost, or no pooled connection came free within the storage's wait. Transient: the same call
+    may succeed later. (A write cut off by a lost connection may or may not have been
+    committed; fenced writes make that safe to retry.)"""
+
+
+class SagaStorageRejectedError(SagaStorageError):
+    """The database refused the data of a write (a value out of range, too long, or of a kind
+    it cannot store). Not transient: the same write fails again, so the engine treats a
+    checkpoint refused this way as the failure of the step that produced it."""
 
 
 class SagaConcurrencyError(SagaError):

@@ -51,6 +51,8 @@ PUBLIC = [
     "SagaStepStatus",
     "SagaStorage",
     "SagaStorageError",
+    "SagaStorageRejectedError",
+    "SagaStorageUnavailableError",
     "SagaStorageRun",
     "SagaTransaction",
     "SqlAlchemySagaStorage",
@@ -103,6 +105,8 @@ ERRORS = [
     sagakit.SagaParkedError,
     sagakit.SagaSerializationError,
     sagakit.SagaStorageError,
+    sagakit.SagaStorageRejectedError,
+    sagakit.SagaStorageUnavailableError,
 ]
 
 
@@ -117,6 +121,8 @@ def test_error_tree_details():
     assert issubclass(sagakit.SagaSerializationError, TypeError)
     assert issubclass(sagakit.SagaNotFoundError, LookupError)
     assert issubclass(sagakit.SagaLeaseLostError, sagakit.SagaConcurrencyError)
+    assert issubclass(sagakit.SagaStorageUnavailableError, sagakit.SagaStorageError)
+    assert issubclass(sagakit.SagaStorageRejectedError, sagakit.SagaStorageError)
 
 
 def test_errors_keep_their_attributes_through_pickle():
