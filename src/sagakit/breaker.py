@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import math
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, runtime_checkable
 
+from sagakit import settings
 from sagakit.exceptions import SagaError
 
 __all__ = [
@@ -117,11 +117,11 @@ def exception_types(value: Any, what: str) -> tuple[type[BaseException], ...]:
     return found
 
 
-def check_settings(failure_threshold: int, reset_timeout: float) -> None:
-    if not isinstance(failure_threshold, int) or failure_threshold < 1:
-        raise ValueError(f"failure_threshold must be an int >= 1, got {failure_threshold!r}")
-    if not (reset_timeout > 0 and math.isfinite(reset_timeout)):
-        raise ValueError(f"reset_timeout must be a positive number of seconds, got {reset_timeout!r}")
+def check_settings(failure_threshold: int, reset_timeout: float) -> float:
+    """ValueError naming the option unless ``failure_threshold`` is an integer >= 1 and
+    ``reset_timeout`` finite seconds > 0; returns ``reset_timeout`` as a float."""
+    settings.count("failure_threshold", failure_threshold)
+    return settings.seconds("reset_timeout", reset_timeout, exclusive=True)
 
 
 @dataclasses.dataclass(slots=True)
@@ -136,7 +136,8 @@ class CircuitBreaker:
     """An in-process circuit breaker (state in this process's memory, one circuit per name).
 
     ``clock`` returns seconds (``time.monotonic`` by default; tests pass a fake). Safe for any
-    number of tasks on one event loop: no transition awaits anything.
+    number of tasks on one event loop: no transition awaits anything. ``failure_threshold`` is
+    an integer >= 1, ``reset_timeout`` finite seconds > 0 (ValueError naming the option).
     """
 
     def __init__(
@@ -147,9 +148,8 @@ class CircuitBreaker:
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        check_settings(failure_threshold, reset_timeout)
+        self.reset_timeout = check_settings(failure_threshold, reset_timeout)
         self.failure_threshold = failure_threshold
-        self.reset_timeout = float(reset_timeout)
         self.exclude = exception_types(exclude, "exclude")
         self._clock = clock
         self._circuits: dict[str, _Circuit] = {}

@@ -20,18 +20,22 @@ import importlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import types
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 from uuid import UUID
 
+from sagakit import settings
 from sagakit.exceptions import (
     SagaBusyError,
     SagaDefinitionError,
     SagaNotFoundError,
     SagaStorageError,
+    SagaStorageUnavailableError,
 )
 from sagakit.records import TERMINAL_STATUSES, SagaLogEntry, SagaState, SagaStatus
 from sagakit.saga import Saga
@@ -187,6 +191,8 @@ def _open_storage(args: argparse.Namespace) -> SqlAlchemySagaStorage:
         )
     except ImportError as exc:
         raise CliError(f"bad database URL {shown}: {_one_line(exc)}") from None
+    except ValueError as exc:  # a table name that is not an identifier, or too long
+        raise CliError(_one_line(exc)) from None
     except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError, sa_exc.InvalidRequestError) as exc:
         raise CliError(f"bad database URL {shown}: {_one_line(exc)}") from None
     if parsed.get_backend_name() == "sqlite":  # don't let SQLite create an empty file
@@ -203,6 +209,14 @@ def _database_error(exc: BaseException) -> CliError | None:
     """The CliError for a database failure, or None when ``exc`` is not one."""
     from sqlalchemy import exc as sa_exc
 
+    if isinstance(exc, SagaStorageError):
+        cause = exc.__cause__
+        inner = cause.orig if isinstance(cause, sa_exc.DBAPIError) and cause.orig else cause
+        text = f"{type(inner).__name__}: {_one_line(inner)}" if inner else _one_line(exc)
+        if isinstance(exc, SagaStorageUnavailableError):
+            return CliError(f"cannot reach the database: {text}", EXIT_DATABASE)
+        return CliError(f"database error: {text} (is the schema created, and are "
+                        "--executions-table/--logs-table right?)", EXIT_DATABASE)
     if isinstance(exc, sa_exc.DBAPIError):
         original = exc.orig if exc.orig is not None else exc
         text = _one_line(original) or type(original).__name__
@@ -215,8 +229,6 @@ def _database_error(exc: BaseException) -> CliError | None:
     if isinstance(exc, OSError | TimeoutError):
         return CliError(f"cannot reach the database: {type(exc).__name__}: {_one_line(exc)}",
                         EXIT_DATABASE)
-    if isinstance(exc, SagaStorageError):
-        return CliError(f"database error: {_one_line(exc)}", EXIT_DATABASE)
     return None
 
 
@@ -345,14 +357,34 @@ def _status_arg(text: str) -> SagaStatus:
                                          ) from None
 
 
-def _positive(text: str) -> int:
-    try:
-        number = int(text)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return number
+class _Checked(argparse.Action):
+    """Stores a numeric option once ``check(flag, value)`` (a :mod:`sagakit.settings` check)
+    accepts it; a refused value (NaN, infinite, out of range) is a usage error naming the
+    flag."""
+
+    def __init__(self, *args: Any, check: Callable[[str, Any], Any], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.check = check
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        try:
+            value = self.check(option_string or self.dest, values)
+        except ValueError as exc:
+            parser.error(str(exc))
+        setattr(namespace, self.dest, value)
+
+
+def _lease_seconds(flag: str, value: float) -> float:
+    return settings.lease_seconds(value, flag)
+
+
+def _max_attempts(flag: str, value: int) -> int:
+    return settings.recovery_attempts(value, flag)
+
+
+def _poll_interval(flag: str, value: float) -> float:
+    return settings.seconds(flag, value, exclusive=True)
 
 
 def _saga_id(text: str) -> UUID:
@@ -594,6 +626,8 @@ async def _worker(args: argparse.Namespace, storage: SqlAlchemySagaStorage) -> i
     logger.info("worker started (pid %d): sagas %s, concurrency %d, polling every %gs",
                 os.getpid(), names, args.concurrency, args.poll_interval)
     await worker.run()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate_early)  # a second SIGTERM while closing: rc 0
     logger.info("worker stopped after %d recovery attempts", len(worker.outcomes))
     return EXIT_OK
 
@@ -638,10 +672,15 @@ def _definition_options(parser: argparse.ArgumentParser, *, required_hint: str) 
 
 
 def _recovery_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-attempts", type=_positive, default=5, metavar="N",
+    parser.add_argument("--max-attempts", type=int, action=_Checked, check=_max_attempts,
+                        default=5, metavar="N",
                         help="recovery attempts before a saga is parked (default: 5)")
-    parser.add_argument("--lease-seconds", type=float, default=30.0, metavar="S",
-                        help="lease taken on a saga while it runs (default: 30)")
+    _lease_option(parser, "lease taken on a saga while it runs (default: 30)")
+
+
+def _lease_option(parser: argparse.ArgumentParser, text: str) -> None:
+    parser.add_argument("--lease-seconds", type=float, action=_Checked, check=_lease_seconds,
+                        default=30.0, metavar="S", help=f"{text}; at least 0.1")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -663,7 +702,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status", action="append", type=_status_arg, default=[], metavar="STATUS",
                    help="only sagas with this status (repeatable)")
     p.add_argument("--name", metavar="NAME", help="only sagas with this saga name")
-    p.add_argument("--limit", type=_positive, default=50, metavar="N",
+    p.add_argument("--limit", type=int, action=_Checked, check=settings.count, default=50,
+                   metavar="N",
                    help="at most N (default: 50)")
     p.add_argument("--json", action="store_true", help="JSON output")
     p.set_defaults(run=lambda a: _with_storage(a, _list))
@@ -693,9 +733,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recover every saga due for recovery, until none is left")
     _definition_options(p, required_hint="required with --all")
     _recovery_options(p)
-    p.add_argument("--concurrency", type=_positive, default=4, metavar="N",
-                   help="sagas recovered at once with --all (default: 4)")
-    p.add_argument("--stale-after", type=float, default=None, metavar="S",
+    p.add_argument("--concurrency", type=int, action=_Checked, check=settings.count,
+                   default=4, metavar="N", help="sagas recovered at once with --all (default: 4)")
+    p.add_argument("--stale-after", type=float, action=_Checked, check=settings.seconds,
+                   default=None, metavar="S",
                    help="with --all, only sagas not updated for S seconds")
     p.add_argument("--json", action="store_true", help="JSON output")
     p.set_defaults(run=_recover)
@@ -704,21 +745,22 @@ def build_parser() -> argparse.ArgumentParser:
                             help="run a recovery worker until SIGTERM/SIGINT")
     _definition_options(p, required_hint="at least one (or --import)")
     _recovery_options(p)
-    p.add_argument("--concurrency", type=_positive, default=4, metavar="N",
-                   help="sagas recovered at once (default: 4)")
-    p.add_argument("--poll-interval", type=float, default=1.0, metavar="S",
+    p.add_argument("--concurrency", type=int, action=_Checked, check=settings.count,
+                   default=4, metavar="N", help="sagas recovered at once (default: 4)")
+    p.add_argument("--poll-interval", type=float, action=_Checked, check=_poll_interval,
+                   default=1.0, metavar="S",
                    help="seconds between polls that found nothing (default: 1)")
-    p.add_argument("--stale-after", type=float, default=None, metavar="S",
-                   help="only sagas not updated for S seconds")
-    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
+    p.add_argument("--stale-after", type=float, action=_Checked, check=settings.seconds,
+                   default=None, metavar="S", help="only sagas not updated for S seconds")
+    p.add_argument("--shutdown-timeout", type=float, action=_Checked, check=settings.seconds,
+                   default=30.0, metavar="S",
                    help="on SIGTERM, wait this long for sagas in hand (default: 30)")
     p.set_defaults(run=lambda a: _with_storage(a, _worker))
 
     p = commands.add_parser("resume", parents=common, help="resume a PARKED saga")
     p.add_argument("saga_id", metavar="SAGA_ID")
     _definition_options(p, required_hint="or --import")
-    p.add_argument("--lease-seconds", type=float, default=30.0, metavar="S",
-                   help="lease taken on the saga while it runs (default: 30)")
+    _lease_option(p, "lease taken on the saga while it runs (default: 30)")
     p.add_argument("--json", action="store_true", help="JSON output")
     p.set_defaults(run=lambda a: _with_storage(a, _explicit("resume")))
 
@@ -728,8 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
     _definition_options(p, required_hint="or --import")
     p.add_argument("--reason", default="aborted by operator", metavar="TEXT",
                    help="recorded in the step log (default: 'aborted by operator')")
-    p.add_argument("--lease-seconds", type=float, default=30.0, metavar="S",
-                   help="lease taken on the saga while it runs (default: 30)")
+    _lease_option(p, "lease taken on the saga while it runs (default: 30)")
     p.add_argument("--json", action="store_true", help="JSON output")
     p.set_defaults(run=lambda a: _with_storage(a, _explicit("abort")))
 
@@ -748,13 +789,29 @@ def _configure_logging(args: argparse.Namespace) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+class _Terminated(BaseException):
+    """SIGTERM arrived before the worker was ready to shut down gracefully."""
+
+
+def _terminate_early(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``sagakit`` command; return its exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args)
+    if args.command == "worker" and threading.current_thread() is threading.main_thread():
+        # Until the worker installs its graceful handler, SIGTERM (a deploy that changed its
+        # mind, a supervisor stopping a worker still starting) ends the command cleanly, rc 0:
+        # nothing is in hand yet.
+        signal.signal(signal.SIGTERM, _terminate_early)
     try:
         code: int = args.run(args)
+    except _Terminated:
+        logger.info("worker stopped during start-up (SIGTERM)")
+        return EXIT_OK
     except CliError as exc:
         print(f"{PROG}: error: {exc.message}", file=sys.stderr)
         return exc.code

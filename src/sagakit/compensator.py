@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import math
 import random
 from collections.abc import Awaitable, Callable, Sequence
 
+from sagakit import settings
 from sagakit.exceptions import SagaLeaseLostError
 
 __all__ = ["CompensationFailure", "CompensationTask", "RetryPolicy", "SagaCompensator"]
@@ -22,7 +24,13 @@ __all__ = ["CompensationFailure", "CompensationTask", "RetryPolicy", "SagaCompen
 @dataclasses.dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """``attempts`` tries in all; the wait before attempt i+1 is ``delay * backoff**(i-1)``,
-    capped at ``max_delay``, then spread by up to ``jitter`` (a fraction, 0.1 = +-10%)."""
+    capped at ``max_delay``, then spread by up to ``jitter`` (a fraction, 0.1 = +-10%).
+
+    Checked when built (see :mod:`sagakit.settings`): ``attempts`` an integer >= 1, ``delay``
+    and ``max_delay`` finite seconds >= 0, ``backoff`` a finite number >= 1, ``jitter`` within
+    [0, 1]; else ValueError naming the transaction option (``compensation_retry_count``,
+    ``compensation_retry_delay``, ``compensation_retry_backoff``,
+    ``compensation_retry_max_delay``, ``compensation_retry_jitter``)."""
 
     attempts: int = 3
     delay: float = 1.0
@@ -31,29 +39,42 @@ class RetryPolicy:
     jitter: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.attempts < 1:
-            raise ValueError(f"compensation_retry_count must be at least 1, got {self.attempts}")
-        if self.delay < 0 or self.max_delay < 0:
-            raise ValueError("compensation retry delays cannot be negative")
-        if self.backoff < 1:
-            raise ValueError(f"compensation_retry_backoff must be >= 1, got {self.backoff}")
-        if not 0 <= self.jitter <= 1:
-            raise ValueError(f"compensation_retry_jitter must be within [0, 1], got {self.jitter}")
+        settings.count("compensation_retry_count", self.attempts)
+        settings.seconds("compensation_retry_delay", self.delay)
+        settings.number("compensation_retry_backoff", self.backoff, minimum=1.0)
+        settings.seconds("compensation_retry_max_delay", self.max_delay)
+        settings.fraction("compensation_retry_jitter", self.jitter)
 
     @staticmethod
-    @functools.lru_cache(maxsize=64)
     def of(attempts: int, delay: float, backoff: float, max_delay: float,
            jitter: float) -> RetryPolicy:
         """The (shared, immutable) policy for these settings; raises ValueError like the
-        constructor. Cached: a transaction per saga need not validate the same settings."""
-        return RetryPolicy(attempts, delay, backoff, max_delay, jitter)
+        constructor. Cached: a transaction per saga need not check the same settings again.
+        A refused value is never cached (the constructor raised), and the cache tells types
+        apart, so ``True`` cannot pass for an already cached ``1``."""
+        try:
+            return _policy(attempts, delay, backoff, max_delay, jitter)
+        except TypeError:  # unhashable, so not a number: the constructor says which
+            return RetryPolicy(attempts, delay, backoff, max_delay, jitter)
 
     def wait_before(self, attempt: int) -> float:
-        """Seconds to wait before ``attempt`` (2, 3, ...)."""
-        wait = min(self.delay * self.backoff ** (attempt - 2), self.max_delay)
+        """Seconds to wait before ``attempt`` (2, 3, ...): finite and >= 0 for any attempt."""
+        if not self.delay:
+            return 0.0
+        try:
+            growth = self.backoff ** (attempt - 2)
+        except OverflowError:  # past the float range: the cap applies
+            growth = math.inf
+        wait = min(self.delay * growth, self.max_delay)
         if self.jitter:
             wait *= 1 + random.uniform(-self.jitter, self.jitter)
         return max(wait, 0.0)
+
+
+@functools.lru_cache(maxsize=64, typed=True)
+def _policy(attempts: int, delay: float, backoff: float, max_delay: float,
+            jitter: float) -> RetryPolicy:
+    return RetryPolicy(attempts, delay, backoff, max_delay, jitter)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -12,6 +12,12 @@ aliases are not applied). Dataclass and pydantic contexts round-trip UUID, datet
 Decimal, Enum, nested dataclasses/models, lists, tuples, sets and optionals, driven by the field
 annotations. A value that cannot be written raises :class:`SagaSerializationError` naming the
 field path (e.g. ``items[2].price``).
+
+Decoding stored data never drops any (see :meth:`ContextCodec.decode`): a stored key that the
+dataclass or model (or a nested one) does not have is an error naming the unknown keys and the
+fields the data lacks, unless the type's ``upgrade_context`` hook maps it first. A field absent
+from the data takes its default (that is how a field is added); a field without a default must
+be there. Pydantic models that allow extras (``extra="allow"``) keep unknown keys as extras.
 """
 
 from __future__ import annotations
@@ -21,9 +27,11 @@ import datetime as dt
 import decimal
 import enum
 import math
+import types
 import typing
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any, Generic, Self, TypeVar, cast
 
 import msgspec
@@ -48,8 +56,19 @@ class SagaContext:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Self:
-        """Rebuild a context from its stored dict."""
+        """Rebuild a context from its stored dict (through :meth:`upgrade_context`). Raises
+        SagaSerializationError when the data does not fit, naming unknown keys and missing
+        fields."""
         return codec_for(cls).decode(data)
+
+    @classmethod
+    def upgrade_context(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """Turn a stored context written by an earlier version of this class into the current
+        form, before it is decoded (on recovery, on resume, in :meth:`from_dict`). ``data`` is
+        a fresh copy: change it in place or return another dict. It also receives data already
+        in the current form, which it must return unchanged. The default returns ``data``.
+        Any dataclass or pydantic context may define this classmethod."""
+        return data
 
 
 def _is_pydantic_model(tp: Any) -> bool:
@@ -59,7 +78,7 @@ def _is_pydantic_model(tp: Any) -> bool:
 class ContextCodec(Generic[C]):
     """Turns contexts of one type into stored dicts and back. Build with :func:`codec_for`."""
 
-    __slots__ = ("_decode", "_encode", "_encode_json", "context_type", "kind")
+    __slots__ = ("_decode", "_encode", "_encode_json", "_upgrade", "context_type", "kind")
 
     def __init__(self, context_type: type[C]) -> None:
         context_type = typing.get_origin(context_type) or context_type  # dict[str, Any] -> dict
@@ -85,6 +104,8 @@ class ContextCodec(Generic[C]):
                 f"unsupported context type {context_type!r}: use a dataclass (SagaContext), "
                 "a pydantic model or dict"
             )
+        hook = getattr(context_type, "upgrade_context", None) if self.kind != "dict" else None
+        self._upgrade: Callable[[dict[str, Any]], Any] | None = hook
 
     def encode(self, context: C) -> dict[str, Any]:
         """Context -> JSON-compatible dict. Raises SagaSerializationError naming the bad field."""
@@ -105,16 +126,41 @@ class ContextCodec(Generic[C]):
         return self._encode_json(context)
 
     def decode(self, data: Mapping[str, Any]) -> C:
-        """Stored dict -> context. Raises SagaSerializationError when the data does not fit.
+        """Stored dict -> context, through the type's ``upgrade_context`` hook if it has one.
+        Raises SagaSerializationError when the data does not fit: a stored key that the type
+        (or a nested dataclass or model) does not have — named, with the fields missing from
+        the data — or a missing field without a default, or a value of the wrong type. Nothing
+        stored is ever dropped or replaced by a default silently. Dict contexts take any keys.
 
         The context shares no mutable value with ``data`` (``Any``-typed fields and dict
         contexts would otherwise alias it, and the engine compares against ``data`` later)."""
+        plain = _plain_copy(data)
+        name = self.context_type.__name__
+        if self._upgrade is not None:
+            plain = self._upgraded(plain)
+        if self.kind != "dict":
+            problem = _key_mismatch(self.context_type, plain)
+            if problem is not None:
+                raise SagaSerializationError(f"stored context does not fit {name}: {problem}")
         try:
-            return cast(C, self._decode(_plain_copy(data)))
+            return cast(C, self._decode(plain))
         except (msgspec.ValidationError, ValueError, TypeError) as exc:
+            raise SagaSerializationError(f"stored context does not fit {name}: {exc}") from exc
+
+    def _upgraded(self, data: dict[str, Any]) -> dict[str, Any]:
+        assert self._upgrade is not None
+        hook = f"{self.context_type.__name__}.upgrade_context"
+        try:
+            upgraded = self._upgrade(data)
+        except Exception as exc:
             raise SagaSerializationError(
-                f"stored context does not fit {self.context_type.__name__}: {exc}"
+                f"{hook} failed on the stored context: {type(exc).__name__}: {exc}"
             ) from exc
+        if not isinstance(upgraded, Mapping):
+            raise SagaSerializationError(
+                f"{hook} must return a dict, got {type(upgraded).__name__}"
+            )
+        return upgraded if isinstance(upgraded, dict) else dict(upgraded)
 
     def copy(self, context: C) -> C:
         """An independent deep copy, made through the stored form."""
@@ -130,6 +176,128 @@ def codec_for(context_type: type[C]) -> ContextCodec[C]:
     if codec is None:
         codec = _codecs[context_type] = ContextCodec(context_type)
     return codec
+
+
+# --- stored keys against the type ----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Shape:
+    """The keys a dataclass or pydantic model accepts, and the annotations to look inside."""
+
+    fields: tuple[str, ...]
+    accepted: frozenset[str]
+    required: frozenset[str]
+    extra_allowed: bool
+    hints: dict[str, Any]
+
+
+_SHAPES: dict[Any, _Shape | None] = {}
+
+
+def _shape(tp: Any) -> _Shape | None:
+    """The shape of a dataclass or pydantic model type (cached), else None."""
+    try:
+        return _SHAPES[tp]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable annotation: not a class
+        return None
+    shape = None
+    if _is_pydantic_model(tp):
+        fields = dict(tp.model_fields)
+        shape = _Shape(
+            fields=tuple(fields),
+            accepted=frozenset(fields) | frozenset(getattr(tp, "model_computed_fields", ())),
+            required=frozenset(n for n, f in fields.items() if f.is_required()),
+            extra_allowed=tp.model_config.get("extra") == "allow",
+            hints={n: f.annotation for n, f in fields.items()},
+        )
+    elif isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        try:
+            hints = typing.get_type_hints(tp)
+        except Exception:  # unresolvable annotations: check this level only
+            hints = {}
+        shape = _Shape(
+            fields=tuple(fields),
+            accepted=frozenset(fields),
+            required=frozenset(
+                n for n, f in fields.items()
+                if f.init and f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING
+            ),
+            extra_allowed=False,
+            hints={n: hints[n] for n in fields if n in hints},
+        )
+    _SHAPES[tp] = shape
+    return shape
+
+
+def _key_mismatch(tp: Any, data: Any) -> str | None:
+    """What keeps ``data`` from fitting ``tp`` key-wise, or None. Values of the wrong type are
+    left to the decoder."""
+    unknown: list[str] = []
+    missing: list[str] = []
+    _walk_keys(tp, data, "", unknown, missing)
+    if unknown:
+        return (f"stored keys {unknown} are not fields of it (fields missing from the data: "
+                f"{missing}); rename them in an upgrade_context hook, or restore the fields")
+    if missing:
+        return f"fields {missing} have no default and are missing from the data"
+    return None
+
+
+def _walk_keys(tp: Any, value: Any, path: str, unknown: list[str], missing: list[str]) -> None:
+    shape = _shape(tp)
+    if shape is not None:
+        if not isinstance(value, dict):
+            return
+        strange = [] if shape.extra_allowed else [k for k in value if k not in shape.accepted]
+        unknown.extend(_join(path, k) for k in strange)
+        missing.extend(_join(path, f) for f in shape.fields
+                       if f not in value and (strange or f in shape.required))
+        for name, hint in shape.hints.items():
+            if name in value:
+                _walk_keys(hint, value[name], _join(path, name), unknown, missing)
+        return
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Annotated:
+        _walk_keys(args[0], value, path, unknown, missing)
+    elif origin is typing.Union or origin is types.UnionType:
+        fitting = [a for a in args if _container_kind(a) is type(value)]
+        if len(fitting) == 1:  # look inside only when the member is not in doubt
+            _walk_keys(fitting[0], value, path, unknown, missing)
+    elif _container_kind(tp) is dict and isinstance(value, dict) and len(args) == 2:
+        for key, item in value.items():
+            _walk_keys(args[1], item, f"{path}[{key!r}]", unknown, missing)
+    elif _container_kind(tp) is list and isinstance(value, list) and args:
+        variadic = origin is not tuple or (len(args) == 2 and args[1] is Ellipsis)
+        for i, item in enumerate(value):
+            if variadic or i < len(args):
+                hint = args[0] if variadic else args[i]
+                _walk_keys(hint, item, f"{path}[{i}]", unknown, missing)
+
+
+def _container_kind(tp: Any) -> type | None:
+    """dict for annotations stored as JSON objects (classes, mappings), list for sequences and
+    sets, else None."""
+    if _shape(tp) is not None:
+        return dict
+    origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        return _container_kind(typing.get_args(tp)[0])
+    if not isinstance(origin, type):
+        return None
+    if issubclass(origin, Mapping):
+        return dict
+    if issubclass(origin, Sequence | AbstractSet) and not issubclass(origin, str | bytes):
+        return list
+    return None
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
 
 
 # --- encoders -------------------------------------------------------------------------------

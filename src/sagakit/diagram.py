@@ -264,11 +264,13 @@ def instance_flowchart(
         node.label += "<br/>" + escape(note)
     for index, undo_id in chart.undo.items():
         spec = chart.specs[index]
-        entries = [e for name in spec.handler_names() for e in undos.get(name, [])]
-        entries.sort(key=lambda e: e.timestamp)
-        cls_or_none, note = _undo_outcome(entries)
         ran = [n for n in spec.handler_names()
                if n in acts and acts[n].status == SagaStepStatus.COMPLETED]
+        # only the completed handler's: a fallback primary compensated after a crash, before
+        # its alternative ran, is not the step's compensation
+        entries = [e for name in ran for e in undos.get(name, [])]
+        entries.sort(key=lambda e: e.timestamp)
+        cls_or_none, note = _undo_outcome(entries)
         if ran and spec.fallback is not None:
             chart.nodes[undo_id].label = escape(f"compensate {ran[-1]}")
         classes[undo_id] = cls_or_none or "notRun"

@@ -29,7 +29,7 @@ receives the step's own exception after compensation.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Self
 from uuid import UUID
 
 __all__ = [
@@ -63,6 +63,23 @@ class SagaError(Exception):
         self.saga_id = saga_id
         self.step_name = step_name
         self.saga_name = saga_name
+
+    def locate(
+        self,
+        *,
+        saga_id: UUID | None = None,
+        saga_name: str | None = None,
+        step_name: str | None = None,
+    ) -> Self:
+        """Fill in whichever of ``saga_id``, ``saga_name`` and ``step_name`` the error lacks
+        (a storage knows the saga's id; the engine, its name and the step at hand); return it."""
+        if self.saga_id is None:
+            self.saga_id = saga_id
+        if self.saga_name is None:
+            self.saga_name = saga_name
+        if self.step_name is None:
+            self.step_name = step_name
+        return self
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Keep the keyword attributes when an error crosses a process boundary.
@@ -135,4 +152,6 @@ class SagaConcurrencyError(SagaError):
 
 
 class SagaLeaseLostError(SagaConcurrencyError):
-    """This run's lease expired and another run claimed the saga; this run wrote nothing more."""
+    """This run's lease was taken over by another run, or may have run out (no renewal got
+    through in time: the process was paused, or cut off from the database). The run stopped:
+    it wrote nothing more, and a step it had in flight was cancelled."""

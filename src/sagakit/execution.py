@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from asyncio import current_task
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any, Generic, TypeVar
 from uuid import UUID
@@ -31,8 +32,10 @@ from sagakit.context import ContextCodec
 from sagakit.exceptions import (
     SagaDefinitionError,
     SagaError,
+    SagaLeaseLostError,
     SagaSerializationError,
     SagaStorageError,
+    SagaStorageRejectedError,
 )
 from sagakit.invocation import (
     StepInvocation,
@@ -43,12 +46,18 @@ from sagakit.invocation import (
 )
 from sagakit.lease import LeaseKeeper
 from sagakit.middleware import Middleware, build_chain, saga_log_context
-from sagakit.plan import Backward, CompletedStep, Finished, Forward, Mismatch, Plan, decide
+from sagakit.plan import (
+    Attempt,
+    Backward,
+    CompletedStep,
+    Finished,
+    Forward,
+    Mismatch,
+    Plan,
+)
 from sagakit.records import (
-    TERMINAL_STATUSES,
     ContextJSON,
     SagaAction,
-    SagaState,
     SagaStatus,
     SagaStepStatus,
 )
@@ -56,7 +65,7 @@ from sagakit.saga import Saga, StepSpec
 from sagakit.step import SagaStepHandler, SagaStepResult, step_result
 from sagakit.storage.protocol import LeasedRun
 
-__all__ = ["Execution", "Resumption", "describe_error", "prepare_resume"]
+__all__ = ["Execution", "describe_error"]
 
 C = TypeVar("C")
 logger = logging.getLogger("sagakit")
@@ -67,62 +76,6 @@ def describe_error(exc: BaseException) -> tuple[str, str]:
     kind = type(exc)
     name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
     return name, f"{kind.__name__}: {exc}"
-
-
-@dataclasses.dataclass(slots=True)
-class Resumption(Generic[C]):
-    """What is needed to continue an existing saga: the plan, its stored context decoded, and
-    that context's JSON as the engine encodes it (to tell later whether a step changed it)."""
-
-    plan: Plan
-    context: C | None
-    stored: bytes
-
-
-async def prepare_resume(
-    run: LeasedRun,
-    state: SagaState,
-    saga: Saga[C],
-    decode: Callable[[dict[str, Any]], C],
-    codec: ContextCodec[C],
-    *,
-    max_recovery_attempts: int,
-    resume_parked: bool = False,
-) -> Resumption[C]:
-    """Decide how to continue a claimed saga. Parks it (and returns a Finished plan) when its
-    recovery attempts are exhausted. Raises SagaDefinitionError, writing nothing, when the
-    stored saga is another saga's. (A commit-per-call storage without ``get_saga`` cannot tell
-    the stored name: the state then has an empty name, and the check is skipped.)"""
-    if state.name and state.name != saga.name:
-        raise SagaDefinitionError(
-            f"saga {state.saga_id} is a {state.name!r} saga, not {saga.name!r}",
-            saga_id=state.saga_id,
-            saga_name=saga.name,
-        )
-    if state.status in TERMINAL_STATUSES or (
-        state.status is SagaStatus.PARKED and not resume_parked
-    ):
-        return Resumption(Finished(state.status), None, b"")
-    if not resume_parked and state.recovery_attempts > max_recovery_attempts:
-        logger.error(
-            "saga %s %s: %d recovery attempts, more than the %d allowed; parking it",
-            saga.name, state.saga_id, state.recovery_attempts, max_recovery_attempts,
-        )
-        await run.update_status(state.saga_id, SagaStatus.PARKED)
-        await run.commit()
-        return Resumption(Finished(SagaStatus.PARKED), None, b"")
-    history = await run.get_step_history(state.saga_id)
-    plan = decide(state.status, saga.step_specs, history, resume_parked=resume_parked)
-    if state.fingerprint and state.fingerprint != saga.fingerprint:
-        logger.warning(
-            "saga %s %s was started by another version of its definition (steps %s, now %s); "
-            "%s", saga.name, state.saga_id, state.fingerprint, saga.fingerprint,
-            "its log no longer fits: parking it" if isinstance(plan, Mismatch)
-            else "its log still fits the current steps: continuing",
-        )
-    stored = state.context
-    context = decode(stored if isinstance(stored, dict) else dict(stored))
-    return Resumption(plan, context, codec.encode_json(context))
 
 
 class Execution(Generic[C]):
@@ -160,7 +113,10 @@ class Execution(Generic[C]):
         self._chain = build_chain(middlewares, _invoke)
         self._failed_handler = ""
         self._unstorable = False
+        self._commit_error: BaseException | None = None
         self._keeper: LeaseKeeper | None = None
+        self._attempt: Attempt | None = None
+        self._fencing_token: int = getattr(run, "fencing_token", 0)  # see StepInvocation
         self.should_stop: Callable[[], bool] = _never
         """Checked after each checkpoint; True makes the run stop there (graceful shutdown)."""
 
@@ -208,20 +164,25 @@ class Execution(Generic[C]):
 
     async def commit(self) -> None:
         """Commit the buffered checkpoint. A driver error becomes SagaStorageError naming the
-        saga; sagakit's own errors (fencing, serialisation) pass through unchanged."""
+        saga; sagakit's own errors (fencing, serialisation, a storage's own SagaStorageError)
+        pass through, given the saga's name and the step at hand if they lack them."""
         try:
             await self.run.commit()
-        except SagaError:
+        except SagaError as exc:
+            exc.locate(saga_id=self.saga_id, saga_name=self.saga.name,
+                       step_name=self._failed_handler or None)
+            self._commit_error = exc
             raise
         except Exception as exc:
-            raise SagaStorageError(
+            error = self._commit_error = SagaStorageError(
                 f"saga {self.saga.name!r} {self.saga_id}: a checkpoint could not be written "
                 f"({type(exc).__name__}: {exc}); the saga stays at its last checkpoint and can "
                 "be recovered",
                 saga_id=self.saga_id,
                 step_name=self._failed_handler or None,
                 saga_name=self.saga.name,
-            ) from exc
+            )
+            raise error from exc
 
     async def park(self) -> None:
         await self.run.update_status(self.saga_id, SagaStatus.PARKED)
@@ -236,6 +197,7 @@ class Execution(Generic[C]):
             await self._finish_forward()
             return
         completed = list(plan.completed)
+        self._attempt = plan.attempt  # an earlier attempt at the first step (a resumed saga)
         async with LeaseKeeper(self.run, self.lease_seconds) as self._keeper:
             for index in range(plan.start, len(specs)):
                 yield await self._forward_step(index, completed)
@@ -258,7 +220,11 @@ class Execution(Generic[C]):
             else:
                 result, handler_name = await self._run_fallback(spec)
             data = self._encode_changed(handler_name)
+        except SagaLeaseLostError:
+            raise  # another run owns the saga (or may): nothing to record, nothing to undo
         except Exception as exc:
+            if exc is self._commit_error:  # a checkpoint within the step (a fallback's
+                raise  # hand-over) failed: the saga rests at its last checkpoint
             await self._fail_and_compensate(exc, completed)
             raise
         await run.log_step(saga_id, handler_name, SagaAction.ACT, SagaStepStatus.COMPLETED)
@@ -269,10 +235,13 @@ class Execution(Generic[C]):
             await run.update_status(saga_id, SagaStatus.COMPLETED)
         try:
             await self.commit()
-        except SagaSerializationError as exc:  # the storage refused the context (too large)
+        except (SagaSerializationError, SagaStorageRejectedError) as exc:
+            # The storage refused what the step left (a context too large, a value it cannot
+            # keep): not transient, so the step fails here instead of being run again and again
+            # by recovery.
             await run.rollback()
             self._stored, self._unstorable = previous, True
-            error = SagaSerializationError(
+            error = type(exc)(
                 f"saga {self.saga.name!r} {saga_id}: step {handler_name!r} left a context "
                 f"the storage cannot hold: {exc.message}",
                 saga_id=saga_id, step_name=handler_name, saga_name=self.saga.name,
@@ -285,8 +254,9 @@ class Execution(Generic[C]):
         return result
 
     async def _fail_and_compensate(self, exc: Exception, completed: list[CompletedStep]) -> None:
-        # With nothing to undo, the failure record and FAILED are one checkpoint.
-        await self._fail_step(exc, nothing_to_undo=not completed)
+        # With nothing to undo, the failure record and FAILED are one checkpoint. (A failed
+        # compensation already, of a primary's earlier attempt, keeps the saga COMPENSATING.)
+        await self._fail_step(exc, nothing_to_undo=not completed and not self.compensation_failures)
         if completed:
             await self._backward(tuple(reversed(completed)))
         self._annotate(exc)
@@ -299,9 +269,30 @@ class Execution(Generic[C]):
     async def _run_fallback(self, spec: StepSpec) -> tuple[SagaStepResult[C, Any], str]:
         """Run a step that has a fallback; return (result, the handler that completed)."""
         assert spec.fallback is not None
+        attempt, self._attempt = self._attempt, None  # only the step a resumed run starts at
+        if attempt is not None and attempt.primary != spec.name:
+            attempt = None
         with saga_log_context(self.saga_id, self.saga.name, spec.name):
-            result, handler_name = await spec.fallback.run(self, spec)
+            result, handler_name = await spec.fallback.run(self, spec, attempt)
         return result, handler_name
+
+    async def undo_attempt(self, handler_name: str) -> None:
+        """Compensate a fallback primary's earlier attempt (a resumed run's, whose outcome is
+        unknown) before the alternative runs, retried as any compensation. Its log entry is
+        buffered: COMPENSATED is written with the step's checkpoint. Failing for good, it is
+        logged FAILED and kept as a compensation failure (the saga stays COMPENSATING for
+        recovery to retry it), and its error is raised: the step fails."""
+        compensator = SagaCompensator(self.retry, record=self._log_compensation)
+        task = CompensationTask(handler_name, partial(self._call_compensate, handler_name))
+        failures = await compensator.compensate((task,))
+        if failures:
+            self.compensation_failures.extend(failures)
+            error = failures[0].error
+            error.add_note(
+                f"sagakit: saga {self.saga_id}: the earlier attempt of {handler_name}, cut off, "
+                "could not be compensated; its fallback did not run"
+            )
+            raise error
 
     async def call_act(self, handler_name: str) -> SagaStepResult[C, Any]:
         """Run one handler's act through the middleware chain."""
@@ -310,7 +301,8 @@ class Execution(Generic[C]):
         if handler is None:
             handler = await self._handler(handler_name)
         out = await self._call(StepInvocation(
-            self.saga_id, self.saga.name, handler_name, SagaAction.ACT, 1, self.context, handler
+            self.saga_id, self.saga.name, handler_name, SagaAction.ACT, 1, self.context, handler,
+            self._fencing_token,
         ))
         if type(out) is SagaStepResult:
             return step_result(out.step_type, out.response, self.saga_id, handler_name,
@@ -340,16 +332,35 @@ class Execution(Generic[C]):
     async def _fail_step(self, exc: Exception, *, nothing_to_undo: bool = False) -> None:
         self.step_error = exc
         error_type, details = describe_error(exc)
-        run = self.run
-        await run.log_step(
-            self.saga_id, self._failed_handler, SagaAction.ACT, SagaStepStatus.FAILED, details,
-            error_type=error_type,
-        )
-        await self._buffer_context_if_possible()
         status = SagaStatus.FAILED if nothing_to_undo else SagaStatus.COMPENSATING
-        await run.update_status(self.saga_id, status)
-        await self.commit()
+
+        async def buffer() -> None:
+            await self.run.log_step(
+                self.saga_id, self._failed_handler, SagaAction.ACT, SagaStepStatus.FAILED,
+                details, error_type=error_type,
+            )
+            await self._buffer_context_if_possible()
+            await self.run.update_status(self.saga_id, status)
+
+        await self._commit_way_back(buffer)
         self.status = status
+
+    async def _commit_way_back(self, buffer: Callable[[], Awaitable[None]]) -> None:
+        """Buffer a checkpoint of the way back (a failure record, a compensation) with
+        ``buffer`` and commit it. The context rides along when it changed; should the storage
+        refuse it (too large, a value it cannot keep), the checkpoint is written again without
+        it: a failure or a compensation is recorded whatever the step left in the context."""
+        stored = self._stored
+        await buffer()
+        try:
+            await self.commit()
+        except (SagaSerializationError, SagaStorageRejectedError):
+            if self._unstorable or self._stored == stored:
+                raise  # the context was not in it: the refusal is about something else
+            await self.run.rollback()
+            self._stored, self._unstorable = stored, True
+            await buffer()
+            await self.commit()
 
     async def _buffer_context_if_possible(self) -> None:
         if self._unstorable:
@@ -385,32 +396,37 @@ class Execution(Generic[C]):
         tasks = [CompensationTask(c.handler_name, partial(self._call_compensate, c.handler_name))
                  for c in to_compensate]
         last = tasks[-1].step_name
-        failed: list[str] = []
+        failed = [f.step_name for f in self.compensation_failures]  # e.g. a primary's attempt
 
         async def record(step_name: str, error: Exception | None, attempts: int) -> None:
-            run = self.run
-            if error is None:
-                await run.log_step(self.saga_id, step_name, SagaAction.COMPENSATE,
-                                   SagaStepStatus.COMPENSATED)
-            else:
-                failed.append(step_name)
-                error_type, details = describe_error(error)
-                await run.log_step(self.saga_id, step_name, SagaAction.COMPENSATE,
-                                   SagaStepStatus.FAILED, f"{details} (after {attempts} attempts)",
-                                   error_type=error_type)
-            self._failed_handler = step_name
-            await self._buffer_context_if_possible()
-            if step_name == last and not failed:
-                await run.update_status(self.saga_id, SagaStatus.FAILED)
             if error is not None:
-                await self.commit()  # the compensator calls back only after successes
+                failed.append(step_name)
+            finished = step_name == last and not failed
 
-        compensator = SagaCompensator(self.retry, record=record,
-                                      on_after_compensate_step=self.commit,
-                                      should_stop=self.should_stop)
-        self.compensation_failures = await compensator.compensate(tasks)
+            async def buffer() -> None:
+                await self._log_compensation(step_name, error, attempts)
+                self._failed_handler = step_name
+                await self._buffer_context_if_possible()
+                if finished:
+                    await self.run.update_status(self.saga_id, SagaStatus.FAILED)
+
+            await self._commit_way_back(buffer)  # durable before the next compensation
+
+        compensator = SagaCompensator(self.retry, record=record, should_stop=self.should_stop)
+        self.compensation_failures.extend(await compensator.compensate(tasks))
         done = not self.compensation_failures and not compensator.stopped
         self.status = SagaStatus.FAILED if done else SagaStatus.COMPENSATING
+
+    async def _log_compensation(self, step_name: str, error: Exception | None,
+                                attempts: int) -> None:
+        if error is None:
+            await self.run.log_step(self.saga_id, step_name, SagaAction.COMPENSATE,
+                                    SagaStepStatus.COMPENSATED)
+            return
+        error_type, details = describe_error(error)
+        await self.run.log_step(self.saga_id, step_name, SagaAction.COMPENSATE,
+                                SagaStepStatus.FAILED, f"{details} (after {attempts} attempts)",
+                                error_type=error_type)
 
     async def _call_compensate(self, handler_name: str, attempt: int) -> None:
         if self._keeper is not None:  # SagaLeaseLostError ends the compensation, no retry
@@ -418,22 +434,41 @@ class Execution(Generic[C]):
         handler = await self._handler(handler_name)
         await self._call(StepInvocation(
             self.saga_id, self.saga.name, handler_name, SagaAction.COMPENSATE, attempt,
-            self.context, handler,
+            self.context, handler, self._fencing_token,
         ))
 
     async def _call(self, invocation: StepInvocation) -> Any:
         """Call the step through the middleware chain, as the current invocation (which is
-        also the log scope of whatever the middlewares and the step log, see SagaLogFilter)."""
+        also the log scope of whatever the middlewares and the step log, see SagaLogFilter).
+
+        The lease keeper watches the call (``step_task``): a step it cut off, its lease lost
+        or possibly run out, raises SagaLeaseLostError instead of whatever it raised or
+        returned; a cancellation from outside stays a cancellation."""
         token = _current.set(invocation)
+        keeper = self._keeper
+        if keeper is not None:
+            keeper.step_task = current_task(keeper.loop)
         try:
             if self._chain is not _invoke:
-                return await self._chain(invocation)
+                out = await self._chain(invocation)
             # No middleware: what _invoke would do, one coroutine frame less per step.
-            if invocation.action is SagaAction.ACT:
-                return await invocation.handler.act(invocation.context)
-            return await invocation.handler.compensate(invocation.context)
+            elif invocation.action is SagaAction.ACT:
+                out = await invocation.handler.act(invocation.context)
+            else:
+                out = await invocation.handler.compensate(invocation.context)
+        except BaseException:
+            if keeper is not None:
+                keeper.step_task = None
+                if keeper.cut_off is not None and (lost := keeper.step_cut_off(invocation)):
+                    raise lost  # noqa: B904 (its cause is the lease's loss; its context, this)
+            raise
         finally:
             _current.reset(token)
+        if keeper is not None:
+            keeper.step_task = None
+            if keeper.cut_off is not None and (lost := keeper.step_cut_off(invocation)):
+                raise lost
+        return out
 
     async def _handler(self, handler_name: str) -> SagaStepHandler[Any, Any]:
         handler = self._handlers.get(handler_name)

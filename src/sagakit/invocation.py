@@ -17,10 +17,10 @@ class StepInvocation:
     """One call of a step's ``act`` or ``compensate``.
 
     ``attempt`` counts from 1 (compensations are retried). ``handler`` is the resolved step handler
-    instance; ``context`` is the live saga context the step receives. Treat it as read-only: a
-    middleware that wants the step to see something else passes ``dataclasses.replace(invocation,
-    ...)`` to ``call_next``. (Not a frozen dataclass only because that costs a microsecond per
-    step.)
+    instance; ``context`` is the live saga context the step receives. ``fencing_token`` is the
+    run's fencing token (see :attr:`fencing_token`). Treat it as read-only: a middleware that
+    wants the step to see something else passes ``dataclasses.replace(invocation, ...)`` to
+    ``call_next``. (Not a frozen dataclass only because that costs a microsecond per step.)
     """
 
     saga_id: UUID
@@ -30,6 +30,13 @@ class StepInvocation:
     attempt: int
     context: Any
     handler: Any
+    fencing_token: int = 0
+    """The saga's version when this run took its lease: the same for every invocation of one
+    run, larger for every run that takes the saga over later (each takeover writes a new
+    version). A downstream service that remembers the highest token it saw for a saga can
+    refuse a request with a lower one: it comes from a run that was paused past its lease and
+    has been replaced. Compare tokens of one saga only. 0 when the storage's run provides no
+    token (a custom run type)."""
 
     @property
     def idempotency_key(self) -> str:

@@ -1,4 +1,4 @@
-"""Keeping a run's lease alive while its steps run.
+"""Keeping a run's lease alive while its steps run, and cutting a step off when it is lost.
 
 A checkpoint extends the lease as a side effect, so a saga whose steps are quick never renews
 it explicitly. Only when no checkpoint was written for a third of the lease is a renewal sent
@@ -6,9 +6,17 @@ it explicitly. Only when no checkpoint was written for a third of the lease is a
 remembered in ``lost`` and logged; the run's next checkpoint is fenced out anyway and raises
 ``SagaLeaseLostError``.
 
+A step (act or compensation) running when the keeper learns that the lease is lost (a renewal
+found another owner) or may have run out (its sweeper tick finds the lease's end passed with
+no renewal confirmed: the process was paused, or its renewals did not get through) is cut off:
+the keeper cancels the task running it. The engine tells that cancellation from any other by
+``cut_off`` and turns it into ``SagaLeaseLostError`` (:meth:`LeaseKeeper.step_cut_off`); a
+cancellation from outside stays a cancellation.
+
 One timer per event loop watches every running saga (:class:`_Sweeper`): it ticks every sixth
 of the shortest lease in use, so a stale saga is renewed at most half a lease after its last
-write, and a saga costs a set insertion, not a timer of its own.
+write, and a saga costs a set insertion, not a timer of its own. Watching a step costs the
+engine a ``current_task`` lookup and two attribute writes, no task or timer of its own.
 """
 
 from __future__ import annotations
@@ -18,9 +26,12 @@ import contextlib
 import logging
 import time
 import weakref
+from typing import Any
 from uuid import UUID
 
-from sagakit.exceptions import SagaLeaseLostError
+from sagakit.exceptions import SagaLeaseLostError, SagaStorageError
+from sagakit.invocation import StepInvocation
+from sagakit.records import SagaAction
 from sagakit.storage.protocol import LeasedRun
 
 __all__ = ["LeaseKeeper"]
@@ -33,21 +44,32 @@ class LeaseKeeper:
 
     :meth:`ensure` is called before every step invocation: a run must not start step code once
     its lease is known lost, or may have run out (its renewal did not get through in time, say
-    behind a database lock): another worker may have claimed the saga meanwhile."""
+    behind a database lock): another worker may have claimed the saga meanwhile.
 
-    __slots__ = ("_renewal", "_sweeper", "interval", "lease_seconds", "lost", "run")
+    The engine sets ``step_task`` to the task running a step while it runs (None otherwise;
+    ``current_task(keeper.loop)``: a third of the cost of ``current_task()``); a step running
+    when the lease is found lost or possibly run out is cancelled, with the reason kept in
+    ``cut_off`` until the engine takes it back (:meth:`step_cut_off`)."""
+
+    __slots__ = ("_failed_renewals", "_renewal", "_sweeper", "cut_off", "interval",
+                 "lease_seconds", "loop", "lost", "run", "step_task")
 
     def __init__(self, run: LeasedRun, lease_seconds: float) -> None:
         self.run = run
         self.interval = lease_seconds / 3
         self.lease_seconds = lease_seconds
         self.lost: SagaLeaseLostError | None = None
+        self.step_task: asyncio.Task[Any] | None = None
+        self.cut_off: SagaLeaseLostError | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: _Sweeper | None = None
         self._renewal: asyncio.Task[None] | None = None
+        self._failed_renewals = 0
 
     async def __aenter__(self) -> LeaseKeeper:
+        self.loop = loop = asyncio.get_running_loop()
         if getattr(self.run, "holds_lease", False):
-            self._sweeper = _Sweeper.join(self)
+            self._sweeper = _Sweeper.join(self, loop)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -64,19 +86,61 @@ class LeaseKeeper:
         """Raise SagaLeaseLostError if the lease is lost or may have run out."""
         if self.lost is not None:
             raise self.lost
-        run = self.run
-        until = getattr(run, "lease_until", None)
-        if until is not None and getattr(run, "holds_lease", False) and time.monotonic() >= until:
+        if self._ran_out(time.monotonic()):
             raise SagaLeaseLostError(
                 f"saga {saga_id}: this run's lease may have run out (no renewal got through "
                 f"in time); step {step_name!r} was not started",
                 saga_id=saga_id, saga_name=saga_name, step_name=step_name,
             )
 
+    def step_cut_off(self, invocation: StepInvocation) -> SagaLeaseLostError | None:
+        """Called by the engine when a step call ends while ``cut_off`` is set (the step was
+        cancelled by this keeper, whether it raised, swallowed the cancellation and returned, or
+        turned it into another error): withdraw that cancellation request (``Task.uncancel``)
+        and return the SagaLeaseLostError to raise in place of the step's outcome. None when
+        the task was also cancelled from outside: that cancellation is the one to propagate."""
+        reason, self.cut_off = self.cut_off, None
+        task = asyncio.current_task(self.loop)
+        if reason is None or task is None or task.uncancel() > 0:
+            return None
+        what = "act" if invocation.action is SagaAction.ACT else "compensation"
+        error = SagaLeaseLostError(
+            f"saga {invocation.saga_name!r} {invocation.saga_id}: the {what} of step "
+            f"{invocation.step_name!r} was cancelled in flight and this run writes nothing "
+            f"more ({reason.message})",
+            saga_id=invocation.saga_id, saga_name=invocation.saga_name,
+            step_name=invocation.step_name,
+        )
+        error.__cause__ = reason
+        return error
+
+    def _ran_out(self, now: float) -> bool:
+        """Whether this run's lease may have run out: its end, as last confirmed, has passed."""
+        run = self.run
+        until = getattr(run, "lease_until", None)
+        return until is not None and now >= until and getattr(run, "holds_lease", False)
+
+    def _cut_off(self, reason: SagaLeaseLostError) -> None:
+        """Cancel the step running now, if any (once per step)."""
+        task = self.step_task
+        if task is None or self.cut_off is not None or task.done():
+            return
+        self.cut_off = reason
+        logger.warning("%s: cancelling the step in flight", reason.message)
+        task.cancel(f"sagakit: {reason.message}")
+
     def check(self, now: float, loop: asyncio.AbstractEventLoop) -> None:
-        """Start a renewal if no checkpoint was written for a third of the lease."""
+        """Cut off the step in flight if the lease may have run out; start a renewal if no
+        checkpoint was written for a third of the lease."""
         if self.lost is not None:
             return
+        if self.step_task is not None and self._ran_out(now):
+            saga_id = getattr(self.run, "saga_id", None)
+            self._cut_off(SagaLeaseLostError(
+                f"saga {saga_id}: this run's lease may have run out (no renewal got through in "
+                "time: the process was paused, or cut off from the database)",
+                saga_id=saga_id,
+            ))
         last = getattr(self.run, "last_commit", None)
         stale = last is None or now - last >= self.interval
         if stale and (self._renewal is None or self._renewal.done()):
@@ -89,11 +153,19 @@ class LeaseKeeper:
             confirm = getattr(self.run, "confirm_lease", None)
             if confirm is not None:
                 confirm(sent)
+            self._failed_renewals = 0
         except SagaLeaseLostError as exc:
             self.lost = exc
             logger.error("%s", exc)
-        except Exception:
-            logger.warning("lease renewal failed; will retry", exc_info=True)
+            self._cut_off(exc)
+        except Exception as exc:
+            # One line per run of failures (a database outage would otherwise log every tick);
+            # a traceback only for what is not a storage error, which may be a bug.
+            self._failed_renewals += 1
+            if self._failed_renewals == 1:
+                logger.warning("saga %s: lease renewal failed, will retry: %s",
+                               getattr(self.run, "saga_id", None), exc,
+                               exc_info=not isinstance(exc, SagaStorageError))
 
 
 class _Sweeper:
@@ -111,8 +183,7 @@ class _Sweeper:
         self._timer: asyncio.TimerHandle | None = None
 
     @classmethod
-    def join(cls, keeper: LeaseKeeper) -> _Sweeper:
-        loop = asyncio.get_running_loop()
+    def join(cls, keeper: LeaseKeeper, loop: asyncio.AbstractEventLoop) -> _Sweeper:
         sweeper = cls._by_loop.get(loop)
         if sweeper is None:
             sweeper = cls._by_loop[loop] = cls()

@@ -19,6 +19,7 @@ from sagakit.saga import Saga
 from sagakit.step import SagaStepResult
 from sagakit.storage.memory import MemorySagaStorage
 from sagakit.storage.protocol import SagaStorage
+from sagakit.transaction import check_options
 
 __all__ = ["SagaMap", "SagaMediator", "bootstrap"]
 
@@ -84,6 +85,7 @@ class SagaMediator:
         self.saga_map = saga_map
         self.storage = storage
         self.middlewares = tuple(middlewares)
+        check_options(transaction_options)
         self.options = transaction_options
 
     async def stream(
@@ -120,7 +122,9 @@ def bootstrap(
 ) -> SagaMediator:
     """Build a mediator. ``sagas_mapper`` is a function that binds sagas on a fresh
     :class:`SagaMap` (or a ready map). Without a storage, sagas live in memory.
-    ``transaction_options`` (e.g. ``compensation_retry_count``) apply to every saga run."""
+    ``transaction_options`` (e.g. ``compensation_retry_count``) apply to every saga run; they
+    are checked here, as each transaction will check them: a bad number raises ValueError
+    naming it, an unknown option TypeError."""
     saga_map = sagas_mapper if isinstance(sagas_mapper, SagaMap) else SagaMap()
     if callable(sagas_mapper) and not isinstance(sagas_mapper, SagaMap):
         sagas_mapper(saga_map)

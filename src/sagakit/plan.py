@@ -10,10 +10,29 @@ The rules (Strict Backward Recovery):
   not recorded COMPENSATED is compensated, in reverse order of completion. Steps already
   compensated are skipped.
 - PARKED does nothing unless resumed explicitly; a resumed saga goes backward if its log shows a
-  failure or any compensation, forward otherwise.
-- A log that does not fit the current definition (a logged step no longer exists, or the
-  completed steps are not a prefix of the step list) is a mismatch: the saga must be parked
-  untouched rather than guessed at.
+  failure or any compensation of a completed step, forward otherwise.
+- A log that does not fit the current definition is a mismatch: the saga must be parked
+  untouched rather than guessed at. It does not fit when a logged step no longer exists, when
+  the acts logged COMPLETED are not in the order of the step list (steps were reordered: in
+  either direction), or, going forward, when the completed steps are not the first steps.
+
+Fallback steps (see :mod:`sagakit.fallback`): a primary's act logged FAILED is the hand-over to
+its alternative and does not fail the step (an explicit abort recorded against it does). A
+resumed run does not know what its predecessor's attempt at the step it starts at did; for a
+fallback step :class:`Attempt` tells what the log says:
+
+- no entry for the step: only the primary may have run. It runs again (its idempotency key
+  dedups); should the step hand over now, the primary's earlier attempt is compensated before
+  the alternative runs.
+- the hand-over recorded, no completion: the alternative may have run, the primary failed. The
+  alternative runs again directly, the primary not again.
+- the hand-over recorded together with a pending compensation of the primary (its
+  ``compensate`` entry STARTED, not yet COMPENSATED): that compensation runs first.
+
+A compensation of a primary whose act never COMPLETED is that undoing of an earlier attempt. It
+is not a compensation of a completed step (a parked saga showing one still resumes forward),
+but until it is recorded COMPENSATED the primary counts as a step to compensate when the saga
+goes backward; recorded FAILED (it failed for good), it fails the step.
 """
 
 from __future__ import annotations
@@ -27,7 +46,9 @@ from sagakit.saga import StepSpec
 ABORTED = "SagaAborted"
 """The error type an explicit abort records as the failed act of the saga's next step."""
 
-__all__ = ["Backward", "CompletedStep", "Finished", "Forward", "Mismatch", "Plan", "decide"]
+__all__ = [
+    "Attempt", "Backward", "CompletedStep", "Finished", "Forward", "Mismatch", "Plan", "decide",
+]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -39,6 +60,24 @@ class CompletedStep:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Attempt:
+    """What the log says of an earlier attempt at the fallback step a resumed run starts at."""
+
+    index: int
+    primary: str
+    handed_over: SagaLogEntry | None
+    """The primary's FAILED entry that handed the step over (None: no entry for the step)."""
+    undo_primary: bool
+    """The primary's earlier attempt may have had its effect and is not known compensated:
+    the primary is compensated before the alternative runs."""
+
+    @property
+    def undo_pending(self) -> bool:
+        """The hand-over is recorded and the primary's compensation not yet done."""
+        return self.handed_over is not None and self.undo_primary
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Finished:
     """Terminal already: nothing to run, nothing to write."""
 
@@ -47,10 +86,21 @@ class Finished:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Forward:
-    """Run steps from ``start`` on (``start == len(steps)`` means: only mark COMPLETED)."""
+    """Run steps from ``start`` on (``start == len(steps)`` means: only mark COMPLETED).
+    ``attempt``: set when a stored saga resumes at a fallback step."""
 
     start: int
     completed: tuple[CompletedStep, ...]
+    attempt: Attempt | None = None
+
+    def to_abort(self) -> tuple[CompletedStep, ...]:
+        """What an explicit abort compensates, in order: a primary whose compensation is
+        pending, then the completed steps, latest first."""
+        done = tuple(reversed(self.completed))
+        attempt = self.attempt
+        if attempt is not None and attempt.undo_pending:
+            return (CompletedStep(attempt.index, attempt.primary), *done)
+        return done
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -85,36 +135,74 @@ def decide(
 
     owner = _handler_positions(specs)
     completed: list[CompletedStep] = []
+    effects: dict[str, CompletedStep] = {}  # what may need compensating, in order of effect
     compensated: set[str] = set()
     failed_step = False
     any_compensation = False
     for entry in history:
-        index = owner.get(entry.step_name)
+        name = entry.step_name
+        index = owner.get(name)
         if index is None:
-            return Mismatch(f"the log names step {entry.step_name!r}, which the saga no longer has")
+            return Mismatch(f"the log names step {name!r}, which the saga no longer has")
         if entry.action is SagaAction.ACT:
             if entry.status is SagaStepStatus.COMPLETED:
+                if completed and index < completed[-1].index:
+                    return Mismatch(_reordered(completed[-1].handler_name, name))
+                step = CompletedStep(index, name)
                 completed = [c for c in completed if c.index != index]
-                completed.append(CompletedStep(index, entry.step_name))
+                completed.append(step)
+                effects.pop(name, None)
+                effects[name] = step
             elif entry.status is SagaStepStatus.FAILED and _fails_step(specs[index], entry):
                 failed_step = True
-        else:
+        elif any(c.handler_name == name for c in completed):
             any_compensation = True
             if entry.status is SagaStepStatus.COMPENSATED:
-                compensated.add(entry.step_name)
+                compensated.add(name)
+        else:  # a primary's earlier attempt, compensated before its alternative runs
+            effects.setdefault(name, CompletedStep(index, name))
+            if entry.status is SagaStepStatus.COMPENSATED:
+                compensated.add(name)
+            elif entry.status is SagaStepStatus.FAILED:
+                failed_step = True  # it could not be undone: the step fails
 
     backward = status is SagaStatus.COMPENSATING or failed_step
     if status is SagaStatus.PARKED:
         backward = failed_step or any_compensation
     if backward:
-        todo = [c for c in reversed(completed) if c.handler_name not in compensated]
+        todo = [c for c in reversed(effects.values()) if c.handler_name not in compensated]
         return Backward(tuple(todo))
 
     done = sorted(c.index for c in completed)
     if done != list(range(len(done))):
         names = [specs[i].name for i in done]
         return Mismatch(f"completed steps {names} are not the first steps of the saga")
-    return Forward(len(done), tuple(sorted(completed, key=lambda c: c.index)))
+    start = len(done)
+    attempt = None
+    if start < len(specs) and specs[start].fallback is not None:
+        attempt = _attempt(start, specs[start].name, history, effects, compensated)
+    return Forward(start, tuple(completed), attempt)
+
+
+def _attempt(
+    index: int,
+    primary: str,
+    history: Sequence[SagaLogEntry],
+    effects: dict[str, CompletedStep],
+    compensated: set[str],
+) -> Attempt:
+    handed_over = None
+    for entry in history:
+        if (entry.step_name == primary and entry.action is SagaAction.ACT
+                and entry.status is SagaStepStatus.FAILED):
+            handed_over = entry
+    pending = primary in effects and primary not in compensated
+    return Attempt(index, primary, handed_over, handed_over is None or pending)
+
+
+def _reordered(before: str, name: str) -> str:
+    return (f"the log completed step {before!r} before step {name!r}, but the saga now runs "
+            f"{name!r} first: its steps were reordered")
 
 
 def _handler_positions(specs: Sequence[StepSpec]) -> dict[str, int]:

@@ -5,22 +5,25 @@
 - :func:`resume_saga` is the operator's explicit call for a PARKED saga.
 - :func:`abort_saga` compensates a saga now, on purpose.
 
-Each claims the saga's lease first: a saga leased by a live run raises SagaBusyError and nothing
-is written.
+Each checks its numbers first (ValueError naming the option, as a transaction checks them;
+nothing read or written), then claims the saga's lease: a saga leased by a live run raises
+SagaBusyError and nothing is written.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from uuid import UUID
 
+from sagakit import settings
 from sagakit.compensator import RetryPolicy
 from sagakit.container import as_container
 from sagakit.context import ContextCodec, codec_for
 from sagakit.exceptions import SagaDefinitionError
-from sagakit.execution import Execution, Resumption, prepare_resume
+from sagakit.execution import Execution
 from sagakit.middleware import Middleware, SagaRun, observe_saga, saga_log_context
 from sagakit.plan import ABORTED, Backward, Finished, Forward, Mismatch
 from sagakit.records import (
@@ -30,6 +33,7 @@ from sagakit.records import (
     SagaStatus,
     SagaStepStatus,
 )
+from sagakit.resumption import Resumption, prepare_resume
 from sagakit.saga import Saga
 from sagakit.storage.compat import open_run
 from sagakit.storage.protocol import LeasedRun, SagaStorage
@@ -154,7 +158,11 @@ class RecoveryOptions:
     """How recovery runs a saga. ``backoff``/``backoff_max``: after a recovery attempt that
     ends without a terminal status, the saga is not listed for recovery again for
     ``min(backoff * 2**(attempts-1), backoff_max)`` seconds. ``should_stop`` is checked after each
-    checkpoint (a worker's graceful shutdown)."""
+    checkpoint (a worker's graceful shutdown).
+
+    Checked when built (ValueError naming the field): ``lease_seconds`` finite seconds >= 0.1,
+    ``max_recovery_attempts`` an integer >= 1, ``backoff`` and ``backoff_max`` finite seconds
+    >= 0; ``retry`` checks its own numbers."""
 
     middlewares: Sequence[Middleware] = ()
     max_recovery_attempts: int = 5
@@ -164,8 +172,20 @@ class RecoveryOptions:
     backoff_max: float = 300.0
     should_stop: Callable[[], bool] | None = None
 
+    def __post_init__(self) -> None:
+        settings.lease_seconds(self.lease_seconds)
+        settings.recovery_attempts(self.max_recovery_attempts)
+        settings.seconds("backoff", self.backoff)
+        settings.seconds("backoff_max", self.backoff_max)
+
     def wait_after(self, attempts: int) -> float:
-        return float(min(self.backoff * 2 ** max(attempts - 1, 0), self.backoff_max))
+        """Seconds before a saga after ``attempts`` recovery attempts is listed again: finite
+        and >= 0 for any number of attempts."""
+        try:
+            wait = math.ldexp(self.backoff, max(attempts - 1, 0))
+        except OverflowError:  # past the float range: the cap applies
+            wait = math.inf
+        return min(wait, self.backoff_max)
 
 
 async def _drive(
@@ -195,11 +215,18 @@ async def _drive(
                 )
             observed = SagaRun(saga_id, saga.name, mode, state.status)
             async with observe_saga(options.middlewares, observed):
-                resumption = await prepare_resume(
-                    run, state, saga, decode, codec,
-                    max_recovery_attempts=options.max_recovery_attempts,
-                    resume_parked=explicit,
-                )
+                try:
+                    resumption = await prepare_resume(
+                        run, state, saga, decode, codec,
+                        max_recovery_attempts=options.max_recovery_attempts,
+                        resume_parked=explicit,
+                    )
+                except Exception:
+                    # e.g. a stored context that does not fit: back off like a failed attempt,
+                    # rather than be claimed again at every poll until parked
+                    if mode == "recover":
+                        run.retry_after = options.wait_after(state.recovery_attempts)
+                    raise
                 if isinstance(resumption.plan, Finished):
                     observed.status = resumption.plan.status
                     return resumption.plan.status
@@ -237,7 +264,7 @@ async def _carry_out(
     if mode != "recover":
         await _set_direction(run, saga, saga_id, resumption, mode, reason, execution)
     if mode == "abort" and isinstance(resumption.plan, Forward):
-        await execution.compensate(tuple(reversed(resumption.plan.completed)))
+        await execution.compensate(resumption.plan.to_abort())
         return execution.status
     try:
         async for _ in execution.execute(resumption.plan):

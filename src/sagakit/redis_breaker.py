@@ -29,6 +29,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from sagakit import settings
 from sagakit.breaker import (
     CircuitOpenError,
     CircuitState,
@@ -91,7 +92,9 @@ class RedisCircuitBreaker:
     ``failure_threshold``, ``reset_timeout`` and ``exclude`` mean what they mean for
     :class:`sagakit.CircuitBreaker`. Circuits are keyed ``key_prefix + name``: breakers of
     different services sharing one Redis need different prefixes. ``redis_timeout`` bounds each
-    Redis call (None: the client's own timeouts only); past it the breaker fails open.
+    Redis call (None: the client's own timeouts only); past it the breaker fails open. The
+    numbers are checked as :class:`sagakit.CircuitBreaker` checks them, and ``redis_timeout``
+    is None or finite seconds > 0 (ValueError naming the option).
     """
 
     def __init__(
@@ -104,13 +107,13 @@ class RedisCircuitBreaker:
         *,
         redis_timeout: float | None = 2.0,
     ) -> None:
-        check_settings(failure_threshold, reset_timeout)
+        self.reset_timeout = check_settings(failure_threshold, reset_timeout)
+        self.redis_timeout = settings.seconds("redis_timeout", redis_timeout, exclusive=True,
+                                              allow_none=True)
         self.redis = redis_client
         self.failure_threshold = failure_threshold
-        self.reset_timeout = float(reset_timeout)
         self.exclude = exception_types(exclude, "exclude")
         self.key_prefix = key_prefix
-        self.redis_timeout = redis_timeout
         self._check = redis_client.register_script(_CHECK)
         self._success = redis_client.register_script(_SUCCESS)
         self._failure = redis_client.register_script(_FAILURE)

@@ -103,8 +103,10 @@ class Saga(Generic[ContextT]):
         """Run this saga: returns a :class:`SagaTransaction` to iterate (optionally inside
         ``async with``). Without a storage, a fresh in-memory storage is used.
 
-        Raises ValueError for a retry count below 1 or negative delays, and
-        SagaSerializationError if the context cannot be stored, before anything is written.
+        Raises ValueError naming the option for a number out of range (see
+        :class:`SagaTransaction`: NaN and infinities are refused everywhere, ``lease_seconds``
+        must be >= 0.1), and SagaSerializationError if the context cannot be stored, before
+        anything is written.
         """
         from sagakit.transaction import SagaTransaction
 

@@ -70,7 +70,9 @@ class SagaStepHandler(abc.ABC, Generic[ContextT, ResponseT]):
     was cut off before its checkpoint. It is retried with backoff when it raises.
 
     During ``act``/``compensate``, :attr:`idempotency_key` is a stable key (saga id, step, action)
-    to pass to the services the step calls, so a step re-run after a crash can be deduplicated.
+    to pass to the services the step calls, so a step re-run after a crash can be deduplicated,
+    and :attr:`fencing_token` tells those services which run of the saga is the current one
+    (see docs/fencing.md).
     """
 
     @property
@@ -84,6 +86,20 @@ class SagaStepHandler(abc.ABC, Generic[ContextT, ResponseT]):
         if invocation is None:
             raise RuntimeError("idempotency_key is only available while a step runs")
         return invocation.idempotency_key
+
+    @property
+    def fencing_token(self) -> int:
+        """The fencing token of the run calling this step: the saga's version when the run took
+        its lease. The same for every step of one run; larger in every run that takes the saga
+        over later. Send it with :attr:`idempotency_key`: a service that refuses a token lower
+        than the highest it saw for the saga refuses the late calls of a run that was paused
+        past its lease and replaced. 0 when the storage provides no token. Raises RuntimeError
+        outside a step invocation.
+        """
+        invocation = current_invocation()
+        if invocation is None:
+            raise RuntimeError("fencing_token is only available while a step runs")
+        return invocation.fencing_token
 
     @abc.abstractmethod
     async def act(self, context: ContextT) -> SagaStepResult[ContextT, ResponseT] | ResponseT | None:

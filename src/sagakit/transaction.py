@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 from uuid import UUID
 
+from sagakit import settings
 from sagakit.compensator import RetryPolicy
 from sagakit.container import as_container
 from sagakit.context import codec_for
-from sagakit.exceptions import SagaParkedError, SagaSerializationError
-from sagakit.execution import Execution, prepare_resume
+from sagakit.exceptions import SagaError, SagaParkedError, SagaSerializationError
+from sagakit.execution import Execution
 from sagakit.middleware import (
     Middleware,
     SagaRun,
@@ -22,13 +23,14 @@ from sagakit.middleware import (
 )
 from sagakit.plan import Forward, Plan
 from sagakit.records import ContextJSON, SagaStatus
+from sagakit.resumption import prepare_resume
 from sagakit.saga import Saga
 from sagakit.step import SagaStepResult
 from sagakit.storage.compat import open_run
 from sagakit.storage.memory import MemorySagaStorage
 from sagakit.storage.protocol import SagaStorage
 
-__all__ = ["SagaTransaction"]
+__all__ = ["SagaTransaction", "check_options"]
 
 C = TypeVar("C")
 
@@ -50,6 +52,10 @@ class SagaTransaction(Generic[C]):
     (the ``context`` argument is then ignored; read :attr:`context`): a terminal saga yields
     nothing and writes nothing; a saga leased by a live run raises SagaBusyError, a PARKED one
     SagaParkedError, both before anything is written.
+
+    The numbers are checked here, before anything is written: the ``compensation_retry_*``
+    options as :class:`~sagakit.RetryPolicy` checks them, ``lease_seconds`` finite seconds
+    >= 0.1, ``max_recovery_attempts`` an integer >= 1; a bad one raises ValueError naming it.
     """
 
     def __init__(
@@ -76,8 +82,8 @@ class SagaTransaction(Generic[C]):
             compensation_retry_max_delay,
             compensation_retry_jitter,
         )
-        if lease_seconds <= 0:
-            raise ValueError(f"lease_seconds must be positive, got {lease_seconds}")
+        lease_seconds = settings.lease_seconds(lease_seconds)
+        max_recovery_attempts = settings.recovery_attempts(max_recovery_attempts)
         self.saga = saga
         self.saga_id: UUID = saga_id if saga_id is not None else uuid.uuid4()
         self.codec = codec_for(saga.context_type or type(context))
@@ -134,10 +140,14 @@ class SagaTransaction(Generic[C]):
         token = enter_log_scope(scope)
         try:
             async with open_run(self.storage) as run:
-                state, created = await run.start(
-                    saga_id, saga.name, ContextJSON(self._initial),
-                    fingerprint=saga.fingerprint, lease_seconds=self.lease_seconds,
-                )
+                try:
+                    state, created = await run.start(
+                        saga_id, saga.name, ContextJSON(self._initial),
+                        fingerprint=saga.fingerprint, lease_seconds=self.lease_seconds,
+                    )
+                except SagaError as exc:
+                    exc.locate(saga_id=saga_id, saga_name=saga.name)
+                    raise
                 self.status = state.status
                 observed = SagaRun(saga_id, saga.name, "run" if created else "resume",
                                    state.status)
@@ -191,3 +201,27 @@ class SagaTransaction(Generic[C]):
         if resumption.context is not None:
             self.context = resumption.context
         return resumption.plan, resumption.stored
+
+
+_RETRY_FIELDS = {
+    "compensation_retry_count": "attempts",
+    "compensation_retry_delay": "delay",
+    "compensation_retry_backoff": "backoff",
+    "compensation_retry_max_delay": "max_delay",
+    "compensation_retry_jitter": "jitter",
+}
+
+
+def check_options(options: Mapping[str, Any]) -> None:
+    """Check transaction options given ahead of any saga (``bootstrap(**options)``) as each
+    transaction will: ValueError naming a bad number, TypeError naming an unknown option."""
+    known = (*_RETRY_FIELDS, "lease_seconds", "max_recovery_attempts")
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise TypeError(f"unknown transaction option {unknown[0]!r} "
+                        f"(the options are {', '.join(known)})")
+    RetryPolicy(**{_RETRY_FIELDS[k]: v for k, v in options.items() if k in _RETRY_FIELDS})
+    if "lease_seconds" in options:
+        settings.lease_seconds(options["lease_seconds"])
+    if "max_recovery_attempts" in options:
+        settings.recovery_attempts(options["max_recovery_attempts"])

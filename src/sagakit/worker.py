@@ -4,6 +4,12 @@ Run one or many, on one machine or many, against one database: the database is t
 coordination point. Each saga is claimed atomically through its lease (a conditional UPDATE), so
 exactly one worker runs it at a time; a worker that finds a saga taken simply moves on.
 
+Database outages: a worker keeps running through them. A poll that fails (the database down or
+restarting) claims nothing; the worker logs one warning line when the outage begins and one when
+it ends, and polls again with exponential backoff and jitter (from ``poll_interval`` up to
+``max_backoff``), so a pool of workers neither floods the log nor hammers a recovering server.
+Sagas in hand whose checkpoints fail stay at their last checkpoint and are recovered later.
+
 Shutdown is graceful: after :meth:`RecoveryWorker.stop` (or SIGTERM/SIGINT when
 :meth:`RecoveryWorker.run` installs its handlers) the worker takes no new saga, and each saga in
 hand stops at its next checkpoint with its lease released, for any worker to continue. Sagas
@@ -23,7 +29,8 @@ from collections.abc import Iterable
 from typing import Any
 from uuid import UUID
 
-from sagakit.exceptions import SagaBusyError, SagaNotFoundError
+from sagakit import settings
+from sagakit.exceptions import SagaBusyError, SagaNotFoundError, SagaStorageError
 from sagakit.mediator import SagaMap
 from sagakit.middleware import saga_log_context
 from sagakit.records import SagaState, SagaStatus
@@ -56,6 +63,11 @@ class RecoveryWorker:
     the polling behaviour: ``poll_interval`` seconds between polls that found nothing,
     ``batch_size`` sagas listed per poll, ``stale_after_seconds`` (only sagas not updated for
     that long), ``saga_name`` (only that saga).
+
+    The numbers are checked here (ValueError naming the option): ``concurrency`` and
+    ``batch_size`` integers >= 1 (``batch_size`` None: ``concurrency * 4``), ``poll_interval``
+    finite seconds > 0, ``stale_after_seconds`` None or finite seconds >= 0,
+    ``shutdown_timeout`` finite seconds >= 0.
     """
 
     def __init__(
@@ -72,23 +84,29 @@ class RecoveryWorker:
         shutdown_timeout: float = 30.0,
         options: RecoveryOptions | None = None,
     ) -> None:
-        if concurrency < 1:
-            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        self.concurrency = settings.count("concurrency", concurrency)
+        self.poll_interval = settings.seconds("poll_interval", poll_interval, exclusive=True)
+        self.batch_size = (self.concurrency * 4 if batch_size is None
+                           else settings.count("batch_size", batch_size))
+        self.stale_after_seconds = settings.seconds("stale_after_seconds", stale_after_seconds,
+                                                    allow_none=True)
+        self.shutdown_timeout = settings.seconds("shutdown_timeout", shutdown_timeout)
         self.storage = storage
         self.container = container
         self._sagas = {s.name: s for s in sagas}
-        self.concurrency = concurrency
-        self.poll_interval = poll_interval
-        self.batch_size = batch_size or concurrency * 4
-        self.stale_after_seconds = stale_after_seconds
         self.saga_name = saga_name
-        self.shutdown_timeout = shutdown_timeout
         base = options or RecoveryOptions()
         self.options = dataclasses.replace(base, should_stop=self.stopping)
         self.outcomes: list[RecoveryOutcome] = []
         """Every attempt this worker made, in order (handy for tests and operators)."""
         self.owner = new_owner_id()
         """The lease owner id of the sagas this worker claims."""
+        self.max_backoff = max(30.0, self.poll_interval)
+        """The longest wait between polls while the database keeps failing (seconds)."""
+        self.failed_polls = 0
+        """Polls that failed in a row (the database unreachable, say); 0 when the last one
+        worked."""
+        self._claim_due_works = True
         self._stop = asyncio.Event()
         self._in_hand: set[UUID] = set()
 
@@ -103,16 +121,22 @@ class RecoveryWorker:
     async def run_once(self) -> list[RecoveryOutcome]:
         """One poll: claim up to ``concurrency`` due sagas in one atomic step and recover them
         concurrently. Workers polling together claim disjoint sagas (the claim skips rows
-        another worker is claiming). A storage without ``claim_due`` is polled by listing due
-        sagas and claiming them one by one (a saga another worker won is skipped)."""
-        if getattr(self.storage, "claim_due", None) is None:
+        another worker is claiming). A storage without ``claim_due`` (or whose ``claim_due``
+        raises NotImplementedError) is polled by listing due sagas and claiming them one by one
+        (a saga another worker won is skipped)."""
+        if not self._claims_due():
             return await self._run_listed()
         claimed = await self._claim(self.concurrency)
+        if not self._claims_due():
+            return await self._run_listed()
         return list(await asyncio.gather(*(self.recover(s.saga_id, s) for s in claimed)))
 
+    def _claims_due(self) -> bool:
+        return self._claim_due_works and getattr(self.storage, "claim_due", None) is not None
+
     async def _claim(self, limit: int) -> list[SagaState]:
-        """Claim due sagas; a failing claim (the database briefly unreachable, say) is logged
-        and claims nothing, so a worker outlives database hiccups."""
+        """Claim due sagas; a failing claim (the database briefly unreachable, say) claims
+        nothing, so a worker outlives database outages (see :meth:`_poll_failed`)."""
         names = frozenset({self.saga_name} if self.saga_name else self._sagas)
         try:
             claimed: list[SagaState] = await self.storage.claim_due(
@@ -123,18 +147,52 @@ class RecoveryWorker:
                 saga_names=names & frozenset(self._sagas),
                 stale_after_seconds=self.stale_after_seconds,
             )
-        except Exception:
-            logger.warning("claiming due sagas failed; will poll again", exc_info=True)
+        except NotImplementedError:  # e.g. the protocol's stub, inherited
+            self._claim_due_works = False
             return []
+        except Exception as error:
+            self._poll_failed(error)
+            return []
+        self._poll_worked()
         return claimed
 
+    def _poll_failed(self, error: Exception) -> None:
+        """Count a failed poll; log the first of a run of them (a traceback only for errors
+        that are not the storage's own, which may be bugs)."""
+        self.failed_polls += 1
+        if self.failed_polls == 1:
+            logger.warning("polling for due sagas failed, retrying with backoff: %s", error,
+                           exc_info=not isinstance(error, SagaStorageError))
+        else:
+            logger.debug("poll %d in a row failed: %s", self.failed_polls, error)
+
+    def _poll_worked(self) -> None:
+        if self.failed_polls:
+            logger.warning("polling for due sagas works again after %d failed polls",
+                           self.failed_polls)
+            self.failed_polls = 0
+
+    def poll_wait(self) -> float:
+        """Seconds to wait before the next poll, when the last one found nothing to do:
+        ``poll_interval``, or while polls fail, twice as long after each failure up to
+        ``max_backoff``, spread by +-20% so workers do not poll in step."""
+        if not self.failed_polls:
+            return self.poll_interval
+        wait = min(self.poll_interval * 2.0 ** min(self.failed_polls - 1, 30), self.max_backoff)
+        return wait * random.uniform(0.8, 1.2)
+
     async def _run_listed(self) -> list[RecoveryOutcome]:
-        due = await self.storage.get_sagas_for_recovery(
-            self.batch_size,
-            max_recovery_attempts=self.options.max_recovery_attempts,
-            stale_after_seconds=self.stale_after_seconds,
-            saga_name=self.saga_name,
-        )
+        try:
+            due = await self.storage.get_sagas_for_recovery(
+                self.batch_size,
+                max_recovery_attempts=self.options.max_recovery_attempts,
+                stale_after_seconds=self.stale_after_seconds,
+                saga_name=self.saga_name,
+            )
+        except Exception as error:
+            self._poll_failed(error)
+            return []
+        self._poll_worked()
         random.shuffle(due)  # workers polling together then collide less
         slots = asyncio.Semaphore(self.concurrency)
 
@@ -160,20 +218,43 @@ class RecoveryWorker:
 
     async def _recover(self, saga_id: UUID, claimed: SagaState | None) -> RecoveryOutcome:
         try:
-            state = claimed if claimed is not None else await self.storage.get_saga(saga_id)
-            saga = self._sagas.get(state.name)
-            if saga is None:
-                logger.warning("saga %s: no definition named %r here; skipped", saga_id, state.name)
-                return RecoveryOutcome(saga_id, state.status)
+            state = claimed if claimed is not None else await self._stored(saga_id)
+            if state is None:  # a storage without get_saga: only a worker of one saga knows
+                saga = self._only_saga()
+                if saga is None:
+                    logger.warning("saga %s: the storage cannot tell its name (no get_saga); "
+                                   "give this worker one saga (saga_name) to recover it",
+                                   saga_id)
+                    return RecoveryOutcome(saga_id)
+            else:
+                saga = self._sagas.get(state.name)
+                if saga is None:
+                    logger.warning("saga %s: no definition named %r here; skipped", saga_id,
+                                   state.name)
+                    return RecoveryOutcome(saga_id, state.status)
             status = await _drive(saga(), saga_id, None, self.container, self.storage,
                                   self.options, "recover", claimed=claimed)
         except (SagaBusyError, SagaNotFoundError) as exc:
             return RecoveryOutcome(saga_id, error=exc, busy=isinstance(exc, SagaBusyError))
+        except SagaStorageError as exc:  # an outage: one line, no traceback
+            logger.warning("saga %s: recovery attempt stopped: %s", saga_id, exc)
+            return RecoveryOutcome(saga_id, error=exc)
         except Exception as exc:
             logger.exception("saga %s: recovery attempt failed", saga_id)
             return RecoveryOutcome(saga_id, error=exc)
         logger.info("saga %s (%s): recovered to %s", saga_id, saga.name, status.value)
         return RecoveryOutcome(saga_id, status)
+
+    async def _stored(self, saga_id: UUID) -> SagaState | None:
+        try:
+            return await self.storage.get_saga(saga_id)
+        except NotImplementedError:  # the seed's protocol has no get_saga
+            return None
+
+    def _only_saga(self) -> type[Saga[Any]] | None:
+        if self.saga_name is not None:
+            return self._sagas.get(self.saga_name)
+        return next(iter(self._sagas.values())) if len(self._sagas) == 1 else None
 
     async def run(self, *, install_signal_handlers: bool = True) -> None:
         """Poll and recover until :meth:`stop` (or SIGTERM/SIGINT) — then shut down gracefully."""
@@ -191,20 +272,25 @@ class RecoveryWorker:
                 loop.remove_signal_handler(sig)
 
     async def _loop(self) -> None:
-        if getattr(self.storage, "claim_due", None) is None:
+        if self._claims_due():
+            await self._claim_loop()
+        if not self._claims_due():  # no claim_due, or it turned out to raise NotImplementedError
             await self._poll_loop()
-            return
+
+    async def _claim_loop(self) -> None:
         in_flight: set[asyncio.Task[RecoveryOutcome]] = set()
         stopped = asyncio.ensure_future(self._stop.wait())
         try:
             while not self.stopping():
                 free = self.concurrency - len(in_flight)
                 claimed = await self._claim(free) if free > 0 else []
+                if not self._claims_due():
+                    break
                 for state in claimed:  # a slot is refilled as soon as a saga finishes
                     in_flight.add(asyncio.create_task(self.recover(state.saga_id, state)))
                 if claimed and len(in_flight) < self.concurrency:
                     continue  # there may be more due right away
-                timeout = None if len(in_flight) >= self.concurrency else self.poll_interval
+                timeout = None if len(in_flight) >= self.concurrency else self.poll_wait()
                 done, _ = await asyncio.wait(
                     {*in_flight, stopped}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )
@@ -238,4 +324,4 @@ class RecoveryWorker:
             if not any(o.status is not None or (o.error is not None and not o.busy)
                        for o in outcomes):
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), self.poll_interval)
+                    await asyncio.wait_for(self._stop.wait(), self.poll_wait())

@@ -110,11 +110,11 @@ def _sabotage(kind: str) -> None:
     ``rerun``: recovery re-runs the last checkpointed step. ``order``: compensations run in
     forward order. ``steal``: workers list and claim sagas whatever their lease says.
     """
-    from sagakit import execution, plan
+    from sagakit import execution, plan, resumption
     from sagakit.storage import queries, sqlalchemy
 
     if kind == "rerun":
-        decide = execution.decide
+        decide = resumption.decide
 
         def rerun(*args: Any, **kwargs: Any) -> Any:
             p = decide(*args, **kwargs)
@@ -122,7 +122,7 @@ def _sabotage(kind: str) -> None:
                 return plan.Forward(p.start - 1, p.completed[:-1])
             return p
 
-        execution.decide = rerun  # type: ignore[assignment]
+        resumption.decide = rerun  # type: ignore[assignment]
     elif kind == "order":
         backward = execution.Execution._backward
 

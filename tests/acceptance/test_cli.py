@@ -333,6 +333,37 @@ def test_worker_recovers_and_stops_cleanly_on_sigterm(db: Db) -> None:
     assert db.state("parked") is SagaStatus.PARKED
 
 
+def test_sigterm_while_the_worker_starts_up_exits_cleanly(db: Db, tmp_path: Path) -> None:
+    marker = tmp_path / "importing"
+    (tmp_path / "slow_sagas.py").write_text(
+        "import pathlib, time\n"
+        f"pathlib.Path({str(marker)!r}).touch()\n"
+        "time.sleep(30)  # a slow start-up: big imports, a cold container\n"
+        f"from {MODULE} import OrderSaga\n"
+    )
+    env = {**os.environ, "SAGAKIT_DATABASE_URL": db.url,
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "sagakit", "worker", "--import", "slow_sagas"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not marker.exists():
+            assert worker.poll() is None, worker.communicate()
+            assert time.monotonic() < deadline, "the worker never started importing"
+            time.sleep(0.05)
+        worker.send_signal(signal.SIGTERM)
+        _, stderr = worker.communicate(timeout=20)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert worker.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    assert db.state("crashed") is SagaStatus.RUNNING  # it took no saga
+
+
 def test_worker_needs_a_definition_and_a_database(db: Db, tmp_path: Path) -> None:
     error_of(sagakit("worker", url=db.url), EXIT_USAGE)
     missing = f"sqlite+aiosqlite:///{tmp_path / 'missing.db'}"

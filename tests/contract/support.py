@@ -18,8 +18,8 @@ from sagakit.records import SagaLogEntry, SagaState, SagaStatus, SagaStepStatus
 
 NAME = "order"
 LONG_LEASE = 60.0
-SHORT_LEASE = 0.05
-EXPIRY_WAIT = 0.2  # comfortably longer than SHORT_LEASE; never asserted as a duration
+SHORT_LEASE = 0.3  # long enough that a noisy machine does not let it run out between two calls
+EXPIRY_WAIT = 0.5  # comfortably longer than SHORT_LEASE; never asserted as a duration
 TICK = 0.02  # separates timestamps so "oldest/newest first" orderings are unambiguous
 
 Snapshot = tuple[SagaState, list[SagaLogEntry]]

@@ -21,12 +21,14 @@ class Recorder:
 
     calls: ClassVar[list[str]] = []
     hooks: ClassVar[dict[str, Callable[[], Awaitable[Any]]]] = {}
+    undo_hooks: ClassVar[dict[str, Callable[[], Awaitable[Any]]]] = {}
     fail: ClassVar[set[str]] = set()
 
     @classmethod
     def reset(cls) -> None:
         cls.calls = []
         cls.hooks = {}
+        cls.undo_hooks = {}
         cls.fail = set()
 
 
@@ -45,6 +47,9 @@ class _Step(SagaStepHandler[OrderContext, str]):
     async def compensate(self, context: OrderContext) -> None:
         name = type(self).__name__
         Recorder.calls.append(f"compensate:{name}")
+        hook = Recorder.undo_hooks.get(name)
+        if hook is not None:
+            await hook()
         context.done.remove(name)
 
 

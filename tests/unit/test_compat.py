@@ -8,7 +8,14 @@ from typing import Any
 
 import pytest
 
-from sagakit import MemorySagaStorage, SagaStatus, recover_saga
+from sagakit import (
+    ISagaStorage,
+    MemorySagaStorage,
+    RecoveryWorker,
+    SagaStatus,
+    SagaStorageError,
+    recover_saga,
+)
 from tests.unit.support import Crash, Ctx, Script, ThreeStepSaga, drive, transaction
 
 SEED_METHODS = (
@@ -165,3 +172,108 @@ async def test_a_seed_storage_is_handed_plain_dicts_never_the_engines_json():
     await drive(transaction(ThreeStepSaga(), script, storage))
     assert seen
     assert set(seen) == {dict}
+
+
+class SubclassedSeedStorage(ISagaStorage):
+    """A seed-style storage as users write it: a subclass of the protocol with the seed's
+    methods only. It inherits the protocol's stubs of everything else (``create_run``,
+    ``get_saga``, ...)."""
+
+    def __init__(self) -> None:
+        self.inner = MemorySagaStorage()
+
+    async def create_saga(self, saga_id: uuid.UUID, name: str, context: Any) -> None:
+        await self.inner.create_saga(saga_id, name, context)
+
+    async def update_context(self, saga_id: uuid.UUID, context: Any,
+                             current_version: int | None = None) -> None:
+        await self.inner.update_context(saga_id, context, current_version)
+
+    async def update_status(self, saga_id: uuid.UUID, status: SagaStatus) -> None:
+        await self.inner.update_status(saga_id, status)
+
+    async def log_step(self, saga_id: uuid.UUID, step_name: str, action: str, status: Any,
+                       details: str | None = None, *, error_type: str | None = None) -> None:
+        await self.inner.log_step(saga_id, step_name, action, status, details,
+                                  error_type=error_type)
+
+    async def load_saga_state(self, saga_id: uuid.UUID, *,
+                              read_for_update: bool = False) -> tuple[SagaStatus, Any, int]:
+        return await self.inner.load_saga_state(saga_id)
+
+    async def get_step_history(self, saga_id: uuid.UUID) -> list[Any]:
+        return await self.inner.get_step_history(saga_id)
+
+    async def increment_recovery_attempts(self, saga_id: uuid.UUID,
+                                          new_status: SagaStatus | None = None) -> None:
+        await self.inner.increment_recovery_attempts(saga_id, new_status)
+
+
+async def test_a_subclass_of_the_protocol_without_create_run_commits_per_call():
+    storage, script, saga_id = SubclassedSeedStorage(), Script(), uuid.uuid4()
+    with pytest.raises(NotImplementedError):
+        storage.create_run()
+    script.fail("StepC", "act", RuntimeError("boom"))
+    script.fail("StepA", "compensate", Crash())
+    with pytest.raises(Crash):
+        await drive(transaction(ThreeStepSaga(), script, storage, saga_id=saga_id))
+    assert (await storage.inner.get_saga(saga_id)).status is SagaStatus.COMPENSATING
+
+    status = await recover_saga(ThreeStepSaga, saga_id, Ctx, script.container, storage,
+                                compensation_retry_delay=0)
+    assert status is SagaStatus.FAILED
+    assert script.acts() == ["StepA", "StepB", "StepC"]
+    assert script.compensations() == ["StepB", "StepA", "StepA"]
+    assert (await storage.inner.get_saga(saga_id)).context["trail"] == []
+    entries = await storage.inner.get_step_history(saga_id)
+    assert [(e.action.value, e.status.value) for e in entries][2:] == [
+        ("act", "FAILED"), ("compensate", "COMPENSATED"), ("compensate", "COMPENSATED"),
+    ]
+
+
+async def test_a_create_run_returning_none_counts_as_not_implemented():
+    class ReturnsNone(SeedStorage):
+        def create_run(self) -> Any:
+            self.create_run_calls += 1
+            return None
+
+    storage, script, saga_id = ReturnsNone(), Script(), uuid.uuid4()
+    await drive(transaction(ThreeStepSaga(), script, storage, saga_id=saga_id))
+    assert storage.create_run_calls == 1
+    assert (await storage.inner.get_saga(saga_id)).status is SagaStatus.COMPLETED
+
+
+class ListingSeedStorage(SubclassedSeedStorage):
+    """The seed protocol plus ``get_sagas_for_recovery``: what a worker needs to find sagas."""
+
+    async def get_sagas_for_recovery(self, limit: int, max_recovery_attempts: int = 5,
+                                     stale_after_seconds: float | None = None,
+                                     saga_name: str | None = None) -> list[uuid.UUID]:
+        return await self.inner.get_sagas_for_recovery(limit, max_recovery_attempts,
+                                                       stale_after_seconds, saga_name)
+
+
+async def test_a_worker_recovers_sagas_of_a_protocol_subclass_by_listing_them():
+    storage, script, saga_id = ListingSeedStorage(), Script(), uuid.uuid4()
+    script.fail("StepB", "act", Crash())
+    with pytest.raises(Crash):
+        await drive(transaction(ThreeStepSaga(), script, storage, saga_id=saga_id))
+    with pytest.raises(NotImplementedError):  # inherited stubs
+        await storage.claim_due("w", limit=1, lease_seconds=30)
+    worker = RecoveryWorker(storage, [ThreeStepSaga], script.container, poll_interval=0.01)
+    outcomes = await worker.run_once()  # claim_due is the stub: it lists instead
+    assert [(o.saga_id, o.status) for o in outcomes] == [(saga_id, SagaStatus.COMPLETED)]
+    assert script.acts() == ["StepA", "StepB", "StepB", "StepC"]  # StepB was cut off once
+
+
+async def test_a_custom_storages_own_errors_reach_callers_as_storage_errors():
+    class Down(SubclassedSeedStorage):
+        async def create_saga(self, saga_id: uuid.UUID, name: str, context: Any) -> None:
+            raise ConnectionError("my database is down")
+
+    script, saga_id = Script(), uuid.uuid4()
+    with pytest.raises(SagaStorageError) as raised:
+        await drive(transaction(ThreeStepSaga(), script, Down(), saga_id=saga_id))
+    assert raised.value.saga_id == saga_id
+    assert isinstance(raised.value.__cause__, ConnectionError)
+    assert script.acts() == []

@@ -73,8 +73,8 @@ def test_jitter_stays_within_bounds():
     ("kwargs", "match"),
     [
         ({"attempts": 0}, "compensation_retry_count"),
-        ({"delay": -1}, "negative"),
-        ({"max_delay": -1}, "negative"),
+        ({"delay": -1}, "compensation_retry_delay"),
+        ({"max_delay": -1}, "compensation_retry_max_delay"),
         ({"backoff": 0.5}, "backoff"),
         ({"jitter": 1.5}, "jitter"),
         ({"jitter": -0.1}, "jitter"),

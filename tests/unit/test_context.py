@@ -432,3 +432,163 @@ async def test_the_storage_receives_the_engines_json_and_does_not_encode_again()
     assert len(seen) == 3
     assert all(type(c) is ContextJSON for c in seen)
     assert storage._rows[saga_id.int].context is seen[-1].json  # stored without re-encoding
+
+
+# -- stored keys that do not fit the type ------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class OrderV2(SagaContext):
+    order_id: str
+    amount_cents: int = 0
+    coupon: str | None = None  # added in this version
+
+
+def test_camel_case_keys_are_an_error_naming_unknown_and_missing_fields():
+    with pytest.raises(SagaSerializationError) as raised:
+        OrderV2.from_dict({"orderId": "1", "amountCents": 5})
+    message = str(raised.value)
+    assert "['orderId', 'amountCents']" in message  # unknown keys
+    assert "['order_id', 'amount_cents', 'coupon']" in message  # fields missing from the data
+    assert "upgrade_context" in message
+
+
+def test_a_renamed_field_never_resumes_with_its_default():
+    # amount_cents had been called "amount" when the saga was stored
+    with pytest.raises(SagaSerializationError, match=r"\['amount'\].*\['amount_cents', 'coupon'\]"):
+        OrderV2.from_dict({"order_id": "o-1", "amount": 500})
+
+
+def test_extra_keys_are_an_error_even_when_every_field_is_there():
+    with pytest.raises(SagaSerializationError, match=r"stored keys \['legacy'\]"):
+        OrderV2.from_dict({"order_id": "o-1", "amount_cents": 1, "coupon": None, "legacy": 1})
+
+
+def test_a_missing_field_with_a_default_takes_it():
+    assert OrderV2.from_dict({"order_id": "o-1", "amount_cents": 3}) == OrderV2("o-1", 3, None)
+
+
+def test_a_missing_field_without_a_default_is_named():
+    with pytest.raises(SagaSerializationError, match=r"fields \['order_id'\] have no default"):
+        OrderV2.from_dict({"amount_cents": 3})
+
+
+def test_unknown_keys_of_a_nested_dataclass_are_named_by_path():
+    data = rich().to_dict()
+    data["lines"][0]["skuCode"] = data["lines"][0].pop("sku")
+    with pytest.raises(SagaSerializationError, match=r"\['lines\[0\]\.skuCode'\].*'lines\[0\]\.sku'"):
+        RichContext.from_dict(data)
+
+
+@dataclasses.dataclass
+class Renamed(SagaContext):
+    order_id: str
+    amount_cents: int = 0
+
+    @classmethod
+    def upgrade_context(cls, data: dict[str, Any]) -> dict[str, Any]:
+        if "orderId" in data:  # written by the previous version
+            data["order_id"] = data.pop("orderId")
+        return data
+
+
+def test_the_upgrade_hook_renames_a_key_before_decoding():
+    assert Renamed.from_dict({"orderId": "o-7", "amount_cents": 2}) == Renamed("o-7", 2)
+    assert Renamed.from_dict({"order_id": "o-8"}) == Renamed("o-8", 0)  # current form unchanged
+    assert codec_for(Renamed).decode({"orderId": "o-9"}) == Renamed("o-9")
+
+
+def test_a_failing_or_malformed_upgrade_hook_is_named():
+    @dataclasses.dataclass
+    class Broken(SagaContext):
+        order_id: str = ""
+
+        @classmethod
+        def upgrade_context(cls, data: dict[str, Any]) -> Any:
+            return data["missing"] if "boom" in data else [data]
+
+    with pytest.raises(SagaSerializationError, match=r"Broken\.upgrade_context failed.*KeyError"):
+        Broken.from_dict({"boom": 1})
+    with pytest.raises(SagaSerializationError, match="must return a dict, got list"):
+        Broken.from_dict({})
+
+
+class IgnoringModel(pydantic.BaseModel):  # extra="ignore", pydantic's default
+    order_id: str
+    note: str = ""
+
+
+class AllowingModel(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="allow")
+    order_id: str
+
+
+class UpgradedModel(pydantic.BaseModel):
+    order_id: str
+
+    @classmethod
+    def upgrade_context(cls, data: dict[str, Any]) -> dict[str, Any]:
+        return {("order_id" if k == "orderId" else k): v for k, v in data.items()}
+
+
+def test_a_pydantic_model_that_ignores_extras_still_refuses_unknown_keys():
+    codec = codec_for(IgnoringModel)
+    with pytest.raises(SagaSerializationError, match=r"\['orderId'\].*\['order_id', 'note'\]"):
+        codec.decode({"orderId": "1"})
+    with pytest.raises(SagaSerializationError, match="order_id"):
+        codec.decode({"note": "n"})
+    assert codec.decode({"order_id": "1"}) == IgnoringModel(order_id="1")
+
+
+def test_a_pydantic_model_that_allows_extras_keeps_them():
+    codec = codec_for(AllowingModel)
+    decoded = codec.decode({"order_id": "1", "legacy": 2})
+    assert decoded.model_extra == {"legacy": 2}
+    assert codec.encode(decoded) == {"order_id": "1", "legacy": 2}
+
+
+def test_a_pydantic_model_may_define_the_upgrade_hook():
+    assert codec_for(UpgradedModel).decode({"orderId": "1"}) == UpgradedModel(order_id="1")
+
+
+class WithComputed(pydantic.BaseModel):
+    cents: int
+
+    @pydantic.computed_field  # type: ignore[prop-decorator]
+    @property
+    def euros(self) -> float:
+        return self.cents / 100
+
+
+def test_a_pydantic_computed_field_in_the_stored_form_is_not_an_unknown_key():
+    codec = codec_for(WithComputed)
+    assert codec.decode(codec.encode(WithComputed(cents=250))) == WithComputed(cents=250)
+
+
+def test_dict_contexts_take_any_keys():
+    assert codec_for(dict).decode({"orderId": "1"}) == {"orderId": "1"}
+
+
+async def test_recovery_of_a_context_with_an_unknown_key_runs_and_writes_nothing():
+    storage, script, saga_id = MemorySagaStorage(), Script(), uuid.uuid4()
+    script.fail("StepB", "act", Crash())
+    with pytest.raises(Crash):
+        await drive(transaction(ThreeStepSaga(), script, storage, saga_id=saga_id))
+    # another deploy's worker stored the context with a field Ctx does not have
+    await storage.update_context(saga_id, {"orderId": "o-1", "trail": ["StepA"]})
+    before = await state(storage, saga_id)
+    logged = await storage.get_step_history(saga_id)
+
+    with pytest.raises(SagaSerializationError) as raised:
+        await recover_saga(ThreeStepSaga, saga_id, Ctx, script.container, storage)
+    assert "['orderId']" in str(raised.value)
+    assert "['order_id']" in str(raised.value)
+    assert (raised.value.saga_id, raised.value.saga_name) == (saga_id, "ThreeStepSaga")
+    after = await state(storage, saga_id)
+    assert (after.status, after.context) == (before.status, before.context)
+    assert await storage.get_step_history(saga_id) == logged
+    assert script.acts() == ["StepA", "StepB"]  # nothing ran
+
+    with pytest.raises(SagaSerializationError, match="orderId"):  # resuming by id: the same
+        await drive(transaction(ThreeStepSaga(), script, storage, saga_id=saga_id))
+    assert script.acts() == ["StepA", "StepB"]

@@ -33,6 +33,7 @@ from sagakit.saga import definition_fingerprint
 from tests.unit.support import (
     Crash,
     Ctx,
+    Snapshots,
     StepA,
     StepB,
     StepC,
@@ -394,8 +395,21 @@ async def test_the_log_records_the_primary_failure_then_the_fallback_under_its_o
     assert step.error_message == "ConnectionError: payments down"
 
 
-async def test_the_primary_failure_and_the_fallback_are_one_checkpoint(storage, script):
+async def test_the_hand_over_is_its_own_checkpoint_before_the_fallback_runs(storage, script):
     script.fail("StepB", "act", ConnectionError("down"))
+    txn = transaction(fallback_saga(), script, storage)
+    seen = Snapshots(storage, txn.saga_id)
+    script.hook("StepD", "act", seen)
+    await drive(txn)
+    [(status, version, log)] = seen.taken
+    assert status == "RUNNING"
+    assert log == [("StepA", "act", "COMPLETED"), ("StepB", "act", "FAILED")]
+    assert version == 3  # the start, StepA, the hand-over
+    # one commit more than a plain saga's N+1, on the fallback path only
+    assert (await state(storage, txn.saga_id)).version == 5
+
+
+async def test_a_primary_that_succeeds_costs_no_extra_commit(storage, script):
     txn = transaction(fallback_saga(), script, storage)
     await drive(txn)
     assert (await state(storage, txn.saga_id)).version == 4  # the start, then one per step
@@ -428,7 +442,9 @@ async def test_a_later_failure_compensates_the_fallback_not_the_primary(storage,
     assert txn.context.trail == []
 
 
-async def test_recovery_after_a_crash_inside_the_fallback_reruns_the_step(storage, script):
+async def test_recovery_after_a_crash_inside_the_fallback_runs_the_fallback_directly(
+    storage, script
+):
     saga = fallback_saga(failure_exceptions=(ConnectionError,))
     script.always("StepB", "act", ConnectionError("down"))
     script.fail("StepD", "act", Crash())
@@ -437,12 +453,16 @@ async def test_recovery_after_a_crash_inside_the_fallback_reruns_the_step(storag
         await drive(txn)
     row = await state(storage, txn.saga_id)
     assert row.status is SagaStatus.RUNNING
-    assert await history(storage, txn.saga_id) == [("StepA", "act", "COMPLETED")]
+    assert await history(storage, txn.saga_id) == [  # the hand-over is durable
+        ("StepA", "act", "COMPLETED"), ("StepB", "act", "FAILED"),
+    ]
     assert row.context["trail"] == ["StepA"]
 
     status = await recover_saga(saga, txn.saga_id, Ctx, script.container, storage)
     assert status is SagaStatus.COMPLETED
-    assert script.acts() == ["StepA", "StepB", "StepD", "StepB", "StepD", "StepC"]
+    # the primary failed before the crash: it is neither run again nor compensated
+    assert script.acts() == ["StepA", "StepB", "StepD", "StepD", "StepC"]
+    assert script.compensations() == []
     row = await state(storage, txn.saga_id)
     assert row.context["trail"] == ["StepA", "StepD", "StepC"]
     assert await history(storage, txn.saga_id) == [

@@ -5,10 +5,20 @@ from __future__ import annotations
 import types
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
-from sagakit.plan import Backward, CompletedStep, Finished, Forward, Mismatch, decide
+from sagakit.plan import (
+    ABORTED,
+    Attempt,
+    Backward,
+    CompletedStep,
+    Finished,
+    Forward,
+    Mismatch,
+    decide,
+)
 from sagakit.records import SagaAction, SagaLogEntry, SagaStatus, SagaStepStatus
 from sagakit.saga import StepSpec
 from tests.unit.support import StepA, StepB, StepC, StepD
@@ -22,9 +32,12 @@ DONE, FAILED, COMPENSATED, STARTED = (
 )
 
 
-def log(*entries: tuple[str, SagaAction, SagaStepStatus]) -> list[SagaLogEntry]:
+def log(*entries: tuple[Any, ...]) -> list[SagaLogEntry]:
+    """Log entries from (step, action, status) or (step, action, status, error_type)."""
     now = datetime.now(UTC)
-    return [SagaLogEntry(SAGA_ID, name, action, status, now) for name, action, status in entries]
+    return [SagaLogEntry(SAGA_ID, name, action, status, now, error_type=error_type)
+            for name, action, status, error_type in (e if len(e) == 4 else (*e, None)
+                                                    for e in entries)]
 
 
 A_DONE = ("StepA", ACT, DONE)
@@ -82,11 +95,6 @@ def test_a_step_completed_twice_is_counted_once():
     assert plan == Forward(1, (CompletedStep(0, "StepA"),))
 
 
-def test_completed_steps_are_listed_in_step_order_whatever_the_log_order():
-    plan = decide(SagaStatus.RUNNING, SPECS, log(B_DONE, A_DONE))
-    assert plan == Forward(2, (CompletedStep(0, "StepA"), CompletedStep(1, "StepB")))
-
-
 def test_running_with_a_failed_act_in_the_log_goes_backward():
     # The status write (COMPENSATING) was cut off after the failure was logged.
     plan = decide(SagaStatus.RUNNING, SPECS, log(A_DONE, B_DONE, C_FAILED))
@@ -133,11 +141,6 @@ def test_a_failed_compensation_is_tried_again():
     assert decide(SagaStatus.COMPENSATING, SPECS, entries) == Backward((CompletedStep(1, "StepB"),))
 
 
-def test_backward_order_is_the_reverse_of_completion_order():
-    plan = decide(SagaStatus.COMPENSATING, SPECS, log(B_DONE, A_DONE))
-    assert plan == Backward((CompletedStep(0, "StepA"), CompletedStep(1, "StepB")))
-
-
 # -- resumed parked sagas --------------------------------------------------------------------------
 
 
@@ -177,6 +180,43 @@ def test_completed_steps_that_are_not_a_prefix_are_a_mismatch():
     assert "StepB" in plan.reason
 
 
+@pytest.mark.parametrize("status", [
+    SagaStatus.PENDING, SagaStatus.RUNNING, SagaStatus.COMPENSATING, SagaStatus.PARKED,
+])
+def test_completed_steps_logged_out_of_definition_order_are_a_mismatch(status):
+    # e.g. the definition swapped two steps that had already completed
+    plan = decide(status, SPECS, log(B_DONE, A_DONE), resume_parked=True)
+    assert isinstance(plan, Mismatch)
+    assert "'StepB' before step 'StepA'" in plan.reason
+    assert "reordered" in plan.reason
+
+
+def test_a_reorder_is_a_mismatch_even_with_a_failure_logged():
+    plan = decide(SagaStatus.RUNNING, SPECS, log(B_DONE, A_DONE, C_FAILED))
+    assert isinstance(plan, Mismatch)
+
+
+def test_a_step_completed_again_after_a_later_one_is_a_mismatch():
+    plan = decide(SagaStatus.RUNNING, SPECS, log(A_DONE, B_DONE, A_DONE))
+    assert isinstance(plan, Mismatch)
+
+
+def test_a_fallback_hand_over_keeps_the_step_in_order():
+    entries = log(A_DONE, ("StepB", ACT, FAILED), ("StepD", ACT, DONE), C_DONE)
+    plan = decide(SagaStatus.RUNNING, fallback_specs(), entries)
+    assert plan == Forward(3, (CompletedStep(0, "StepA"), CompletedStep(1, "StepD"),
+                               CompletedStep(2, "StepC")))
+
+
+def test_a_fallback_step_moved_before_a_completed_step_is_a_mismatch():
+    moved = fallback_specs()
+    specs = (moved[1], moved[0], moved[2])  # Fallback(StepB -> StepD), StepA, StepC
+    entries = log(A_DONE, ("StepB", ACT, FAILED), ("StepD", ACT, DONE))
+    plan = decide(SagaStatus.COMPENSATING, specs, entries)
+    assert isinstance(plan, Mismatch)
+    assert "'StepA' before step 'StepD'" in plan.reason
+
+
 # -- fallback steps --------------------------------------------------------------------------------
 
 
@@ -201,3 +241,93 @@ def test_the_handler_that_completed_a_fallback_step_is_the_one_compensated():
     entries = log(A_DONE, ("StepB", ACT, FAILED), ("StepD", ACT, DONE), C_FAILED)
     plan = decide(SagaStatus.COMPENSATING, fallback_specs(), entries)
     assert plan == Backward((CompletedStep(1, "StepD"), CompletedStep(0, "StepA")))
+
+
+# -- fallback steps after a crash --------------------------------------------------------------------
+
+
+B_HANDED_OVER = ("StepB", ACT, FAILED)
+B_UNDO_STARTED = ("StepB", COMP, STARTED)
+
+
+def test_a_plain_step_has_no_earlier_attempt_to_tell():
+    plan = decide(SagaStatus.RUNNING, SPECS, log(A_DONE))
+    assert isinstance(plan, Forward)
+    assert plan.attempt is None
+
+
+def test_resuming_at_a_fallback_step_without_an_entry_the_primary_may_have_run():
+    plan = decide(SagaStatus.RUNNING, fallback_specs(), log(A_DONE))
+    assert isinstance(plan, Forward)
+    assert plan.attempt == Attempt(1, "StepB", None, undo_primary=True)
+    assert not plan.attempt.undo_pending
+
+
+def test_a_recorded_hand_over_runs_the_alternative_without_undoing_the_primary():
+    entries = log(A_DONE, B_HANDED_OVER)
+    plan = decide(SagaStatus.RUNNING, fallback_specs(), entries)
+    assert isinstance(plan, Forward)
+    assert plan.start == 1
+    assert plan.attempt == Attempt(1, "StepB", entries[1], undo_primary=False)
+
+
+def test_a_hand_over_with_a_pending_compensation_of_the_primary_undoes_it_first():
+    entries = log(A_DONE, B_UNDO_STARTED, B_HANDED_OVER)
+    plan = decide(SagaStatus.RUNNING, fallback_specs(), entries)
+    assert isinstance(plan, Forward)
+    assert plan.start == 1
+    assert plan.attempt == Attempt(1, "StepB", entries[2], undo_primary=True)
+    assert plan.attempt.undo_pending
+    assert plan.completed == (CompletedStep(0, "StepA"),)
+
+
+def test_a_compensated_primary_is_not_undone_again():
+    entries = log(A_DONE, B_UNDO_STARTED, B_HANDED_OVER, ("StepB", COMP, COMPENSATED))
+    plan = decide(SagaStatus.RUNNING, fallback_specs(), entries)
+    assert isinstance(plan, Forward)
+    assert plan.attempt == Attempt(1, "StepB", entries[2], undo_primary=False)
+
+
+def test_a_pending_compensation_without_its_hand_over_reruns_the_primary():
+    # a storage writing entries one by one was cut off between the two
+    plan = decide(SagaStatus.RUNNING, fallback_specs(), log(A_DONE, B_UNDO_STARTED))
+    assert isinstance(plan, Forward)
+    assert plan.attempt == Attempt(1, "StepB", None, undo_primary=True)
+
+
+def test_a_primary_that_could_not_be_compensated_fails_the_step_and_is_compensated_first():
+    entries = log(A_DONE, B_UNDO_STARTED, B_HANDED_OVER, ("StepB", COMP, FAILED))
+    for status in (SagaStatus.RUNNING, SagaStatus.COMPENSATING):
+        plan = decide(status, fallback_specs(), entries)
+        assert plan == Backward((CompletedStep(1, "StepB"), CompletedStep(0, "StepA")))
+
+
+def test_going_backward_compensates_a_primary_whose_compensation_is_pending():
+    entries = log(A_DONE, B_UNDO_STARTED, B_HANDED_OVER, ("StepB", ACT, FAILED, ABORTED))
+    plan = decide(SagaStatus.COMPENSATING, fallback_specs(), entries)
+    assert plan == Backward((CompletedStep(1, "StepB"), CompletedStep(0, "StepA")))
+
+
+def test_a_primary_compensated_before_its_alternative_ran_is_not_compensated_again():
+    entries = log(A_DONE, B_UNDO_STARTED, B_HANDED_OVER, ("StepB", COMP, COMPENSATED),
+                  ("StepD", ACT, DONE), C_FAILED)
+    plan = decide(SagaStatus.COMPENSATING, fallback_specs(), entries)
+    assert plan == Backward((CompletedStep(1, "StepD"), CompletedStep(0, "StepA")))
+
+
+def test_a_parked_saga_undoing_a_primary_resumes_forward():
+    # the compensation of a primary that never completed is not a compensation of the saga
+    for extra in ((), (("StepB", COMP, COMPENSATED),)):
+        entries = log(A_DONE, B_UNDO_STARTED, B_HANDED_OVER, *extra)
+        plan = decide(SagaStatus.PARKED, fallback_specs(), entries, resume_parked=True)
+        assert isinstance(plan, Forward)
+        assert plan.start == 1
+
+
+def test_an_abort_compensates_a_primary_whose_compensation_is_pending_first():
+    pending = decide(SagaStatus.RUNNING, fallback_specs(), log(A_DONE, B_UNDO_STARTED, B_HANDED_OVER))
+    assert isinstance(pending, Forward)
+    assert pending.to_abort() == (CompletedStep(1, "StepB"), CompletedStep(0, "StepA"))
+    unknown = decide(SagaStatus.RUNNING, fallback_specs(), log(A_DONE))
+    assert isinstance(unknown, Forward)
+    assert unknown.to_abort() == (CompletedStep(0, "StepA"),)

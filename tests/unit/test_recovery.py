@@ -240,6 +240,25 @@ async def test_a_log_that_no_longer_fits_the_definition_parks_the_saga(storage, 
     assert script.acts() == ["StepA", "StepB", "StepC"]
 
 
+async def test_reordering_completed_steps_parks_the_saga_untouched(storage, script):
+    saga_id = await crash_forward(script, storage, "StepC")  # StepA, StepB completed
+    before = await state(storage, saga_id)
+    logged = await storage.get_step_history(saga_id)
+
+    class ThreeStepSaga_(Saga[Ctx]):
+        name = "ThreeStepSaga"
+        steps = [StepB, StepA, StepC]  # the two completed steps swapped
+
+    with pytest.raises(SagaDefinitionError, match="reordered") as raised:
+        await recover_saga(ThreeStepSaga_, saga_id, Ctx, script.container, storage)
+    assert "'StepA' before step 'StepB'" in str(raised.value)
+    after = await state(storage, saga_id)
+    assert after.status is SagaStatus.PARKED
+    assert after.context == before.context
+    assert await storage.get_step_history(saga_id) == logged  # no entry written
+    assert script.calls == [("StepA", "act"), ("StepB", "act"), ("StepC", "act")]  # none since
+
+
 # -- parking, resume and abort ---------------------------------------------------------------------
 
 

@@ -305,14 +305,17 @@ def test_a_non_positive_lease_is_rejected(storage, script, lease):
 
 async def test_starting_by_id_past_the_recovery_limit_parks_instead_of_running(storage, script):
     saga_id = uuid.uuid4()
-    script.fail("StepB", "act", Crash())
+    script.fail("StepB", "act", Crash(), Crash())
     with pytest.raises(Crash):
         await drive(transaction(ThreeStepSaga(), script, storage, saga_id=saga_id))
-    txn = transaction(ThreeStepSaga(), script, storage, saga_id=saga_id, max_recovery_attempts=0)
+    with pytest.raises(Crash):  # the first start by id: one attempt, within the limit of 1
+        await drive(transaction(ThreeStepSaga(), script, storage, saga_id=saga_id,
+                                max_recovery_attempts=1))
+    txn = transaction(ThreeStepSaga(), script, storage, saga_id=saga_id, max_recovery_attempts=1)
     assert await drive(txn) == []
     assert txn.status is SagaStatus.PARKED
     assert (await state(storage, saga_id)).status is SagaStatus.PARKED
-    assert script.acts() == ["StepA", "StepB"]
+    assert script.acts() == ["StepA", "StepB", "StepB"]
 
 
 async def test_starting_another_sagas_id_raises_definition_error_and_runs_nothing(storage, script):

@@ -180,3 +180,16 @@ async def test_a_slow_saga_does_not_hold_the_other_slots() -> None:
     await running
     final = [(await storage.get_saga(i)).status for i in [slow, *quick]]
     assert final == [SagaStatus.COMPLETED] * 4
+
+
+def test_polls_back_off_while_they_fail_and_not_before() -> None:
+    worker = RecoveryWorker(MemorySagaStorage(), [], poll_interval=0.5)
+    assert worker.poll_wait() == 0.5
+    waits = []
+    for failures in range(1, 12):
+        worker.failed_polls = failures
+        waits.append(worker.poll_wait())
+    for failures, wait in enumerate(waits, start=1):
+        expected = min(0.5 * 2 ** (failures - 1), worker.max_backoff)
+        assert expected * 0.8 <= wait <= expected * 1.2
+    assert max(waits) <= worker.max_backoff * 1.2

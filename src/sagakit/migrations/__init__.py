@@ -22,17 +22,20 @@ async def upgrade(
     executions_table: str = "saga_executions",
     logs_table: str = "saga_logs",
 ) -> None:
-    """Migrate the database behind ``engine`` to ``revision`` (default: the newest)."""
+    """Migrate the database behind ``engine`` to ``revision`` (default: the newest). Table
+    names are checked as :class:`~sagakit.storage.schema.SagaTables` checks them (ValueError)
+    before anything is written."""
     from alembic import command
     from alembic.config import Config
 
-    from sagakit.storage.schema import validate_table_name
+    from sagakit.storage.schema import SagaTables
 
+    SagaTables(executions_table, logs_table)  # the names, checked before anything is written
     config = Config()
     config.set_main_option("script_location", "sagakit:migrations")
-    config.set_main_option("version_table", f"{validate_table_name(executions_table)}_alembic")
+    config.set_main_option("version_table", f"{executions_table}_alembic")
     config.attributes["executions_table"] = executions_table
-    config.attributes["logs_table"] = validate_table_name(logs_table)
+    config.attributes["logs_table"] = logs_table
 
     def run(connection: Any) -> None:
         config.attributes["connection"] = connection

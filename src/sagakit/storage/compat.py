@@ -1,20 +1,21 @@
 """Running sagas on a storage that implements only the seed's commit-per-call protocol.
 
-When ``create_run()`` raises NotImplementedError (or is missing), the orchestrator wraps the
-storage in :class:`CommitPerCallRun`: the same checkpoints, each written as a sequence of
-commit-per-call writes (context first, then log entries, then status, so a crash between them
+When ``create_run()`` raises NotImplementedError (as the protocol's stub does), is missing,
+or returns None, the orchestrator wraps the storage in :class:`CommitPerCallRun`: the same
+checkpoints, each written as a sequence of commit-per-call writes (context first, then log entries, then status, so a crash between them
 is resolved safely by recovery). Such storages have no leases: the orchestrator cannot tell a
 live run from a crashed one, so run a single recovery worker per saga with them.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import contextlib
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, cast
 from uuid import UUID
 
-from sagakit.exceptions import SagaNotFoundError
+from sagakit.exceptions import SagaError, SagaNotFoundError, SagaStorageError
 from sagakit.records import TERMINAL_STATUSES, ContextJSON, SagaLogEntry, SagaState, SagaStatus
 from sagakit.storage.protocol import LeasedRun, SagaStorage
 from sagakit.storage.run import BufferedRun, Checkpoint, wrong_saga
@@ -23,7 +24,16 @@ __all__ = ["CommitPerCallRun", "open_run"]
 
 
 class CommitPerCallRun(BufferedRun):
-    """A run over a commit-per-call storage; no leases, no fencing beyond explicit versions."""
+    """A run over a commit-per-call storage; no leases, no fencing beyond explicit versions.
+
+    Its ``fencing_token`` is the saga's version as the run found it when it began (after
+    creating the saga, or after counting its recovery attempt). Where every write raises the
+    version (as on sagakit's own storages), that orders runs that follow one another: a
+    recovery's attempt is a write, so its token is larger than any earlier run's. It is a
+    weaker fence than a leased run's: nothing stops two runs of one saga at once here, an
+    explicit resume or abort counts no attempt (its token is larger only if the run before it
+    wrote something), and a storage that keeps versions otherwise gives other numbers.
+    """
 
     def __init__(self, storage: SagaStorage, seed_run: Any = None) -> None:
         super().__init__()
@@ -49,7 +59,12 @@ class CommitPerCallRun(BufferedRun):
     async def _state(self, saga_id: UUID, name: str = "") -> SagaState:
         get_saga = getattr(self._storage, "get_saga", None)
         if get_saga is not None:
-            return cast(SagaState, await get_saga(saga_id))
+            try:
+                state = await get_saga(saga_id)
+            except NotImplementedError:  # the protocol's stub, inherited
+                state = None
+            if state is not None:
+                return cast(SagaState, state)
         status, context, version = await self._storage.load_saga_state(saga_id)
         return SagaState(saga_id, name, status, context, version)
 
@@ -66,10 +81,12 @@ class CommitPerCallRun(BufferedRun):
             return await self.claim(saga_id, lease_seconds=lease_seconds, name=name), False
         except SagaNotFoundError:
             pass
-        await self._storage.create_saga(saga_id, name, _plain(context))
-        await self._storage.update_status(saga_id, SagaStatus.RUNNING)
-        state = await self._state(saga_id, name)
+        with _storage_errors("starting the saga", saga_id):
+            await self._storage.create_saga(saga_id, name, _plain(context))
+            await self._storage.update_status(saga_id, SagaStatus.RUNNING)
+            state = await self._state(saga_id, name)
         self.saga_id, self.version = saga_id, state.version
+        self.fencing_token = state.version
         return state, True
 
     async def claim(
@@ -81,7 +98,8 @@ class CommitPerCallRun(BufferedRun):
         allow_parked: bool = False,
         name: str | None = None,
     ) -> SagaState:
-        state = await self._state(saga_id)
+        with _storage_errors("claiming the saga", saga_id):
+            state = await self._state(saga_id)
         if name is not None and state.name and state.name != name:
             raise wrong_saga(saga_id, state.name, name)
         if state.status in TERMINAL_STATUSES or (
@@ -90,9 +108,11 @@ class CommitPerCallRun(BufferedRun):
             return state
         if count_attempt:
             new_status = SagaStatus.RUNNING if state.status is SagaStatus.PENDING else None
-            await self._storage.increment_recovery_attempts(saga_id, new_status)
-            state = await self._state(saga_id, state.name)
+            with _storage_errors("claiming the saga", saga_id):
+                await self._storage.increment_recovery_attempts(saga_id, new_status)
+                state = await self._state(saga_id, state.name)
         self.saga_id, self.version = saga_id, state.version
+        self.fencing_token = state.version
         return state
 
     async def renew_lease(self, lease_seconds: float) -> None:
@@ -100,6 +120,20 @@ class CommitPerCallRun(BufferedRun):
 
     async def release(self) -> None:
         """No leases here."""
+
+
+@contextlib.contextmanager
+def _storage_errors(doing: str, saga_id: UUID) -> Iterator[None]:
+    """A custom storage's own error becomes a SagaStorageError (the cause kept), as sagakit's
+    storages raise: callers handle one family whatever the storage."""
+    try:
+        yield
+    except (SagaError, NotImplementedError):
+        raise
+    except Exception as error:
+        raise SagaStorageError(
+            f"saga {saga_id}: the storage failed while {doing} ({type(error).__name__}: "
+            f"{error})", saga_id=saga_id) from error
 
 
 def _plain(context: Mapping[str, Any]) -> dict[str, Any]:
@@ -124,14 +158,15 @@ async def _replay(target: Any, cp: Checkpoint) -> None:
 
 
 def open_run(storage: SagaStorage) -> AbstractAsyncContextManager[LeasedRun]:
-    """The storage's own run if it has one, else a commit-per-call run over it."""
+    """The storage's own run if it has one, else a commit-per-call run over it (when
+    ``create_run`` is missing, raises NotImplementedError or returns None)."""
     create_run = getattr(storage, "create_run", None)
     if create_run is not None:
         try:
             scope = create_run()
         except NotImplementedError:
-            pass
-        else:
+            scope = None
+        if scope is not None:
             return _NativeScope(storage, scope)
     return _compat_scope(storage)
 

@@ -30,7 +30,9 @@ import contextlib
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from sagakit import settings
 from sagakit.exceptions import SagaConcurrencyError
+from sagakit.storage.faults import reconnectable
 from sagakit.storage.pool import LeasedStart
 from sagakit.storage.run import Checkpoint
 
@@ -45,24 +47,21 @@ _Item = tuple["Checkpoint | LeasedStart", "str | None", "asyncio.Future[Any]"]
 
 class GroupCommitter:
     """Coalesces update checkpoints and saga starts of different sagas into batches of at most
-    ``max_batch``."""
+    ``max_batch``. Every size is an integer >= 1 (ValueError naming it otherwise)."""
 
     def __init__(
         self, storage: SqlAlchemySagaStorage, max_batch: int = 256, max_in_flight: int = 4,
         max_batch_bytes: int = 4 * 1024 * 1024, parallel: int = 1, min_part: int = 16,
     ) -> None:
-        if max_in_flight < 1 or max_batch < 1 or parallel < 1 or min_part < 1:
-            raise ValueError("group commit needs max_batch, max_in_flight, parallel and "
-                             "min_part >= 1")
-        self.storage = storage
-        self.max_batch = max_batch
-        self.max_in_flight = max_in_flight
-        self.parallel = parallel
-        self.min_part = min_part
-        self.max_batch_bytes = max_batch_bytes
+        self.max_batch = settings.count("max_batch", max_batch)
+        self.max_in_flight = settings.count("max_in_flight", max_in_flight)
+        self.parallel = settings.count("parallel", parallel)
+        self.min_part = settings.count("min_part", min_part)
+        self.max_batch_bytes = settings.count("max_batch_bytes", max_batch_bytes)
         """A batch stops growing once its contexts' JSON reaches this size (it always takes at
         least one write): a MySQL/MariaDB batch is one query, which must stay under the
         server's ``max_allowed_packet``."""
+        self.storage = storage
         self.batches = 0
         """How many transactions group commit wrote: batches, and writes made alone on an idle
         storage (for tests and benchmarks)."""
@@ -166,8 +165,14 @@ class GroupCommitter:
             versions, inserted = await self.storage.write_batch(
                 [(cp, text) for cp, text, _ in cps], [start for start, _ in starts])
             self.batches += 1
-        except Exception:
-            await asyncio.gather(*(self._alone(item) for item in batch))
+        except Exception as error:
+            # Written alone, each fails or succeeds for itself. A batch cut off by a lost
+            # connection may have been committed all the same: then each write recognises
+            # its own earlier write instead of reporting a conflict.
+            maybe_written = reconnectable(error)
+            if maybe_written:
+                self.storage.connections.forget()
+            await asyncio.gather(*(self._alone(item, maybe_written) for item in batch))
             return
         for (_, future), created in zip(starts, inserted, strict=True):
             _resolve(future, created)
@@ -180,20 +185,20 @@ class GroupCommitter:
         for cp, future in fenced:  # after the others are on their way: each costs a read
             await self._fenced(cp, future)
 
-    async def _alone(self, item: _Item) -> None:
+    async def _alone(self, item: _Item, maybe_written: bool) -> None:
         job, text, future = item
         try:
             if isinstance(job, LeasedStart):
-                _resolve(future, await self.storage.insert_one(job))
+                _resolve(future, await self.storage.insert_one(job, maybe_written=maybe_written))
             else:
-                _resolve(future, await self.storage.write_one(job, text))
+                _resolve(future, await self.storage.write_one(job, text,
+                                                              maybe_written=maybe_written))
         except Exception as exc:
             _fail(future, exc)
 
     async def _fenced(self, cp: Checkpoint, future: asyncio.Future[Any]) -> None:
         try:
-            async with self.storage.single() as conn:
-                await self.storage.queries.diagnose(conn, cp)
+            await self.storage.diagnose(cp)
         except Exception as exc:
             _fail(future, exc)
         else:  # the row changed back meanwhile: report the conflict all the same

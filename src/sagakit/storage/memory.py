@@ -37,6 +37,7 @@ from sagakit.storage.run import (
     Checkpoint,
     PendingEntry,
     RunBackedStorage,
+    refuse_nul,
     releases_lease,
     wrong_saga,
 )
@@ -83,11 +84,13 @@ def _dt(ts: float) -> datetime:
 
 def _dump(saga_id: UUID, context: Mapping[str, Any]) -> bytes:
     try:
-        return context_json(context)
+        data = context_json(context)
     except TypeError as exc:
         raise SagaSerializationError(
             f"saga {saga_id}: context is not JSON-serialisable: {exc}", saga_id=saga_id
         ) from exc
+    refuse_nul(saga_id, data)
+    return data
 
 
 class MemorySagaStorage(RunBackedStorage):

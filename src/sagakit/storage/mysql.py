@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 from uuid import UUID
 
+from sagakit.exceptions import SagaSerializationError
 from sagakit.storage.pool import LeasedStart, PoolLease
 from sagakit.storage.run import Checkpoint, PendingEntry
 from sagakit.storage.schema import SagaTables
@@ -35,6 +36,11 @@ from sagakit.storage.schema import SagaTables
 __all__ = ["MySqlWriter"]
 
 _NOW = "UTC_TIMESTAMP(6)"
+_PACKET_MARGIN = 1024  # the packet's header and the server's own bookkeeping
+_SMALL_QUERY = 1 << 20
+"""Queries up to this size are sent without asking the server for its max_allowed_packet
+(MySQL's default is 64 MiB, MariaDB's 16 MiB; neither allows less than 1 KiB, but a server set
+below 1 MiB is not supported)."""
 _DUPLICATE_KEY = 1062
 _FENCED_OUT = 1690  # "DOUBLE value is out of range": the batch's fence check, see _add_writes
 _Literal = Callable[[Any], str]
@@ -53,6 +59,15 @@ class MySqlWriter:
         self._log = (f"INSERT INTO {logs} (saga_id, step_name, action, status, details, "
                      "error_type, created_at) ")
         self._lock = f"SELECT saga_id, version, lease_owner FROM {ex} WHERE saga_id IN "
+        self.max_packet: int | None = None
+        """The server's ``max_allowed_packet`` (read once): no query is sent that exceeds it."""
+
+    async def _send(self, raw: Any, query: _Query, saga_id: UUID | None = None
+                    ) -> dict[str, Any]:
+        if self.max_packet is None and query.size_bound() > _SMALL_QUERY:
+            # Read once, and only for a large query: the usual small ones cost no extra read.
+            self.max_packet = int((await _execute(raw, "SELECT @@max_allowed_packet"))[0][0][0])
+        return await query.commit(raw, self.max_packet or _SMALL_QUERY, saga_id)
 
     # -- one saga -------------------------------------------------------------------------------
 
@@ -74,7 +89,7 @@ class MySqlWriter:
         if known is None:  # read the version back, under the row lock the update took
             query.add("version", f"SELECT version FROM {self._ex} WHERE saga_id = {sid}")
         async with _Guard(lease):
-            results = await query.commit(raw)
+            results = await self._send(raw, query, cp.saga_id)
         if results["update"] != 1:
             return None
         _check(results.get("logs", 0), len(cp.entries))
@@ -87,7 +102,7 @@ class MySqlWriter:
             async with _Guard(lease):
                 query = _Query()
                 query.add("start", self._insert + _start_row(start, raw.literal))
-                await query.commit(raw)
+                await self._send(raw, query, start.saga_id)
         except Exception as error:
             if _error_code(error) == _DUPLICATE_KEY:
                 return False
@@ -136,7 +151,7 @@ class MySqlWriter:
             self._add_writes(query, writes, lit, fenced=True)
         if unknown:
             query.add("versions", f"{self._lock}({', '.join(unknown)})")
-        results = await query.commit(raw)
+        results = await self._send(raw, query)
         read = {_hex(row[0]): row[1] for row in results.get("versions", ())}
         _check(results.get("logs", 0), sum(len(cp.entries) for cp, _ in items))
         _check(results.get("starts", 0), len(starts))
@@ -162,7 +177,7 @@ class MySqlWriter:
                 matched.append((sids[i], cp, text))
         if matched:
             self._add_writes(query, matched, lit, fenced=False)
-        results = await query.commit(raw)
+        results = await self._send(raw, query)
         _check(results.get("update", 0), len(matched))
         _check(results.get("logs", 0), sum(len(cp.entries) for _, cp, _ in matched))
         _check(results.get("starts", 0), len(starts))
@@ -271,16 +286,34 @@ class _Query:
         self.names.append(name)
         self.statements.append(statement)
 
-    async def commit(self, raw: Any) -> dict[str, Any]:
+    def size_bound(self) -> int:
+        """At least the size in bytes of the query :meth:`commit` sends (UTF-8: at most four
+        bytes a character)."""
+        return 4 * (sum(map(len, self.statements)) + 32) + _PACKET_MARGIN
+
+    async def commit(self, raw: Any, max_packet: int, saga_id: UUID | None = None
+                     ) -> dict[str, Any]:
         """Send the statements and COMMIT; each statement's result by name (see
         :func:`_execute`). On a connection in autocommit mode (an engine made with
-        ``isolation_level="AUTOCOMMIT"``) a BEGIN goes first, so they stay one transaction."""
+        ``isolation_level="AUTOCOMMIT"``) a BEGIN goes first, so they stay one transaction.
+
+        A query larger than the server's ``max_allowed_packet`` is not sent (the server would
+        drop the connection): SagaSerializationError, nothing written."""
         statements = [*self.statements, "COMMIT"]
         names = self.names
         if raw.get_autocommit():
             statements.insert(0, "BEGIN")
             names = ["begin", *names]
-        results = await _execute(raw, ";\n".join(statements))
+        sql = ";\n".join(statements)
+        if self.size_bound() > max_packet:  # else it fits whatever its characters
+            size = len(sql.encode()) + _PACKET_MARGIN
+            if size > max_packet:
+                whose = f"saga {saga_id}: " if saga_id is not None else ""
+                raise SagaSerializationError(
+                    f"{whose}a write of {size} bytes is larger than the database server's "
+                    f"max_allowed_packet ({max_packet} bytes); store less in the context or "
+                    "raise max_allowed_packet", saga_id=saga_id)
+        results = await _execute(raw, sql)
         return dict(zip(names, results, strict=False))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 from uuid import UUID
 
+from sagakit.storage.faults import Fault, classify
 from sagakit.storage.pool import LeasedStart, PoolLease
 from sagakit.storage.run import Checkpoint
 from sagakit.storage.schema import SagaTables
@@ -18,13 +19,14 @@ _UNIQUE_VIOLATION = "23505"
 
 
 async def _call(lease: PoolLease, method: str, sql: str, *args: Any) -> Any:
-    """Run one statement on the lease's asyncpg connection. A connection asyncpg reports closed
-    is invalidated, so the pool replaces it instead of handing it out again."""
+    """Run one statement on the lease's asyncpg connection. A connection asyncpg reports closed,
+    or that failed as a lost connection does, is invalidated, so the pool replaces it instead of
+    handing it out again."""
     raw = lease.driver
     try:
         return await getattr(raw, method)(sql, *args)
-    except Exception:
-        if raw.is_closed():
+    except Exception as error:
+        if raw.is_closed() or classify(error) is Fault.UNAVAILABLE:
             await lease.invalidate()
         raise
 

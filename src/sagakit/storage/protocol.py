@@ -76,7 +76,11 @@ class SagaStorageRun(Protocol):
 
 @runtime_checkable
 class LeasedRun(SagaStorageRun, Protocol):
-    """The lease-aware part of a run that sagakit's orchestrator uses when a storage offers it."""
+    """The lease-aware part of a run that sagakit's orchestrator uses when a storage offers it.
+
+    A run may also have ``fencing_token``, an int: the saga's version when the run took its
+    lease (:class:`~sagakit.storage.run.BufferedRun` keeps it for every sagakit storage). Steps
+    see it as ``fencing_token``; for a run without it they see 0."""
 
     owner: str
     retry_after: float | None
@@ -159,8 +163,10 @@ class SagaStorage(Protocol):
         ...
 
     async def get_saga(self, saga_id: UUID) -> SagaState:
-        """The whole saga row. Raises SagaNotFoundError."""
-        ...
+        """The whole saga row. Raises SagaNotFoundError. Not in the seed's protocol: a storage
+        without it (or inheriting this stub, which raises NotImplementedError) is still run
+        and recovered, but the orchestrator then cannot check a stored saga's name."""
+        raise NotImplementedError
 
     async def get_step_history(self, saga_id: UUID) -> list[SagaLogEntry]:
         """Log entries in write order (empty for an unknown id)."""
@@ -204,8 +210,8 @@ class SagaStorage(Protocol):
         ``owner``, counts one recovery attempt, and PENDING becomes RUNNING. Sagas another
         worker claims at the same moment go to one of them, never to both (``SKIP LOCKED`` where
         the database does that well). Optional: a worker falls back to listing and claiming one
-        by one."""
-        ...
+        by one when it is missing or raises NotImplementedError (as this stub does)."""
+        raise NotImplementedError
 
     async def increment_recovery_attempts(
         self, saga_id: UUID, new_status: SagaStatus | None = None
@@ -216,9 +222,10 @@ class SagaStorage(Protocol):
         """Set the recovery attempt count."""
 
     def create_run(self) -> AbstractAsyncContextManager[SagaStorageRun]:
-        """A run for one saga. May raise NotImplementedError: the orchestrator then falls back
-        to committing per call."""
-        ...
+        """A run for one saga. May raise NotImplementedError (as this stub does, for a storage
+        that subclasses the protocol and leaves it out) or be missing: the orchestrator then
+        falls back to committing per call."""
+        raise NotImplementedError
 
 
 ISagaStorage = SagaStorage

@@ -345,7 +345,10 @@ class Queries:
 
     async def write_checkpoint(
         self, conn: AsyncConnection, cp: Checkpoint, text: str | None
-    ) -> int:
+    ) -> int | None:
+        """Write one checkpoint in the caller's transaction; return the new version, or None
+        when its fence matched no row (nothing written; :meth:`diagnose` tells why). Creating
+        a saga whose id exists raises SagaConcurrencyError."""
         d = self.d
         time = d.time_params(lease=cp.lease_seconds)
         if cp.create_name is not None:
@@ -361,7 +364,7 @@ class Queries:
             stmt, params = self._update_for(cp, text)
             result = await conn.execute(stmt, {**params, **time})
             if result.rowcount != 1:
-                await self._diagnose(conn, cp)
+                return None
             version = await self._version_after(conn, cp)
         if cp.entries:
             await conn.execute(self._insert_log, [

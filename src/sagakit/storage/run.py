@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -21,7 +22,12 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 from uuid import UUID
 
-from sagakit.exceptions import SagaDefinitionError, SagaError
+from sagakit.exceptions import (
+    SagaDefinitionError,
+    SagaError,
+    SagaSerializationError,
+    SagaStorageError,
+)
 from sagakit.records import (
     SagaAction,
     SagaLogEntry,
@@ -31,8 +37,8 @@ from sagakit.records import (
 )
 
 __all__ = [
-    "BufferedRun", "Checkpoint", "PendingEntry", "RunBackedStorage", "new_owner_id",
-    "releases_lease", "wrong_saga",
+    "MAX_DETAILS", "BufferedRun", "Checkpoint", "PendingEntry", "RunBackedStorage",
+    "log_text", "new_owner_id", "refuse_nul", "releases_lease", "wrong_saga",
 ]
 
 _HOST = socket.gethostname()
@@ -45,6 +51,34 @@ def wrong_saga(saga_id: UUID, stored: str, expected: str) -> SagaDefinitionError
         f"saga {saga_id} is a {stored!r} saga, not {expected!r}; nothing was written",
         saga_id=saga_id, saga_name=expected,
     )
+
+
+# A JSON escape of U+0000 that is not itself an escaped backslash followed by "u0000".
+_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+MAX_DETAILS = 8000
+"""Characters of a log entry's details kept (MySQL's TEXT holds 64 KiB); the rest is cut."""
+
+
+def refuse_nul(saga_id: UUID, data: bytes) -> None:
+    """Raise SagaSerializationError if a context's JSON holds U+0000. PostgreSQL can store it in
+    neither JSONB nor text, so no sagakit storage takes it: a saga behaves the same on each."""
+    if b"\\u0000" in data and _NUL.search(data):
+        raise SagaSerializationError(
+            f"saga {saga_id}: the context holds the character U+0000 (NUL), which the storage "
+            "cannot keep; remove it or encode the value (e.g. base64)", saga_id=saga_id,
+        )
+
+
+def log_text(text: str | None, limit: int = MAX_DETAILS) -> str | None:
+    """A log entry's text as every storage can keep it: U+0000 written as ``\\x00`` and cut
+    to ``limit`` characters."""
+    if text is None:
+        return None
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    if len(text) > limit:
+        text = text[: limit - 14] + " ... (cut off)"
+    return text
 
 
 def releases_lease(status: SagaStatus | None) -> bool:
@@ -122,6 +156,11 @@ class BufferedRun(abc.ABC):
         self.lease_until: float | None = None
         """time.monotonic() until which this run's lease surely holds: a lease-extending write
         acknowledged, plus the lease, counted from when the write was sent."""
+        self.fencing_token = 0
+        """The saga's version when this run took its lease (``start``: 1 for a new saga;
+        ``claim``/``adopt``: the version the claim wrote). Every takeover is a claim and every
+        claim writes a new version, so a later run's token is larger; this run's checkpoints
+        do not change it. Steps see it as ``fencing_token``."""
         self._pending: Checkpoint | None = None
 
     # -- buffered operations (the seed protocol) ----------------------------------------------
@@ -164,6 +203,10 @@ class BufferedRun(abc.ABC):
         *,
         error_type: str | None = None,
     ) -> None:
+        if details is not None:
+            details = log_text(details)
+        if error_type is not None:
+            error_type = log_text(error_type, 255)
         entry = PendingEntry(
             step_name,
             action if type(action) is SagaAction else SagaAction(action),
@@ -222,7 +265,7 @@ class BufferedRun(abc.ABC):
         self.last_commit = time.monotonic()
         self.lease_until = self.last_commit + lease_seconds
         self.saga_id = state.saga_id
-        self.version = state.version
+        self.version = self.fencing_token = state.version
         self.lease_seconds = lease_seconds
         self.holds_lease = state.lease_owner == self.owner
 
@@ -295,9 +338,10 @@ class _RunScope:
         if run.holds_lease:
             try:
                 await run.release()
-            except Exception:  # never mask the error that ended the run
-                logger.warning("could not release the lease of saga %s", run.saga_id,
-                               exc_info=True)
+            except Exception as error:  # never mask the error that ended the run
+                logger.warning("could not release the lease of saga %s (it runs out by "
+                               "itself): %s", run.saga_id, error,
+                               exc_info=not isinstance(error, SagaStorageError))
 
 
 class RunBackedStorage(abc.ABC):

@@ -13,7 +13,9 @@
     error_type, created_at. Index: (saga_id, id) for a saga's history in order.
 
 Timestamps are UTC (``timestamptz`` on PostgreSQL, ``DATETIME(6)`` holding UTC on MySQL/MariaDB).
-Table names are configurable and validated as plain identifiers.
+Table names are configurable and validated as plain identifiers, together with the index names
+derived from them (``ix_<table>_<index>``), against :data:`MAX_IDENTIFIER_LENGTH`: an executions
+table name has at most 45 characters, a logs table name at most 52.
 """
 
 from __future__ import annotations
@@ -24,7 +26,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql
 
-__all__ = ["SagaTables", "build_tables", "validate_table_name"]
+__all__ = ["MAX_IDENTIFIER_LENGTH", "SagaTables", "build_tables", "validate_table_name"]
+
+MAX_IDENTIFIER_LENGTH = 63
+"""The longest name sagakit gives a table or an index: PostgreSQL's limit, the strictest of the
+backends (MySQL/MariaDB allow 64, SQLite has none), so a schema fits wherever it moves."""
 
 RECOVERABLE_SQL = "status IN ('COMPENSATING', 'PENDING', 'RUNNING')"
 """The recoverable statuses as SQL; the recovery scan uses this exact text, so the planner can
@@ -41,6 +47,28 @@ def validate_table_name(name: str) -> str:
             "starting with a letter or underscore, at most 63 characters"
         )
     return name
+
+
+def _index_name(table: str, index: str) -> str:
+    return f"ix_{table}_{index}"
+
+
+# The indexes of each table, by the suffix of their names.
+_EXECUTIONS_INDEXES = ("status_updated", "recoverable", "name_status", "created")
+_LOGS_INDEXES = ("saga_id",)
+
+
+def _check_derived(option: str, table: str, indexes: tuple[str, ...]) -> None:
+    """ValueError when an index name derived from ``table`` exceeds the identifier limit."""
+    longest = _index_name(table, max(indexes, key=len))
+    if len(longest) > MAX_IDENTIFIER_LENGTH:
+        most = MAX_IDENTIFIER_LENGTH - (len(longest) - len(table))
+        raise ValueError(
+            f"{option} {table!r} is too long ({len(table)} characters): its index name "
+            f"{longest!r} would have {len(longest)} characters, over the "
+            f"{MAX_IDENTIFIER_LENGTH}-character identifier limit; {option} may have at most "
+            f"{most} characters"
+        )
 
 
 def _timestamp() -> sa.types.TypeEngine[Any]:
@@ -61,7 +89,9 @@ def _has_partial_indexes(
 
 
 class SagaTables:
-    """The two tables, bound to one MetaData."""
+    """The two tables, bound to one MetaData. Raises ValueError, before anything is built, for
+    a name that is not a plain identifier, that makes an index name longer than
+    :data:`MAX_IDENTIFIER_LENGTH`, or that both tables share."""
 
     def __init__(
         self,
@@ -70,8 +100,13 @@ class SagaTables:
         metadata: sa.MetaData | None = None,
     ) -> None:
         self.metadata = metadata if metadata is not None else sa.MetaData()
-        executions_table = validate_table_name(executions_table)
-        logs_table = validate_table_name(logs_table)
+        _check_derived("executions_table", validate_table_name(executions_table),
+                       _EXECUTIONS_INDEXES)
+        _check_derived("logs_table", validate_table_name(logs_table), _LOGS_INDEXES)
+        if executions_table == logs_table:
+            raise ValueError(f"executions_table and logs_table are both {logs_table!r}: "
+                             "the two tables need different names")
+        names = {suffix: _index_name(executions_table, suffix) for suffix in _EXECUTIONS_INDEXES}
         self.executions = sa.Table(
             executions_table,
             self.metadata,
@@ -87,15 +122,15 @@ class SagaTables:
             sa.Column("next_attempt_at", _timestamp(), nullable=True),
             sa.Column("created_at", _timestamp(), nullable=False),
             sa.Column("updated_at", _timestamp(), nullable=False),
-            sa.Index(f"ix_{executions_table}_status_updated", "status", "updated_at"),
+            sa.Index(names["status_updated"], "status", "updated_at"),
             # The recovery scan, in its order, over recoverable sagas only (PostgreSQL and
             # SQLite have partial indexes; MySQL/MariaDB use the index above).
             sa.Index(
-                f"ix_{executions_table}_recoverable", "updated_at", "saga_id",
+                names["recoverable"], "updated_at", "saga_id",
                 postgresql_where=sa.text(RECOVERABLE_SQL), sqlite_where=sa.text(RECOVERABLE_SQL),
             ).ddl_if(callable_=_has_partial_indexes),
-            sa.Index(f"ix_{executions_table}_name_status", "name", "status"),
-            sa.Index(f"ix_{executions_table}_created", "created_at"),
+            sa.Index(names["name_status"], "name", "status"),
+            sa.Index(names["created"], "created_at"),
         )
         self.logs = sa.Table(
             logs_table,
@@ -109,8 +144,23 @@ class SagaTables:
             sa.Column("details", sa.Text(), nullable=True),
             sa.Column("error_type", sa.String(255), nullable=True),
             sa.Column("created_at", _timestamp(), nullable=False),
-            sa.Index(f"ix_{logs_table}_saga_id", "saga_id", "id"),
+            sa.Index(_index_name(logs_table, "saga_id"), "saga_id", "id"),
         )
+
+    def create_missing(self, connection: sa.Connection) -> None:
+        """Create whatever part of the schema is missing: a missing table with its indexes,
+        and each missing index of a table that exists (``create_all`` checks tables only).
+        Completes a schema an interrupted or failed creation left half-built (MySQL/MariaDB
+        commit each CREATE at once); on a complete schema it only reads the catalog."""
+        inspector = sa.inspect(connection)
+        for table in (self.executions, self.logs):
+            if not inspector.has_table(table.name):
+                table.create(connection)
+                continue
+            present = {index["name"] for index in inspector.get_indexes(table.name)}
+            for index in sorted(table.indexes, key=lambda index: str(index.name)):
+                if index.name not in present:
+                    index.create(connection)  # honours ddl_if: no partial index on MySQL
 
 
 def build_tables(

@@ -17,13 +17,22 @@ A run borrows a pooled connection only for the duration of one write or read: no
 while a step runs. The one exception is ``load_saga_state(read_for_update=True)`` through a run,
 which pins a connection and its row lock until the run's next ``commit()``/``rollback()`` — the
 orchestrator never does that.
+
+Faults: every call raises sagakit's own errors, never a driver's: ``SagaStorageUnavailableError``
+when the database cannot be reached (down, restarting, connection lost, no pooled connection
+free within ``acquire_timeout``), ``SagaStorageRejectedError`` when it refuses a write's data,
+``SagaStorageError`` otherwise, each with the driver's error as ``__cause__``
+(:mod:`sagakit.storage.faults`). A pooled connection found dead (after a server restart, a
+failover, an idle-connection kill) is replaced and the work done once more on a fresh one
+wherever that is safe: reads, fenced checkpoints (a checkpoint whose first try was committed
+after all is recognised as written, not reported as a conflict), saga starts, lease renewals
+and releases. More concurrent sagas than connections wait their turn (:mod:`sagakit.storage.pool`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Mapping
 from typing import Any
 from uuid import UUID
 
@@ -36,22 +45,26 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from sagakit.exceptions import SagaNotFoundError, SagaSerializationError
+from sagakit import settings
+from sagakit.exceptions import SagaError, SagaNotFoundError, SagaSerializationError
 from sagakit.records import SagaLogEntry, SagaState, SagaStatus, context_json
 from sagakit.storage.dialect import Dialect
+from sagakit.storage.faults import reconnectable, storage_error
 from sagakit.storage.group_commit import GroupCommitter
 from sagakit.storage.mysql import MySqlWriter
-from sagakit.storage.pool import LeasedStart, PoolLease
+from sagakit.storage.pool import START, Connections, LeasedStart, PoolLease
 from sagakit.storage.postgres import PgWriter
 from sagakit.storage.queries import Queries, row_to_state
-from sagakit.storage.run import BufferedRun, Checkpoint, RunBackedStorage
+from sagakit.storage.run import Checkpoint, RunBackedStorage, refuse_nul
 from sagakit.storage.schema import SagaTables
+from sagakit.storage.sqlrun import SqlRun
 
 __all__ = ["SqlAlchemySagaStorage"]
 
 logger = logging.getLogger("sagakit.storage")
 
 DEFAULT_MAX_CONTEXT_BYTES = 16 * 1024 * 1024
+DEFAULT_ACQUIRE_TIMEOUT = 120.0
 _EXTRAS = {"asyncpg": "postgres", "asyncmy": "mysql", "aiomysql": "aiomysql", "aiosqlite": ""}
 
 
@@ -62,6 +75,11 @@ class SqlAlchemySagaStorage(RunBackedStorage):
     bounds a context's JSON size: a larger one raises SagaSerializationError before anything is
     written. On SQLite the storage switches the engine's connections to WAL mode and makes write
     transactions ``BEGIN IMMEDIATE``, so concurrent sagas queue instead of failing.
+
+    ``acquire_timeout``: how long a call may wait for a pooled connection when every one is in
+    use (seconds, 120 by default) before it fails with ``SagaStorageUnavailableError``, nothing
+    written. Waiting callers are served lease upkeep
+    first, then running sagas, then new starts (see :mod:`sagakit.storage.pool`).
     """
 
     def __init__(
@@ -72,15 +90,18 @@ class SqlAlchemySagaStorage(RunBackedStorage):
         logs_table: str = "saga_logs",
         max_context_bytes: int = DEFAULT_MAX_CONTEXT_BYTES,
         group_commit: bool = False,
+        acquire_timeout: float = DEFAULT_ACQUIRE_TIMEOUT,
         _owns_engine: bool = False,
     ) -> None:
         self.engine = _engine_of(engine_or_sessionmaker)
         self.tables = SagaTables(executions_table, logs_table)
         self.dialect = Dialect(self.engine.dialect.name, self.tables)
         self.queries = Queries(self.dialect)
-        self.max_context_bytes = max_context_bytes
+        self.max_context_bytes = settings.count("max_context_bytes", max_context_bytes)
         self._owns_engine = _owns_engine
-        self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.connections = Connections(
+            self.engine, self.dialect.name,
+            settings.seconds("acquire_timeout", acquire_timeout, exclusive=True))
         self.group_commit = (GroupCommitter(self, parallel=2 if self.dialect.is_mysql else 1)
                              if group_commit else None)
         self.writer: PgWriter | MySqlWriter | None = None
@@ -101,12 +122,16 @@ class SqlAlchemySagaStorage(RunBackedStorage):
         logs_table: str = "saga_logs",
         max_context_bytes: int = DEFAULT_MAX_CONTEXT_BYTES,
         group_commit: bool = False,
+        acquire_timeout: float = DEFAULT_ACQUIRE_TIMEOUT,
         **engine_options: Any,
     ) -> SqlAlchemySagaStorage:
         """Build the storage and its own engine from a database URL, e.g.
         ``sqlite+aiosqlite:///sagas.db`` or ``postgresql+asyncpg://user@host/db``.
         Raises ImportError naming the extra to install when the driver is missing."""
-        SagaTables(executions_table, logs_table)  # validate names before building anything
+        # validate names and numbers before building anything
+        SagaTables(executions_table, logs_table)
+        settings.count("max_context_bytes", max_context_bytes)
+        settings.seconds("acquire_timeout", acquire_timeout, exclusive=True)
         # Every connection this storage uses ends its transaction itself (commit, rollback or
         # autocommit), so the pool's reset-on-return would only add a ROLLBACK round trip.
         engine_options.setdefault("pool_reset_on_return", None)
@@ -119,23 +144,28 @@ class SqlAlchemySagaStorage(RunBackedStorage):
             raise ImportError(f"the {driver!r} database driver is not installed: {hint}") from error
         return cls(engine, executions_table=executions_table, logs_table=logs_table,
                    max_context_bytes=max_context_bytes, group_commit=group_commit,
-                   _owns_engine=True)
+                   acquire_timeout=acquire_timeout, _owns_engine=True)
 
     async def create_schema(self) -> None:
-        """Create the tables and indexes if they do not exist (idempotent)."""
-        async with self.engine.begin() as conn:
-            await conn.run_sync(self.tables.metadata.create_all)
+        """Create the tables and indexes that do not exist (idempotent): completes a schema
+        that an earlier, failed run left half-built (see :meth:`SagaTables.create_missing`)."""
+        await self.connections.call(
+            "creating the schema", lambda conn: conn.run_sync(self.tables.create_missing),
+            mode="transaction")
 
     async def drop_schema(self) -> None:
         """Drop sagakit's tables (tests and tear-down)."""
-        async with self.engine.begin() as conn:
-            await conn.run_sync(self.tables.metadata.drop_all)
+        await self.connections.call(
+            "dropping the schema", lambda conn: conn.run_sync(self.tables.metadata.drop_all),
+            mode="transaction")
 
     async def delete_all(self) -> None:
         """Delete every saga and log entry (tests)."""
-        async with self.engine.begin() as conn:
+        async def delete(conn: AsyncConnection) -> None:
             await conn.execute(self.tables.logs.delete())
             await conn.execute(self.tables.executions.delete())
+
+        await self.connections.call("deleting every saga", delete, mode="transaction")
 
     async def close(self) -> None:
         """Dispose of the engine if this storage created it (``from_url``)."""
@@ -144,29 +174,23 @@ class SqlAlchemySagaStorage(RunBackedStorage):
         if self._owns_engine:
             await self.engine.dispose()
 
-    def _new_run(self) -> _SqlRun:
-        return _SqlRun(self)
+    def _new_run(self) -> SqlRun:
+        return SqlRun(self)
 
     # -- connections --------------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def single(self, *, write: bool = False) -> AsyncIterator[AsyncConnection]:
-        """A connection for one statement that is its own transaction: autocommit where that
-        saves round trips (PostgreSQL; SQLite reads), else a transaction committed on exit."""
-        if self.dialect.is_postgres or (self.dialect.is_sqlite and not write):
-            async with self._autocommit.connect() as conn:
-                yield conn
-        else:
-            async with self.engine.begin() as conn:
-                yield conn
+    def single(self, *, write: bool = False) -> Any:
+        """A connection for one statement that is its own transaction (see
+        :meth:`~sagakit.storage.pool.Connections.single`). Driver errors as they are."""
+        return self.connections.single(write=write)
 
     def transaction(self) -> Any:
-        """A connection inside a transaction, committed on success."""
-        return self.engine.begin()
+        """A connection inside a transaction, committed on success. Driver errors as they are."""
+        return self.connections.transaction()
 
-    def raw_lease(self) -> PoolLease:
+    def raw_lease(self, priority: int = 1) -> PoolLease:
         """A pooled connection for driver-level statements, see :class:`PoolLease`."""
-        return PoolLease(self.engine)
+        return self.connections.raw(priority)
 
     @property
     def batches_starts(self) -> bool:
@@ -174,29 +198,111 @@ class SqlAlchemySagaStorage(RunBackedStorage):
         through asyncmy or aiomysql)."""
         return self.writer is not None
 
-    async def write_one(self, cp: Checkpoint, text: str | None) -> int:
+    # -- checkpoints and starts -----------------------------------------------------------------
+
+    async def write_one(self, cp: Checkpoint, text: str | None, *, maybe_written: bool = False
+                        ) -> int:
         """Write one update checkpoint in its own transaction; return the new version. Raises
         SagaNotFoundError, SagaLeaseLostError or SagaConcurrencyError (nothing written) when the
-        fence does not match; driver errors as they are."""
+        fence does not match, SagaStorageError when the database fails.
+
+        A fenced checkpoint whose connection turns out dead is written once more on a fresh
+        one; if the first try was committed after all, the second finds its own write there
+        and returns as if it had made it. ``maybe_written``: an earlier try of this checkpoint
+        (a group-commit batch) may have been committed; a fence mismatch is then checked the
+        same way before it is reported."""
+        again = False
+        while True:
+            try:
+                version = await self._write_once(cp, text)
+                if version is None:
+                    if maybe_written or again:
+                        written = await self._written_already(cp)
+                        if written is not None:
+                            return written
+                    await self.diagnose(cp)  # raises why the fence did not match
+                assert version is not None
+                return version
+            except SagaError:
+                raise
+            except Exception as error:
+                if again or _known_version(cp) is None or not reconnectable(error):
+                    raise storage_error(error, "writing a checkpoint", saga_id=cp.saga_id
+                                        ) from error
+                again = True
+                self.connections.forget()
+
+    async def _write_once(self, cp: Checkpoint, text: str | None) -> int | None:
         if self.writer is not None:
             async with self.raw_lease() as lease:
-                version = await self.writer.write_checkpoint(lease, cp, text)
-            if version is None:  # fenced out: find out why (a read, off the hot path)
-                async with self.single() as conn:
-                    await self.queries.diagnose(conn, cp)
-            assert version is not None
-            return version
-        async with self.transaction() as conn:
+                return await self.writer.write_checkpoint(lease, cp, text)
+        async with self.connections.transaction() as conn:
             return await self.queries.write_checkpoint(conn, cp, text)
 
-    async def insert_one(self, start: LeasedStart) -> bool:
+    async def diagnose(self, cp: Checkpoint) -> None:
+        """Raise why a fenced checkpoint matched no row (not found, lease lost, version)."""
+        await self.connections.call(
+            "reading a saga", lambda conn: self.queries.diagnose(conn, cp), saga_id=cp.saga_id)
+
+    async def _written_already(self, cp: Checkpoint) -> int | None:
+        """The saga's version if this checkpoint is what was written last (an earlier try of it
+        got through), else None: the version moved by exactly one, to the status and lease the
+        checkpoint writes, and the log ends with its entries."""
+        known = _known_version(cp)
+
+        async def read(conn: AsyncConnection) -> int | None:
+            row = await self.queries.fetch_row(conn, cp.saga_id)
+            if row is None or known is None:
+                return None
+            state = row_to_state(row)
+            owner = None if cp.releases_lease else cp.fence_owner
+            if (state.version != known + 1 or (cp.status is not None and state.status != cp.status)
+                    or (cp.fence_owner is not None and state.lease_owner != owner)):
+                return None
+            if cp.entries:
+                logged = (await self.queries.history(conn, cp.saga_id))[-len(cp.entries):]
+                if [(e.step_name, e.action, e.status) for e in logged] != [
+                        (e.step_name, e.action, e.status) for e in cp.entries]:
+                    return None
+            return state.version
+
+        return await self.connections.call("reading a saga", read, saga_id=cp.saga_id)
+
+    async def insert_one(self, start: LeasedStart, *, maybe_written: bool = False) -> bool:
         """Insert a saga RUNNING and leased in its own transaction; False, with nothing
-        written, if the id exists. Driver errors as they are."""
-        if self.writer is not None:
-            async with self.raw_lease() as lease:
-                return await self.writer.insert_leased(lease, start)
-        async with self.transaction() as conn:
-            return await self.queries.insert_leased(conn, start)
+        written, if the id exists. A connection found dead is replaced and the insert tried
+        once more; an id that exists then (or with ``maybe_written``, an earlier try in a
+        group-commit batch) counts as inserted if it is this start's own row. Raises
+        SagaStorageError when the database fails."""
+        again = False
+        while True:
+            try:
+                if self.writer is not None:
+                    async with self.raw_lease(START) as lease:
+                        created = await self.writer.insert_leased(lease, start)
+                else:
+                    async with self.connections.transaction(priority=START) as conn:
+                        created = await self.queries.insert_leased(conn, start)
+                if not created and (maybe_written or again):
+                    return await self._started_already(start)
+                return created
+            except SagaError:
+                raise
+            except Exception as error:
+                if again or not reconnectable(error):
+                    raise storage_error(error, "starting a saga", saga_id=start.saga_id
+                                        ) from error
+                again = True
+                self.connections.forget()
+
+    async def _started_already(self, start: LeasedStart) -> bool:
+        row = await self.connections.call(
+            "reading a saga", lambda conn: self.queries.fetch_row(conn, start.saga_id),
+            saga_id=start.saga_id)
+        if row is None:
+            return False
+        state = row_to_state(row)
+        return state.version == 1 and state.lease_owner == start.owner
 
     async def write_batch(
         self, items: list[tuple[Checkpoint, str | None]], starts: list[LeasedStart]
@@ -204,52 +310,55 @@ class SqlAlchemySagaStorage(RunBackedStorage):
         """Write update checkpoints of distinct sagas and insert started sagas (only where
         :attr:`batches_starts`) in one transaction. Returns, in the order given, each
         checkpoint's new version (None when its fence did not match: it was not written) and
-        whether each start was inserted (not when its id exists). Raises on a driver error,
-        with nothing written."""
+        whether each start was inserted (not when its id exists). Raises the driver's error
+        (the caller, group commit, then writes each alone); nothing was written unless the
+        connection was lost, in which case the batch may have been committed."""
         if self.writer is not None:
             async with self.raw_lease() as lease:
                 return await self.writer.write_batch(lease, items, starts)
         assert not starts, "this storage does not batch saga starts"
-        async with self.transaction() as conn:
+        async with self.connections.transaction() as conn:
             written = await self.queries.write_batch(conn, items)
         return [written.get(cp.saga_id) for cp, _ in items], []
 
     def dump(self, saga_id: UUID, context: Mapping[str, Any]) -> str:
-        """The context's JSON text; SagaSerializationError if it is not JSON or too large."""
+        """The context's JSON text; SagaSerializationError if it is not JSON, too large, or
+        holds what no storage keeps (U+0000)."""
         try:
-            text = context_json(context).decode()
+            data = context_json(context)
         except TypeError as error:
             raise SagaSerializationError(
                 f"saga {saga_id}: context is not JSON-serialisable: {error}", saga_id=saga_id
             ) from error
-        if len(text) > self.max_context_bytes:
+        if len(data) > self.max_context_bytes:
             raise SagaSerializationError(
-                f"saga {saga_id}: context is {len(text)} bytes of JSON, more than the storage's "
+                f"saga {saga_id}: context is {len(data)} bytes of JSON, more than the storage's "
                 f"max_context_bytes={self.max_context_bytes}", saga_id=saga_id,
             )
-        return text
+        refuse_nul(saga_id, data)
+        return data.decode()
 
     # -- reads --------------------------------------------------------------------------------
 
     async def load_saga_state(
         self, saga_id: UUID, *, read_for_update: bool = False
     ) -> tuple[SagaStatus, dict[str, Any], int]:
-        if read_for_update:
-            async with self.transaction() as conn:
-                return await self.queries.load_state(conn, saga_id, for_update=True)
-        async with self.single() as conn:
-            return await self.queries.load_state(conn, saga_id)
+        return await self.connections.call(
+            "reading a saga",
+            lambda conn: self.queries.load_state(conn, saga_id, for_update=read_for_update),
+            mode="transaction" if read_for_update else "read", saga_id=saga_id)
 
     async def get_saga(self, saga_id: UUID) -> SagaState:
-        async with self.single() as conn:
-            row = await self.queries.fetch_row(conn, saga_id)
+        row = await self.connections.call(
+            "reading a saga", lambda conn: self.queries.fetch_row(conn, saga_id), saga_id=saga_id)
         if row is None:
             raise SagaNotFoundError(f"no saga with id {saga_id}", saga_id=saga_id)
         return row_to_state(row)
 
     async def get_step_history(self, saga_id: UUID) -> list[SagaLogEntry]:
-        async with self.single() as conn:
-            return await self.queries.history(conn, saga_id)
+        return await self.connections.call(
+            "reading a step log", lambda conn: self.queries.history(conn, saga_id),
+            saga_id=saga_id)
 
     async def get_sagas_for_recovery(
         self,
@@ -258,10 +367,9 @@ class SqlAlchemySagaStorage(RunBackedStorage):
         stale_after_seconds: float | None = None,
         saga_name: str | None = None,
     ) -> list[UUID]:
-        async with self.single() as conn:
-            return await self.queries.due_for_recovery(
-                conn, limit, max_recovery_attempts, stale_after_seconds, saga_name
-            )
+        return await self.connections.call("listing sagas due for recovery", lambda conn: (
+            self.queries.due_for_recovery(conn, limit, max_recovery_attempts, stale_after_seconds,
+                                          saga_name)))
 
     async def claim_due(
         self,
@@ -273,20 +381,26 @@ class SqlAlchemySagaStorage(RunBackedStorage):
         saga_names: frozenset[str] | None = None,
         stale_after_seconds: float | None = None,
     ) -> list[SagaState]:
-        try:
-            async with self.single(write=True) if self.dialect.is_postgres else self.transaction() as conn:
+        async def claim(conn: AsyncConnection) -> list[SagaState]:
+            try:
                 return await self.queries.claim_due(
                     conn, owner, limit, lease_seconds, max_recovery_attempts, saga_names,
-                    stale_after_seconds,
-                )
-        except exc.OperationalError as error:
-            if not _is_lock_conflict(error):
-                raise
-            # InnoDB may pick the claim as a deadlock victim against concurrent checkpoints
-            # (its locks on the secondary index); the transaction was rolled back, nothing was
-            # claimed: the next poll tries again.
-            logger.info("claim_due lost a lock conflict (%s); claiming nothing this time", error.orig)
-            return []
+                    stale_after_seconds)
+            except exc.OperationalError as error:
+                if not _is_lock_conflict(error):
+                    raise
+                # InnoDB may pick the claim as a deadlock victim against concurrent checkpoints
+                # (its locks on the secondary index); the transaction was rolled back, nothing
+                # was claimed: the next poll tries again.
+                logger.info("claim_due lost a lock conflict (%s); claiming nothing this time",
+                            error.orig)
+                return []
+
+        # Not retried: a claim cut off by a lost connection may have been committed, and
+        # claiming again would take more sagas (those of the first try wait for their lease).
+        return await self.connections.call(
+            "claiming sagas due for recovery", claim,
+            mode="write" if self.dialect.is_postgres else "transaction", retry=False)
 
     async def list_sagas(
         self,
@@ -295,8 +409,8 @@ class SqlAlchemySagaStorage(RunBackedStorage):
         saga_name: str | None = None,
         limit: int = 100,
     ) -> list[SagaState]:
-        async with self.single() as conn:
-            return await self.queries.list_sagas(conn, statuses, saga_name, limit)
+        return await self.connections.call(
+            "listing sagas", lambda conn: self.queries.list_sagas(conn, statuses, saga_name, limit))
 
     # -- commit-per-call writes that are not checkpoints ------------------------------------
 
@@ -307,128 +421,27 @@ class SqlAlchemySagaStorage(RunBackedStorage):
         values: dict[str, Any] = {"recovery_attempts": t.c.recovery_attempts + 1}
         if new_status is not None:
             values["status"] = SagaStatus(new_status).value
-        await self._touch(saga_id, values)
+        await self._touch(saga_id, values, retry=False)
 
     async def set_recovery_attempts(self, saga_id: UUID, attempts: int) -> None:
-        await self._touch(saga_id, {"recovery_attempts": attempts})
+        await self._touch(saga_id, {"recovery_attempts": attempts}, retry=True)
 
-    async def _touch(self, saga_id: UUID, values: dict[str, Any]) -> None:
+    async def _touch(self, saga_id: UUID, values: dict[str, Any], *, retry: bool) -> None:
         t = self.tables.executions
         stmt = (
             sa.update(t).where(t.c.saga_id == saga_id)
             .values(version=t.c.version + 1, updated_at=self.dialect.now(), **values)
         )
-        async with self.single(write=True) as conn:
-            result = await conn.execute(stmt, self.dialect.time_params())
+        result = await self.connections.call(
+            "updating a saga", lambda conn: conn.execute(stmt, self.dialect.time_params()),
+            mode="write", retry=retry, saga_id=saga_id)
         if result.rowcount == 0:
             raise SagaNotFoundError(f"no saga with id {saga_id}", saga_id=saga_id)
 
 
-class _SqlRun(BufferedRun):
-    """A run over the SQL storage: buffered checkpoints, each written in one transaction."""
-
-    def __init__(self, storage: SqlAlchemySagaStorage) -> None:
-        super().__init__()
-        self._s = storage
-        self._pinned: AsyncConnection | None = None
-        self._pinned_tx: Any = None
-
-    async def _write(self, cp: Checkpoint) -> int:
-        s = self._s
-        text = None if cp.context is None else s.dump(cp.saga_id, cp.context)
-        if self._pinned is not None:
-            try:
-                return await s.queries.write_checkpoint(self._pinned, cp, text)
-            finally:
-                await self._unpin(commit=True)
-        if cp.create_name is not None:
-            async with s.transaction() as conn:
-                return await s.queries.write_checkpoint(conn, cp, text)
-        if s.group_commit is not None:
-            return await s.group_commit.submit(cp, text)
-        return await s.write_one(cp, text)
-
-    async def rollback(self) -> None:
-        await super().rollback()
-        await self._unpin(commit=False)
-
-    async def _unpin(self, *, commit: bool) -> None:
-        conn, tx = self._pinned, self._pinned_tx
-        self._pinned = self._pinned_tx = None
-        if conn is None:
-            return
-        try:
-            await (tx.commit() if commit else tx.rollback())
-        finally:
-            await conn.close()
-
-    async def load_saga_state(
-        self, saga_id: UUID, *, read_for_update: bool = False
-    ) -> tuple[SagaStatus, dict[str, Any], int]:
-        if read_for_update and self._pinned is None:
-            self._pinned = await self._s.engine.connect()
-            self._pinned_tx = await self._pinned.begin()
-        if self._pinned is not None:
-            return await self._s.queries.load_state(self._pinned, saga_id, for_update=read_for_update)
-        return await self._s.load_saga_state(saga_id)
-
-    async def get_step_history(self, saga_id: UUID) -> list[SagaLogEntry]:
-        return await self._s.get_step_history(saga_id)
-
-    async def start(
-        self,
-        saga_id: UUID,
-        name: str,
-        context: Mapping[str, Any],
-        *,
-        fingerprint: str | None,
-        lease_seconds: float,
-    ) -> tuple[SagaState, bool]:
-        s = self._s
-        start = LeasedStart(saga_id, name, s.dump(saga_id, context), fingerprint, self.owner,
-                            lease_seconds)
-        if s.group_commit is not None:
-            created = await s.group_commit.start(start)
-        else:
-            created = await s.insert_one(start)
-        if not created:  # the id exists: claim it instead
-            return await self.claim(saga_id, lease_seconds=lease_seconds, name=name), False
-        state = SagaState(saga_id, name, SagaStatus.RUNNING, context, 1, 0,
-                          lease_owner=self.owner, fingerprint=fingerprint)
-        self._took_lease(state, lease_seconds)
-        return state, True
-
-    async def claim(
-        self,
-        saga_id: UUID,
-        *,
-        lease_seconds: float,
-        count_attempt: bool = True,
-        allow_parked: bool = False,
-        name: str | None = None,
-    ) -> SagaState:
-        s = self._s
-        async with s.single(write=True) as conn:
-            state = await s.queries.claim(
-                conn, saga_id, self.owner, lease_seconds, count_attempt, allow_parked, name
-            )
-        self._took_lease(state, lease_seconds)
-        return state
-
-    async def renew_lease(self, lease_seconds: float) -> None:
-        if self.saga_id is None or not self.holds_lease:
-            return
-        async with self._s.single(write=True) as conn:
-            lost = not await self._s.queries.renew(conn, self.saga_id, self.owner, lease_seconds)
-        if lost:  # keep holds_lease: it fences this run's later commits
-            raise self._s.queries.lease_lost(self.saga_id, self.owner)
-
-    async def release(self) -> None:
-        if self.saga_id is None or not self.holds_lease:
-            return
-        self.holds_lease = False
-        async with self._s.single(write=True) as conn:
-            await self._s.queries.release(conn, self.saga_id, self.owner, self.retry_after)
+def _known_version(cp: Checkpoint) -> int | None:
+    """The version a checkpoint expects its saga to have (None: an unfenced write)."""
+    return cp.fence_version if cp.fence_version is not None else cp.expected_version
 
 
 def _is_lock_conflict(error: exc.DBAPIError) -> bool:
