@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from asyncio import current_task
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any, Generic, TypeVar
@@ -44,7 +43,7 @@ from sagakit.invocation import (
     reset_current,
     set_current,
 )
-from sagakit.lease import LeaseKeeper
+from sagakit.lease import LeaseKeeper, running_task
 from sagakit.middleware import Middleware, build_chain, saga_log_context
 from sagakit.plan import (
     Attempt,
@@ -447,7 +446,7 @@ class Execution(Generic[C]):
         token = _current.set(invocation)
         keeper = self._keeper
         if keeper is not None:
-            keeper.step_task = current_task(keeper.loop)
+            keeper.step_task = running_task(keeper.loop)
         try:
             if self._chain is not _invoke:
                 out = await self._chain(invocation)

@@ -26,6 +26,7 @@ import contextlib
 import logging
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 from uuid import UUID
 
@@ -39,6 +40,13 @@ __all__ = ["LeaseKeeper"]
 logger = logging.getLogger("sagakit")
 
 
+_current_tasks = getattr(asyncio.tasks, "_current_tasks", None)
+running_task: Callable[[asyncio.AbstractEventLoop | None], asyncio.Task[Any] | None] = (
+    _current_tasks.get if isinstance(_current_tasks, dict) else asyncio.current_task)
+"""The task running on ``loop`` now: ``asyncio.current_task(loop)``, read straight from asyncio's
+own table where it has one (less than half the cost of the call, paid before every step)."""
+
+
 class LeaseKeeper:
     """``async with LeaseKeeper(run, lease_seconds):`` around the part of a run where steps run.
 
@@ -47,7 +55,7 @@ class LeaseKeeper:
     behind a database lock): another worker may have claimed the saga meanwhile.
 
     The engine sets ``step_task`` to the task running a step while it runs (None otherwise;
-    ``current_task(keeper.loop)``: a third of the cost of ``current_task()``); a step running
+    :func:`running_task`); a step running
     when the lease is found lost or possibly run out is cancelled, with the reason kept in
     ``cut_off`` until the engine takes it back (:meth:`step_cut_off`)."""
 
@@ -86,7 +94,9 @@ class LeaseKeeper:
         """Raise SagaLeaseLostError if the lease is lost or may have run out."""
         if self.lost is not None:
             raise self.lost
-        if self._ran_out(time.monotonic()):
+        run = self.run  # what _ran_out tells, inline: this runs before every step
+        until = getattr(run, "lease_until", None)
+        if until is not None and time.monotonic() >= until and getattr(run, "holds_lease", False):
             raise SagaLeaseLostError(
                 f"saga {saga_id}: this run's lease may have run out (no renewal got through "
                 f"in time); step {step_name!r} was not started",

@@ -74,6 +74,7 @@ class Saga(Generic[ContextT]):
         super().__init_subclass__(**kwargs)
         if "name" not in cls.__dict__ or not cls.__dict__["name"]:
             cls.name = cls.__name__
+        _check_stored_name(cls.name, cls.name, None)
         found = _generic_arg(cls, Saga, 0)
         if found is not None:
             cls.context_type = found
@@ -133,12 +134,29 @@ def definition_fingerprint(specs: Sequence[StepSpec]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+MAX_NAME_LENGTH = 255
+"""The longest saga or step name a storage keeps (its column's width)."""
+
+
+def _check_stored_name(name: Any, saga_name: str, step_name: str | None) -> None:
+    """A saga's or step's name is stored with every saga and log entry: a text every storage
+    keeps, refused at class creation rather than by the database at the first start."""
+    what = "saga name" if step_name is None else "step name"
+    if not isinstance(name, str) or len(name) > MAX_NAME_LENGTH or "\x00" in name:
+        raise SagaDefinitionError(
+            f"saga {saga_name!r}: {what} {name!r:.80} must be a string of at most "
+            f"{MAX_NAME_LENGTH} characters without U+0000",
+            saga_name=saga_name, step_name=step_name,
+        )
+
+
 def _validate_steps(cls: type[Saga[Any]]) -> list[StepSpec]:
     specs: list[StepSpec] = []
     seen: set[str] = set()
     for position, step in enumerate(cls.steps, start=1):
         spec = _to_spec(cls, step, position)
         for handler_name in spec.handler_names():
+            _check_stored_name(handler_name, cls.name, handler_name)
             if handler_name in seen:
                 raise SagaDefinitionError(
                     f"saga {cls.name!r}: step {handler_name!r} appears more than once",

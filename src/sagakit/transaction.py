@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any, Generic, TypeVar
@@ -75,15 +76,13 @@ class SagaTransaction(Generic[C]):
         lease_seconds: float = 30.0,
         max_recovery_attempts: int = 5,
     ) -> None:
-        self.retry = RetryPolicy.of(
-            compensation_retry_count,
-            compensation_retry_delay,
-            compensation_retry_backoff,
-            compensation_retry_max_delay,
-            compensation_retry_jitter,
-        )
-        lease_seconds = settings.lease_seconds(lease_seconds)
-        max_recovery_attempts = settings.recovery_attempts(max_recovery_attempts)
+        options = (compensation_retry_count, compensation_retry_delay,
+                   compensation_retry_backoff, compensation_retry_max_delay,
+                   compensation_retry_jitter, lease_seconds, max_recovery_attempts)
+        try:
+            self.retry, lease_seconds, max_recovery_attempts = _checked(*options)
+        except TypeError:  # an unhashable value, so no number: checked uncached, it is refused
+            self.retry, lease_seconds, max_recovery_attempts = _check(*options)
         self.saga = saga
         self.saga_id: UUID = saga_id if saga_id is not None else uuid.uuid4()
         self.codec = codec_for(saga.context_type or type(context))
@@ -202,6 +201,18 @@ class SagaTransaction(Generic[C]):
             self.context = resumption.context
         return resumption.plan, resumption.stored
 
+
+def _check(
+    count: Any, delay: Any, backoff: Any, max_delay: Any, jitter: Any, lease: Any, attempts: Any,
+) -> tuple[RetryPolicy, float, int]:
+    """A transaction's numeric settings, checked (ValueError naming the option)."""
+    return (RetryPolicy(count, delay, backoff, max_delay, jitter), settings.lease_seconds(lease),
+            settings.recovery_attempts(attempts))
+
+
+# A transaction per saga need not check the same settings again; ``typed``: ``True`` cannot pass
+# for an already accepted ``1``, and a refused value is never cached (the check raised).
+_checked = functools.lru_cache(maxsize=64, typed=True)(_check)
 
 _RETRY_FIELDS = {
     "compensation_retry_count": "attempts",

@@ -231,9 +231,9 @@ class _CrashStep(SagaStepHandler[CrashContext, str]):
         invocation = current_invocation()
         assert invocation is not None
         saga_id, name, k, log = invocation.saga_id, type(self).__name__, self.index, _log()
-        await log.record(saga_id, name, "act", "start", attempt=invocation.attempt,
-                         snapshot=await log.snapshot(saga_id))
-        try:
+        try:  # a cancellation (a lease cut off) may land in the start record: end it all the same
+            await log.record(saga_id, name, "act", "start", attempt=invocation.attempt,
+                             snapshot=await log.snapshot(saga_id))
             if name in context.done:  # the context already shows this act's effect
                 await log.record(saga_id, name, "act", "anomaly",
                                  outcome="already in context.done")
@@ -255,9 +255,9 @@ class _CrashStep(SagaStepHandler[CrashContext, str]):
         invocation = current_invocation()
         assert invocation is not None
         saga_id, name, k, log = invocation.saga_id, type(self).__name__, self.index, _log()
-        await log.record(saga_id, name, "compensate", "start", attempt=invocation.attempt,
-                         snapshot=await log.snapshot(saga_id))
-        try:
+        try:  # as in act: an end event even when the start record was cut off
+            await log.record(saga_id, name, "compensate", "start", attempt=invocation.attempt,
+                             snapshot=await log.snapshot(saga_id))
             await _maybe_crash(saga_id, context, f"comp:{k}:start")
             await asyncio.sleep(random.uniform(0, context.step_ms / 1000))
             await _maybe_crash(saga_id, context, f"comp:{k}:mid")

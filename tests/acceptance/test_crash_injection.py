@@ -65,9 +65,14 @@ async def test_fast_crash_injection(backend: str) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_large_crash_injection(backend: str) -> None:
     await _require_server(backend)
+    # On SQLite, seven processes share one write lock: on a busy two-core machine a write can
+    # wait over a second for it, and a lease shorter than that runs out under a live worker (two
+    # workers then overlap, as leases allow: see docs/fencing.md). The lease must outlast the
+    # slowest write for "no overlap" to be a fair demand.
     report = await run_harness(HarnessConfig(
         backend=backend, sagas=200, workers=3, concurrency=4, batch=10, runners=3,
         random_kills=30, crash_rate=0.6, seed=SEED, timeout=600,
+        lease=3.0 if backend == "sqlite" else 1.0,
     ))
     _assert_clean(report)
     assert report.kills > 100

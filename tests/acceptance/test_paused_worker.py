@@ -27,7 +27,7 @@ import pytest
 from sagakit import SagaStatus
 from sagakit.storage.sqlalchemy import SqlAlchemySagaStorage
 from tests.acceptance.paused_worker import example
-from tests.conftest import POSTGRES_DSN, TABLES, server_unavailable
+from tests.conftest import MYSQL_DSN, POSTGRES_DSN, TABLES, server_unavailable
 
 pytestmark = pytest.mark.acceptance
 
@@ -52,7 +52,8 @@ async def wait_for(what: str, condition: Callable[[], Any]) -> None:
 
 
 async def open_storage(backend: str, tmp_path: Path) -> tuple[str, SqlAlchemySagaStorage]:
-    url = f"sqlite+aiosqlite:///{tmp_path}/sagas.db" if backend == "sqlite" else POSTGRES_DSN
+    url = {"sqlite": f"sqlite+aiosqlite:///{tmp_path}/sagas.db", "postgres": POSTGRES_DSN,
+           "mysql": MYSQL_DSN}[backend]
     storage = SqlAlchemySagaStorage.from_url(url, **TABLES)
     try:
         await storage.create_schema()
@@ -111,7 +112,7 @@ def command(action: str, url: str, payments: Path, saga_id: uuid.UUID, order: st
 
 
 @pytest.mark.parametrize("freeze", ["in_call", "awaiting"])
-@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+@pytest.mark.parametrize("backend", ["sqlite", "postgres", "mysql"])
 async def test_a_worker_frozen_past_its_lease_charges_nothing_late_and_writes_nothing(
     tmp_path: Path, backend: str, freeze: str,
 ) -> None:

@@ -190,3 +190,22 @@ def test_an_abstract_handler_cannot_be_built():
 def test_idempotency_key_outside_a_step_raises():
     with pytest.raises(RuntimeError, match="only available while a step runs"):
         _ = AnyStep().idempotency_key
+
+
+def test_a_saga_name_no_storage_can_keep_is_refused_at_class_creation() -> None:
+    from sagakit import Saga, SagaDefinitionError
+
+    for bad in ("x" * 256, "nul\x00name"):
+        with pytest.raises(SagaDefinitionError, match="at most 255 characters"):
+            type("Named", (Saga,), {"name": bad, "steps": []})
+    assert type("Named", (Saga,), {"name": "y" * 255, "steps": []}).name == "y" * 255
+
+
+def test_a_step_name_no_storage_can_keep_is_refused_at_class_creation() -> None:
+    from sagakit import Saga, SagaDefinitionError, SagaStepHandler
+
+    long_step = type("S" * 256, (SagaStepHandler,), {
+        "act": lambda self, c: None, "compensate": lambda self, c: None})
+    with pytest.raises(SagaDefinitionError) as raised:
+        type("LongSteps", (Saga,), {"steps": [long_step]})
+    assert raised.value.step_name == "S" * 256

@@ -96,12 +96,19 @@ class ConnectionGate:
             return None
         return cls(capacity, timeout)
 
+    def take(self) -> bool:
+        """Take a free slot at once if there is one nobody waits for (no coroutine: the hot
+        path's way in); False: :meth:`enter` and wait."""
+        if self.in_use < self.capacity and not self._waiters:
+            self.in_use += 1
+            return True
+        return False
+
     async def enter(self, priority: int, *, takes_connection: bool = False) -> Any:
         """Wait for a slot; raises PoolExhausted after ``timeout`` seconds. With
         ``takes_connection``, the slot may come with the checked-out connection of the user who
         left it (returned; None otherwise)."""
-        if self.in_use < self.capacity and not self._waiters:
-            self.in_use += 1
+        if self.take():
             return None
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiters, (priority, next(self._order), takes_connection, future))
@@ -170,7 +177,11 @@ class PoolLease:
         gate = self._gate
         fairy = None
         if gate is not None:
-            fairy = await gate.enter(self._priority, takes_connection=True)
+            # ConnectionGate.take, inline: this runs for every checkpoint
+            if gate.in_use < gate.capacity and not gate._waiters:
+                gate.in_use += 1
+            else:
+                fairy = await gate.enter(self._priority, takes_connection=True)
         if fairy is None:
             try:
                 fairy = await greenlet_spawn(self._pool.connect)
@@ -188,7 +199,9 @@ class PoolLease:
         fairy, self._fairy = self._fairy, None
         gate = self._gate
         if gate is not None:
-            if fairy.is_valid:
+            if not gate._waiters:
+                gate.in_use -= 1  # ConnectionGate.leave with nobody waiting, inline
+            elif fairy.is_valid:
                 fairy = gate.leave(fairy)  # None: the next waiter took it, still checked out
             else:
                 gate.leave()  # an invalidated connection goes back to the pool, discarded
@@ -247,10 +260,6 @@ class Connections:
             yield
         finally:
             gate.leave()
-
-    def raw(self, priority: int = WORK) -> PoolLease:
-        """A pooled connection for driver-level statements, see :class:`PoolLease`."""
-        return PoolLease(self.engine, self.gate, priority)
 
     async def call(
         self, doing: str, operation: Callable[[AsyncConnection], Awaitable[T]], *,

@@ -52,7 +52,7 @@ from sagakit.storage.dialect import Dialect
 from sagakit.storage.faults import reconnectable, storage_error
 from sagakit.storage.group_commit import GroupCommitter
 from sagakit.storage.mysql import MySqlWriter
-from sagakit.storage.pool import START, Connections, LeasedStart, PoolLease
+from sagakit.storage.pool import START, WORK, Connections, LeasedStart, PoolLease
 from sagakit.storage.postgres import PgWriter
 from sagakit.storage.queries import Queries, row_to_state
 from sagakit.storage.run import Checkpoint, RunBackedStorage, refuse_nul
@@ -188,9 +188,9 @@ class SqlAlchemySagaStorage(RunBackedStorage):
         """A connection inside a transaction, committed on success. Driver errors as they are."""
         return self.connections.transaction()
 
-    def raw_lease(self, priority: int = 1) -> PoolLease:
+    def raw_lease(self, priority: int = WORK) -> PoolLease:
         """A pooled connection for driver-level statements, see :class:`PoolLease`."""
-        return self.connections.raw(priority)
+        return PoolLease(self.engine, self.connections.gate, priority)
 
     @property
     def batches_starts(self) -> bool:
@@ -214,7 +214,12 @@ class SqlAlchemySagaStorage(RunBackedStorage):
         again = False
         while True:
             try:
-                version = await self._write_once(cp, text)
+                if self.writer is not None:
+                    async with self.raw_lease() as lease:
+                        version = await self.writer.write_checkpoint(lease, cp, text)
+                else:
+                    async with self.connections.transaction() as conn:
+                        version = await self.queries.write_checkpoint(conn, cp, text)
                 if version is None:
                     if maybe_written or again:
                         written = await self._written_already(cp)
@@ -231,13 +236,6 @@ class SqlAlchemySagaStorage(RunBackedStorage):
                                         ) from error
                 again = True
                 self.connections.forget()
-
-    async def _write_once(self, cp: Checkpoint, text: str | None) -> int | None:
-        if self.writer is not None:
-            async with self.raw_lease() as lease:
-                return await self.writer.write_checkpoint(lease, cp, text)
-        async with self.connections.transaction() as conn:
-            return await self.queries.write_checkpoint(conn, cp, text)
 
     async def diagnose(self, cp: Checkpoint) -> None:
         """Raise why a fenced checkpoint matched no row (not found, lease lost, version)."""
@@ -335,7 +333,8 @@ class SqlAlchemySagaStorage(RunBackedStorage):
                 f"saga {saga_id}: context is {len(data)} bytes of JSON, more than the storage's "
                 f"max_context_bytes={self.max_context_bytes}", saga_id=saga_id,
             )
-        refuse_nul(saga_id, data)
+        if b"\\u0000" in data:  # the common case costs one scan, no call
+            refuse_nul(saga_id, data)
         return data.decode()
 
     # -- reads --------------------------------------------------------------------------------
