@@ -20,10 +20,12 @@ from sagakit.exceptions import (
     SagaLeaseLostError,
     SagaNotFoundError,
     SagaParkedError,
+    SagaPastPivotError,
     SagaSerializationError,
     SagaStorageError,
     SagaStorageRejectedError,
     SagaStorageUnavailableError,
+    StepTimeoutError,
 )
 from sagakit.fallback import Fallback
 from sagakit.invocation import StepInvocation, current_invocation
@@ -38,8 +40,10 @@ from sagakit.records import (
     SagaStepStatus,
 )
 from sagakit.recovery import RecoveryOptions, abort_saga, recover_saga, resume_saga
+from sagakit.retry import PermanentError, Retry, permanent
 from sagakit.saga import Saga
 from sagakit.step import SagaStepHandler, SagaStepResult
+from sagakit.stepoptions import Step
 from sagakit.storage import ISagaStorage, MemorySagaStorage, SagaStorage, SagaStorageRun
 from sagakit.transaction import SagaTransaction
 from sagakit.worker import RecoveryOutcome, RecoveryWorker
@@ -62,10 +66,12 @@ __all__ = [
     "LoggingMiddleware",
     "MemorySagaStorage",
     "Middleware",
+    "PermanentError",
     "RecoveryOptions",
     "RecoveryOutcome",
     "RecoveryWorker",
     "RedisCircuitBreaker",
+    "Retry",
     "RetryPolicy",
     "Saga",
     "SagaAction",
@@ -82,6 +88,7 @@ __all__ = [
     "SagaMediator",
     "SagaNotFoundError",
     "SagaParkedError",
+    "SagaPastPivotError",
     "SagaRun",
     "SagaSerializationError",
     "SagaState",
@@ -96,11 +103,14 @@ __all__ = [
     "SagaStorageUnavailableError",
     "SagaTransaction",
     "SqlAlchemySagaStorage",
+    "Step",
     "StepInvocation",
+    "StepTimeoutError",
     "abort_saga",
     "as_container",
     "bootstrap",
     "current_invocation",
+    "permanent",
     "recover_saga",
     "resume_saga",
 ]

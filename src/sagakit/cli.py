@@ -34,6 +34,7 @@ from sagakit.exceptions import (
     SagaBusyError,
     SagaDefinitionError,
     SagaNotFoundError,
+    SagaPastPivotError,
     SagaStorageError,
     SagaStorageUnavailableError,
 )
@@ -273,7 +274,7 @@ def _run_async(coro: Awaitable[int]) -> int:
         except SagaBusyError as exc:
             raise CliError(f"{_one_line(exc)} (leased by a live run; try again later)",
                            EXIT_BUSY) from None
-        except SagaDefinitionError as exc:
+        except (SagaDefinitionError, SagaPastPivotError) as exc:
             raise CliError(_one_line(exc), EXIT_UNFINISHED) from None
         except Exception as exc:
             error = _database_error(exc)
@@ -293,6 +294,13 @@ def _when(moment: dt.datetime | None) -> str:
     if moment.tzinfo is not None:
         moment = moment.astimezone(dt.UTC)
     return moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _status(state: SagaState) -> str:
+    """A saga's status, and for a waiting one when its next attempt is due."""
+    if state.status is SagaStatus.WAITING and state.next_attempt_at is not None:
+        return f"WAITING until {_when(state.next_attempt_at)}"
+    return state.status.value
 
 
 def _lease(state: SagaState, now: dt.datetime) -> str:
@@ -341,6 +349,7 @@ def _entry_json(entry: SagaLogEntry) -> dict[str, Any]:
         "timestamp": _jsonable(entry.timestamp),
         "error_type": entry.error_type,
         "details": entry.details,
+        "attempt": entry.attempt,
     }
 
 
@@ -408,7 +417,7 @@ async def _list(args: argparse.Namespace, storage: SqlAlchemySagaStorage) -> int
         print("no sagas found")
         return EXIT_OK
     now = dt.datetime.now(dt.UTC)
-    rows = [(str(s.saga_id), s.name, s.status.value, str(s.version), str(s.recovery_attempts),
+    rows = [(str(s.saga_id), s.name, _status(s), str(s.version), str(s.recovery_attempts),
              _when(s.updated_at), _lease(s, now)) for s in states]
     print(_table(("ID", "NAME", "STATUS", "VERSION", "ATTEMPTS", "UPDATED (UTC)", "LEASE OWNER"),
                  rows))
@@ -440,6 +449,10 @@ async def _show(args: argparse.Namespace, storage: SqlAlchemySagaStorage) -> int
         ("next attempt", _when(state.next_attempt_at)),
         ("fingerprint", state.fingerprint or "-"),
     ]
+    if state.deadline_at is not None:
+        fields.append(("deadline", _when(state.deadline_at)))
+    if state.past_pivot:
+        fields.append(("past pivot", "yes"))
     width = max(len(k) for k, _ in fields)
     for key, value in fields:
         print(f"{key.ljust(width)}  {value}")
@@ -450,12 +463,15 @@ async def _show(args: argparse.Namespace, storage: SqlAlchemySagaStorage) -> int
         print("steps: none recorded")
         return EXIT_OK
     print("steps:")
+    attempts = any(entry.attempt is not None for entry in history)  # else no ATTEMPT column
     rows = []
     for number, entry in enumerate(history, start=1):
         error = _clip(entry.details) or entry.error_type or ""
+        attempt = [] if not attempts else [str(entry.attempt or "")]
         rows.append((str(number), _when(entry.timestamp), entry.step_name, str(entry.action),
-                     str(entry.status), error))
-    table = _table(("#", "TIME (UTC)", "STEP", "ACTION", "STATUS", "ERROR"), rows)
+                     str(entry.status), *attempt, error))
+    headers = ("#", "TIME (UTC)", "STEP", "ACTION", "STATUS", *(["ATTEMPT"] * attempts), "ERROR")
+    table = _table(headers, rows)
     print("\n".join("  " + line for line in table.splitlines()))
     return EXIT_OK
 
@@ -529,6 +545,8 @@ class _Outcome:
                 result = f"{self.before.value} -> {result}"
             if self.status is SagaStatus.PARKED:
                 result += " (parked: resume or abort it)"
+            elif self.status is SagaStatus.WAITING:
+                result += " (waiting: recovery resumes it when its next attempt is due)"
             elif self.status not in TERMINAL_STATUSES:
                 result += " (not finished: recovery will try again)"
         return f"{self.saga_id}  {self.name}  {result}"

@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import math
 import random
 from collections.abc import Awaitable, Callable, Sequence
 
 from sagakit import settings
 from sagakit.exceptions import SagaLeaseLostError
+from sagakit.retry import backoff_wait
 
 __all__ = ["CompensationFailure", "CompensationTask", "RetryPolicy", "SagaCompensator"]
 
@@ -57,18 +57,11 @@ class RetryPolicy:
         except TypeError:  # unhashable, so not a number: the constructor says which
             return RetryPolicy(attempts, delay, backoff, max_delay, jitter)
 
-    def wait_before(self, attempt: int) -> float:
-        """Seconds to wait before ``attempt`` (2, 3, ...): finite and >= 0 for any attempt."""
-        if not self.delay:
-            return 0.0
-        try:
-            growth = self.backoff ** (attempt - 2)
-        except OverflowError:  # past the float range: the cap applies
-            growth = math.inf
-        wait = min(self.delay * growth, self.max_delay)
-        if self.jitter:
-            wait *= 1 + random.uniform(-self.jitter, self.jitter)
-        return max(wait, 0.0)
+    def wait_before(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
+        """Seconds to wait before ``attempt`` (2, 3, ...): finite and >= 0 for any attempt.
+        The formula is :func:`sagakit.retry.backoff_wait`, jitter drawn from ``rng()``."""
+        return backoff_wait(attempt, delay=self.delay, backoff=self.backoff,
+                            max_delay=self.max_delay, jitter=self.jitter, rng=rng)
 
 
 @functools.lru_cache(maxsize=64, typed=True)

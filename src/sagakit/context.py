@@ -162,6 +162,28 @@ class ContextCodec(Generic[C]):
             )
         return upgraded if isinstance(upgraded, dict) else dict(upgraded)
 
+    def restore(self, context: C, stored: Mapping[str, Any]) -> None:
+        """Put the stored form's values back into the live ``context`` object, in place
+        (callers hold references to it): dataclass and pydantic fields are set one by one, a
+        dict is cleared and refilled. Used to undo what a failed attempt left in the context
+        before the next attempt (or a fallback) runs."""
+        fresh: Any = self.decode(stored)
+        live: Any = context
+        if self.kind == "dict":
+            live.clear()
+            live.update(fresh)
+        elif self.kind == "pydantic":
+            for name in type(live).model_fields:
+                object.__setattr__(live, name, getattr(fresh, name))
+            object.__setattr__(live, "__pydantic_fields_set__", set(fresh.model_fields_set))
+            if getattr(fresh, "__pydantic_extra__", None) is not None:
+                object.__setattr__(live, "__pydantic_extra__", dict(fresh.__pydantic_extra__))
+        else:
+            params = getattr(type(live), "__dataclass_params__", None)
+            assign = object.__setattr__ if params is not None and params.frozen else setattr
+            for field in dataclasses.fields(live):
+                assign(live, field.name, getattr(fresh, field.name))
+
     def copy(self, context: C) -> C:
         """An independent deep copy, made through the stored form."""
         return self.decode(self.encode(context))

@@ -10,6 +10,17 @@
 - :func:`instance_flowchart` draws the flowchart of one stored saga, each node coloured by what
   its step log says happened, with the saga's current status and a legend.
 
+Forward recovery shows in all three: a step's retry policy and timeouts are lines of its label
+(``retry: 4 attempts, backoff 0.5s x2``, ``timeout 2s``); the pivot is a double-bordered node
+(``pivot: forward only after it``); the steps after it have no compensation: their failure
+(retries exhausted) leads to PARKED. The sequence diagram adds a branch per retried step (the
+failed attempt's checkpoint and the wait); an instance chart shows a step's failed attempts, a
+saga past its pivot, and when a WAITING saga resumes.
+
+The module is split in three: :mod:`sagakit.diagramtext` (escaping, labels),
+:mod:`sagakit.sequencediagram` (:func:`sequence`) and this one (the flowcharts); every public
+function is importable from here.
+
 Node ids are generated (``step1``, ``step1_alt``, ``undo1``...), never taken from class names, so
 any step name is safe; every label is quoted and escaped with Mermaid entity codes.
 
@@ -25,14 +36,27 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+from sagakit.diagramtext import (
+    alternative_name,
+    compensable_steps,
+    definition,
+    escape,
+    exception_names,
+    handover_label,
+    join_label,
+    options_lines,
+    pivot_index,
+)
 from sagakit.plan import Backward, Finished, Forward, Mismatch, decide
 from sagakit.records import SagaAction, SagaLogEntry, SagaState, SagaStatus, SagaStepStatus
 from sagakit.saga import Saga, StepSpec
+from sagakit.sequencediagram import sequence
 
 __all__ = ["LEGEND", "escape", "flowchart", "instance_flowchart", "sequence"]
 
 COMPLETED_FILL = "#c8e6c9"
 FAILED_FILL = "#ffcdd2"
+PARKED_FILL = "#cfd8dc"
 
 # Node classes of instance_flowchart, with their Mermaid style and the legend's wording.
 LEGEND: dict[str, tuple[str, str]] = {
@@ -43,34 +67,13 @@ LEGEND: dict[str, tuple[str, str]] = {
         "fill:#b71c1c,stroke:#7f0000,color:#ffffff,stroke-width:2px", "compensation failed"
     ),
     "started": ("fill:#bbdefb,stroke:#1565c0,color:#0d47a1", "started, no outcome"),
+    "retrying": ("fill:#e1bee7,stroke:#6a1b9a,color:#4a148c", "retrying"),
     "notRun": (
         "fill:#f5f5f5,stroke:#9e9e9e,color:#757575,stroke-dasharray:5 5", "not run"
     ),
     "current": ("fill:#fff59d,stroke:#f57f17,color:#000000,stroke-width:3px", "current status"),
 }
 """``{class name: (classDef style, legend label)}`` as used by :func:`instance_flowchart`."""
-
-_ENTITIES = {
-    "#": "#35;",
-    '"': "#quot;",
-    "<": "#lt;",
-    ">": "#gt;",
-    "&": "#amp;",
-    "`": "#96;",
-    "|": "#124;",
-    ";": "#59;",
-    "{": "#123;",
-    "}": "#125;",
-    "[": "#91;",
-    "]": "#93;",
-}
-
-
-def escape(text: str) -> str:
-    """``text`` made safe inside a quoted Mermaid label or a sequence diagram message: the
-    characters Mermaid gives a meaning to become entity codes, line breaks become spaces."""
-    flat = " ".join(str(text).split())
-    return "".join(_ENTITIES.get(ch, ch) for ch in flat)
 
 
 # -- the shared model ------------------------------------------------------------------------
@@ -80,7 +83,7 @@ def escape(text: str) -> str:
 class _Node:
     id: str
     label: str  # escaped, may contain <br/>
-    shape: str = "box"  # box | round | hexagon
+    shape: str = "box"  # box | round | hexagon | pivot (double-bordered)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,57 +102,39 @@ class _Chart:
     undo: dict[int, str]  # step index -> id of its compensation node
     specs: tuple[StepSpec, ...]
     name: str
+    pivot: int | None  # index of the pivot step
 
     def add(self, node: _Node) -> None:
         self.nodes[node.id] = node
 
 
-def _definition(saga: Saga[Any] | type[Saga[Any]]) -> tuple[str, tuple[StepSpec, ...]]:
-    name = getattr(saga, "name", "") or getattr(saga, "__name__", type(saga).__name__)
-    specs = tuple(getattr(saga, "step_specs", ()))
-    return str(name), specs
-
-
-def _alternative_name(spec: StepSpec) -> str | None:
-    names = spec.handler_names()
-    return names[1] if len(names) > 1 else None
-
-
-def _exception_names(spec: StepSpec) -> list[str]:
-    errors = getattr(spec.fallback, "failure_exceptions", ()) or ()
-    return [getattr(e, "__name__", str(e)) for e in errors]
-
-
-def _has_breaker(spec: StepSpec) -> bool:
-    return getattr(spec.fallback, "circuit_breaker", None) is not None
-
-
-def _handover_label(spec: StepSpec) -> str:
-    errors = _exception_names(spec)
-    parts = ["raises " + ", ".join(errors) if errors else "fails"]
-    if _has_breaker(spec):
-        parts.append("circuit open")
-    return " / ".join(parts)
-
-
 def _build(saga: Saga[Any] | type[Saga[Any]]) -> _Chart:
-    name, specs = _definition(saga)
-    chart = _Chart({}, [], {}, {}, specs, name)
-    chart.add(_Node("start", escape(f"{name}: start"), "round"))
+    name, specs = definition(saga)
+    pivot = pivot_index(specs)
+    compensable = compensable_steps(specs)
+    chart = _Chart({}, [], {}, {}, specs, name, pivot)
+    deadline = getattr(saga, "deadline", None)
+    chart.add(_Node("start", join_label(f"{name}: start", [f"deadline {deadline:g}s"]
+                                    if deadline is not None else []), "round"))
     for index, spec in enumerate(specs, start=1):
-        chart.add(_Node(f"step{index}", escape(spec.name)))
+        lines = options_lines(spec.options(spec.name), spec.pivot)
+        shape = "pivot" if spec.pivot else "box"
+        chart.add(_Node(f"step{index}", join_label(spec.name, lines), shape))
         chart.owner[spec.name] = f"step{index}"
-        alternative = _alternative_name(spec)
+        alternative = alternative_name(spec)
         if alternative is not None:
-            chart.add(_Node(f"step{index}_alt", escape(f"{alternative} (fallback)")))
+            lines = options_lines(spec.options(alternative))
+            chart.add(_Node(f"step{index}_alt", join_label(f"{alternative} (fallback)", lines)))
             chart.owner[alternative] = f"step{index}_alt"
-    for index, spec in enumerate(specs[:-1], start=1):
+    for index, spec in enumerate(specs[: compensable - 1], start=1):
         names = " or ".join(spec.handler_names())
         whichever = " (whichever completed)" if spec.fallback is not None else ""
         chart.add(_Node(f"undo{index}", escape(f"compensate {names}{whichever}")))
         chart.undo[index - 1] = f"undo{index}"
     chart.add(_Node("completed", "COMPLETED", "round"))
     chart.add(_Node("failed", "FAILED", "round"))
+    if compensable < len(specs):
+        chart.add(_Node("parked", "PARKED", "round"))
 
     success: list[_Edge] = [_Edge("start", "step1" if specs else "completed")]
     handover: list[_Edge] = []
@@ -157,18 +142,22 @@ def _build(saga: Saga[Any] | type[Saga[Any]]) -> _Chart:
     for index, spec in enumerate(specs, start=1):
         primary, alternative = f"step{index}", f"step{index}_alt"
         following = f"step{index + 1}" if index < len(specs) else "completed"
-        on_failure = f"undo{index - 1}" if index > 1 else "failed"
+        fails = "failure"
+        if index > compensable:  # after the pivot: retried, then parked, never compensated
+            on_failure, fails = "parked", "retries exhausted"
+        else:
+            on_failure = f"undo{index - 1}" if index > 1 else "failed"
         success.append(_Edge(primary, following, "success"))
         if spec.fallback is None:
-            failure.append(_Edge(primary, on_failure, "failure"))
+            failure.append(_Edge(primary, on_failure, fails))
             continue
-        handover.append(_Edge(primary, alternative, escape(_handover_label(spec)), "dashed"))
+        handover.append(_Edge(primary, alternative, escape(handover_label(spec)), "dashed"))
         success.append(_Edge(alternative, following, "success"))
-        if _exception_names(spec):  # the primary's other errors fail the step
+        if exception_names(spec):  # the primary's other errors fail the step
             failure.append(_Edge(primary, on_failure, "other error"))
-        failure.append(_Edge(alternative, on_failure, "failure"))
+        failure.append(_Edge(alternative, on_failure, fails))
     chain = [_Edge(f"undo{index}", f"undo{index - 1}" if index > 1 else "failed")
-             for index in range(len(specs) - 1, 0, -1)]
+             for index in range(compensable - 1, 0, -1)]
     chart.edges.extend(success + handover + failure + chain)
     return chart
 
@@ -182,6 +171,8 @@ def _render(chart: _Chart, classes: dict[str, str] | None = None, legend: bool =
     if classes is None:
         lines.append(f"    style completed fill:{COMPLETED_FILL}")
         lines.append(f"    style failed fill:{FAILED_FILL}")
+        if "parked" in chart.nodes:
+            lines.append(f"    style parked fill:{PARKED_FILL}")
         return "\n".join(lines) + "\n"
     if legend:
         lines.append('    subgraph legend["legend"]')
@@ -209,6 +200,8 @@ def _shape(node: _Node) -> str:
         return f'(["{node.label}"])'
     if node.shape == "hexagon":
         return '{{"' + node.label + '"}}'
+    if node.shape == "pivot":
+        return f'[["{node.label}"]]'
     return f'["{node.label}"]'
 
 
@@ -235,19 +228,28 @@ def instance_flowchart(
 ) -> str:
     """The :func:`flowchart` of ``saga`` coloured by a stored saga's step log.
 
-    Act nodes are ``completed``, ``failed``, ``started`` (an attempt without a recorded outcome)
-    or ``notRun``; a step whose act completed and was later compensated is ``compensated`` (or
-    ``compensationFailed`` while its compensation has failed); compensation nodes are
-    ``compensated``, ``compensationFailed`` or ``notRun``. A terminal status highlights its
-    terminal node; any other status (PENDING, RUNNING, COMPENSATING, PARKED) is a ``current``
-    hexagon joined by a dotted line to where the saga will continue. Log entries naming steps
-    the definition does not have are ignored (the status node then says so).
+    Act nodes are ``completed``, ``failed``, ``started`` (an attempt without a recorded outcome),
+    ``retrying`` (its last attempt failed and is to be retried) or ``notRun``; a step whose act
+    completed and was later compensated is ``compensated`` (or ``compensationFailed`` while its
+    compensation has failed); compensation nodes are ``compensated``, ``compensationFailed`` or
+    ``notRun``. A step that failed attempts says how many. A terminal status highlights its
+    terminal node; any other status (PENDING, RUNNING, WAITING, COMPENSATING, PARKED) is a
+    ``current`` hexagon joined by a dotted line to where the saga will continue, saying when a
+    WAITING saga resumes and whether the saga is past its pivot (then PARKED is the parked
+    node's class too). Log entries naming steps the definition does not have are ignored (the
+    status node then says so).
     """
     chart = _build(saga)
     acts: dict[str, SagaLogEntry] = {}
+    failed_attempts: dict[str, int] = {}  # RETRYING entries before (and up to) the last act entry
     undos: dict[str, list[SagaLogEntry]] = {}
     for entry in history:
         if entry.action == SagaAction.ACT:
+            previous = acts.get(entry.step_name)
+            streak = failed_attempts.get(entry.step_name, 0)
+            if previous is not None and previous.status != SagaStepStatus.RETRYING:
+                streak = 0  # a new run of attempts (after a resume, say)
+            failed_attempts[entry.step_name] = streak + (entry.status == SagaStepStatus.RETRYING)
             acts[entry.step_name] = entry
         else:
             undos.setdefault(entry.step_name, []).append(entry)
@@ -256,7 +258,7 @@ def instance_flowchart(
     for handler, node_id in chart.owner.items():
         node = chart.nodes[node_id]
         act = acts.get(handler)
-        cls, note = _act_outcome(act)
+        cls, note = _act_outcome(act, failed_attempts.get(handler, 0))
         undo_cls, undo_note = _undo_outcome(undos.get(handler, []))
         if act is not None and act.status == SagaStepStatus.COMPLETED and undo_cls is not None:
             cls, note = undo_cls, f"completed, {undo_note}"
@@ -279,26 +281,41 @@ def instance_flowchart(
     status = SagaStatus(state.status)
     classes["completed"] = "completed" if status is SagaStatus.COMPLETED else "notRun"
     classes["failed"] = "failed" if status is SagaStatus.FAILED else "notRun"
+    past_pivot = state.past_pivot or (
+        chart.pivot is not None
+        and any(acts.get(name) is not None and acts[name].status == SagaStepStatus.COMPLETED
+                for name in chart.specs[chart.pivot].handler_names()))
+    if "parked" in chart.nodes:
+        classes["parked"] = "failed" if status is SagaStatus.PARKED and past_pivot else "notRun"
     short = str(state.saga_id)
     chart.nodes["start"].label = escape(f"{chart.name}: start") + "<br/>" + escape(short)
     if status not in (SagaStatus.COMPLETED, SagaStatus.FAILED):
         where, what = _resting_place(chart, status, history)
-        label = f"{status.value}<br/>{escape(what)}"
+        lines = [what]
+        if status is SagaStatus.WAITING and state.next_attempt_at is not None:
+            lines.append(f"resumes at {state.next_attempt_at.isoformat(timespec='seconds')}")
+        if past_pivot:
+            lines.append("past the pivot: forward only")
         if status is SagaStatus.PARKED:
-            label += "<br/>" + escape("parked: needs resume or abort")
-        chart.add(_Node("status", label, "hexagon"))
+            lines.append("parked: needs resume" if past_pivot
+                         else "parked: needs resume or abort")
+        chart.add(_Node("status", join_label(status.value, lines), "hexagon"))
         chart.edges.append(_Edge("status", where, "", "dotted"))
         classes["status"] = "current"
     return _render(chart, classes, legend)
 
 
-def _act_outcome(entry: SagaLogEntry | None) -> tuple[str, str]:
+def _act_outcome(entry: SagaLogEntry | None, failed_attempts: int) -> tuple[str, str]:
     if entry is None:
         return "notRun", "not run"
+    tried = f"{failed_attempts} failed attempt{'s' if failed_attempts != 1 else ''}"
     if entry.status == SagaStepStatus.COMPLETED:
-        return "completed", "completed"
+        return "completed", f"completed after {tried}" if failed_attempts else "completed"
+    if entry.status == SagaStepStatus.RETRYING:
+        return "retrying", f"retrying: {tried}, last: {_short_error(entry)}"
     if entry.status == SagaStepStatus.FAILED:
-        return "failed", f"failed: {_short_error(entry)}"
+        after = f" after {failed_attempts + 1} attempts" if failed_attempts else ""
+        return "failed", f"failed{after}: {_short_error(entry)}"
     return "started", "started, outcome not recorded"
 
 
@@ -328,7 +345,8 @@ def _resting_place(
     if isinstance(plan, Forward):
         if plan.start >= len(chart.specs):
             return "completed", "every step completed; COMPLETED not written yet"
-        return f"step{plan.start + 1}", f"next: {chart.specs[plan.start].name}"
+        attempt = f", attempt {plan.attempts + 1}" if plan.attempts else ""
+        return f"step{plan.start + 1}", f"next: {chart.specs[plan.start].name}{attempt}"
     if isinstance(plan, Backward):
         if not plan.to_compensate:
             return "failed", "nothing left to compensate; FAILED not written yet"
@@ -337,97 +355,3 @@ def _resting_place(
         return node, f"next: compensate {step.handler_name}"
     assert isinstance(plan, Finished)  # only for a terminal status, excluded by the caller
     return "start", plan.status.value
-
-
-# -- sequence diagram --------------------------------------------------------------------------
-
-
-class _Lines:
-    """Sequence diagram statements; every text is escaped here, once."""
-
-    def __init__(self) -> None:
-        self.lines = ["sequenceDiagram"]
-
-    def add(self, depth: int, statement: str, text: str | None = None) -> None:
-        pad = "    " * depth
-        self.lines.append(f"{pad}{statement}" if text is None else f"{pad}{statement}{escape(text)}")
-
-    def message(self, depth: int, src: str, arrow: str, dst: str, text: str) -> None:
-        self.add(depth, f"{src}{arrow}{dst}: ", text)
-
-
-def sequence(saga: Saga[Any] | type[Saga[Any]]) -> str:
-    """A Mermaid ``sequenceDiagram`` of a saga definition: the orchestrator, the storage and
-    each step handler; every act call and checkpoint, and for each step an ``alt`` block whose
-    failure branch compensates the steps before it in reverse order."""
-    name, specs = _definition(saga)
-    out = _Lines()
-    out.add(1, "participant saga as ", f"{name} (orchestrator)")
-    out.add(1, "participant storage as Storage")
-    for index, spec in enumerate(specs, start=1):
-        out.add(1, f"participant step{index} as ", spec.name)
-        alternative = _alternative_name(spec)
-        if alternative is not None:
-            out.add(1, f"participant step{index}_alt as ", f"{alternative} (fallback)")
-    out.message(1, "saga", "->>", "storage", "write the saga row: RUNNING, leased to this run")
-    if not specs:
-        out.message(1, "saga", "->>", "storage", "checkpoint: COMPLETED, lease released")
-    for index, spec in enumerate(specs, start=1):
-        done = ", status COMPLETED, lease released" if index == len(specs) else ""
-        pid, aid = f"step{index}", f"step{index}_alt"
-        primary = spec.name
-        out.message(1, "saga", "->>", pid, "act(context)")
-        out.add(1, "alt ", f"{primary} returns")
-        out.message(2, pid, "-->>", "saga", "result")
-        out.message(2, "saga", "->>", "storage", f"checkpoint: {primary} COMPLETED + context{done}")
-        alternative = _alternative_name(spec)
-        if alternative is None:
-            out.add(1, "else ", f"{primary} raises")
-            out.message(2, pid, "--x", "saga", "error")
-            _failure_path(out, 2, specs, index, primary)
-            out.add(1, "end")
-            continue
-        out.add(1, "else ", f"{primary} {_handover_label(spec)}")
-        skipped = " (an open circuit skips the call)" if _has_breaker(spec) else ""
-        out.message(2, pid, "--x", "saga", f"error{skipped}")
-        out.add(2, "Note over saga: ", "context restored")
-        out.message(2, "saga", "->>", aid, "act(context)")
-        out.add(2, "alt ", f"{alternative} returns")
-        out.message(3, aid, "-->>", "saga", "result")
-        out.message(3, "saga", "->>", "storage",
-                    f"checkpoint: {primary} FAILED, {alternative} COMPLETED + context{done}")
-        out.add(2, "else ", f"{alternative} raises")
-        out.message(3, aid, "--x", "saga", "error")
-        _failure_path(out, 3, specs, index, f"{primary} FAILED, {alternative}")
-        out.add(2, "end")
-        if _exception_names(spec):
-            out.add(1, "else ", f"{primary} raises another error")
-            out.message(2, pid, "--x", "saga", "error")
-            _failure_path(out, 2, specs, index, primary)
-        out.add(1, "end")
-    if len(specs) > 1:
-        out.add(1, "Note over saga,storage: ", "a compensation still failing after its retries "
-                "leaves the saga COMPENSATING, for recovery to finish")
-    return "\n".join(out.lines) + "\n"
-
-
-def _failure_path(
-    out: _Lines, depth: int, specs: Sequence[StepSpec], index: int, failed: str
-) -> None:
-    """The failure branch of step ``index`` (1-based): log it, compensate the steps before it."""
-    if index == 1:
-        out.message(depth, "saga", "->>", "storage",
-                    f"checkpoint: {failed} FAILED + context, status FAILED, lease released")
-        out.add(depth, "Note over saga: ", "FAILED, error re-raised")
-        return
-    out.message(depth, "saga", "->>", "storage",
-                f"checkpoint: {failed} FAILED + context, status COMPENSATING")
-    for k in range(index - 1, 0, -1):
-        spec = specs[k - 1]
-        alternative = _alternative_name(spec)
-        which = f" (or {alternative}, if the fallback completed)" if alternative else ""
-        out.message(depth, "saga", "->>", f"step{k}", f"compensate(context){which}")
-        end = ", status FAILED, lease released" if k == 1 else ""
-        whose = f"{spec.name} (or {alternative})" if alternative else spec.name
-        out.message(depth, "saga", "->>", "storage", f"checkpoint: {whose} COMPENSATED{end}")
-    out.add(depth, "Note over saga: ", "FAILED, error re-raised")

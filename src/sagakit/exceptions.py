@@ -8,6 +8,10 @@ The tree::
     ├── SagaNotFoundError        (also a LookupError) no saga with that id is stored
     ├── SagaBusyError            another live run holds the saga's lease
     ├── SagaParkedError          the saga is parked; only an explicit resume or abort touches it
+    ├── SagaPastPivotError       the saga is past its pivot step: it only goes forward, so
+    │                            abort_saga refuses it (nothing written)
+    ├── StepTimeoutError         (also a TimeoutError) an attempt of a step's act or compensate
+    │                            took longer than its timeout; retried like any error
     ├── SagaStorageError         the storage failed (``__cause__`` is the driver's error); a
     │   │                        checkpoint that failed so was not written: the saga stays at
     │   │                        its last checkpoint, recoverable
@@ -40,10 +44,12 @@ __all__ = [
     "SagaLeaseLostError",
     "SagaNotFoundError",
     "SagaParkedError",
+    "SagaPastPivotError",
     "SagaSerializationError",
     "SagaStorageError",
     "SagaStorageRejectedError",
     "SagaStorageUnavailableError",
+    "StepTimeoutError",
 ]
 
 
@@ -127,6 +133,64 @@ class SagaBusyError(SagaError):
 
 class SagaParkedError(SagaError):
     """The saga is PARKED: automatic recovery gave up on it; resume or abort it explicitly."""
+
+
+class SagaPastPivotError(SagaError):
+    """The saga's pivot step completed: from there on it only goes forward, so it cannot be
+    aborted (compensated). Raised by :func:`sagakit.abort_saga` and ``sagakit abort``; nothing
+    was written. A saga parked past its pivot is finished by :func:`sagakit.resume_saga`."""
+
+
+class StepTimeoutError(SagaError, TimeoutError):
+    """An attempt of a step's ``act`` took longer than the step's ``timeout`` (or its
+    ``compensate`` longer than ``compensate_timeout``): the attempt was cancelled. Like any
+    error of the step, it is retried by the step's retry policy (``TimeoutError`` is an
+    ``Exception``); ``timeout`` is the limit in seconds, ``action`` ``"act"`` or
+    ``"compensate"``."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        timeout: float | None = None,
+        action: str = "act",
+        saga_id: UUID | None = None,
+        step_name: str | None = None,
+        saga_name: str | None = None,
+    ) -> None:
+        super().__init__(message, saga_id=saga_id, step_name=step_name, saga_name=saga_name)
+        self.timeout = timeout
+        self.action = action
+
+    @classmethod
+    def expired(
+        cls,
+        timeout: float,
+        *,
+        action: str = "act",
+        saga_id: UUID | None = None,
+        step_name: str | None = None,
+        saga_name: str | None = None,
+    ) -> StepTimeoutError:
+        """The error for an attempt cut off after ``timeout`` seconds, its message naming the
+        saga, the step and the timeout."""
+        option = "timeout" if action == "act" else "compensate_timeout"
+        return cls(
+            f"saga {saga_name!r} ({saga_id}): {action} of step {step_name!r} took longer than "
+            f"its {option} of {timeout:g} s",
+            timeout=timeout, action=action, saga_id=saga_id, step_name=step_name,
+            saga_name=saga_name,
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_timeout, (self.message, self.timeout, self.action, self.saga_id,
+                                   self.step_name, self.saga_name))
+
+
+def _rebuild_timeout(message: str, timeout: float | None, action: str, saga_id: UUID | None,
+                     step_name: str | None, saga_name: str | None) -> StepTimeoutError:
+    return StepTimeoutError(message, timeout=timeout, action=action, saga_id=saga_id,
+                            step_name=step_name, saga_name=saga_name)
 
 
 class SagaStorageError(SagaError):

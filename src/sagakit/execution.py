@@ -25,6 +25,8 @@ from functools import partial
 from typing import Any, Generic, TypeVar
 from uuid import UUID
 
+from sagakit.attempts import Suspended, act_with_retries
+from sagakit.caller import StepCaller
 from sagakit.compensator import CompensationFailure, CompensationTask, RetryPolicy, SagaCompensator
 from sagakit.container import Container
 from sagakit.context import ContextCodec
@@ -38,13 +40,9 @@ from sagakit.exceptions import (
 )
 from sagakit.invocation import (
     StepInvocation,
-    _current,
-    current_invocation,
-    reset_current,
-    set_current,
 )
-from sagakit.lease import LeaseKeeper, running_task
-from sagakit.middleware import Middleware, build_chain, saga_log_context
+from sagakit.lease import LeaseKeeper
+from sagakit.middleware import Middleware, saga_log_context
 from sagakit.plan import (
     Attempt,
     Backward,
@@ -61,7 +59,7 @@ from sagakit.records import (
     SagaStepStatus,
 )
 from sagakit.saga import Saga, StepSpec
-from sagakit.step import SagaStepHandler, SagaStepResult, step_result
+from sagakit.step import SagaStepResult, step_result
 from sagakit.storage.protocol import LeasedRun
 
 __all__ = ["Execution", "describe_error"]
@@ -94,6 +92,8 @@ class Execution(Generic[C]):
         retry: RetryPolicy,
         lease_seconds: float,
         status: SagaStatus = SagaStatus.RUNNING,
+        deadline_at: float | None = None,
+        past_pivot: bool = False,
     ) -> None:
         self.saga = saga
         self.saga_id = saga_id
@@ -107,15 +107,23 @@ class Execution(Generic[C]):
         self.step_error: Exception | None = None
         self.compensation_failures: list[CompensationFailure] = []
         self._stored = stored_context
-        self._handlers: dict[str, SagaStepHandler[Any, Any]] = {}
-        self._types = saga.handler_types
-        self._chain = build_chain(middlewares, _invoke)
+        self.caller = StepCaller(saga, saga_id, container, middlewares,
+                                 getattr(run, "fencing_token", 0))
         self._failed_handler = ""
         self._unstorable = False
-        self._commit_error: BaseException | None = None
-        self._keeper: LeaseKeeper | None = None
+        self.commit_error: BaseException | None = None
+        """The error of the last checkpoint that failed (to tell it from a step's own error)."""
+        self.deadline_at = deadline_at
+        """The saga's deadline, seconds since the epoch (None: none)."""
+        self.past_pivot = past_pivot
+        """The pivot step's checkpoint is durable: the saga only goes forward."""
+        self.failed_attempt: int | None = None
+        """The number of the attempt whose error failed the step being handled (None: 1)."""
+        self._resumed: tuple[str, int] | None = None  # (handler, failed attempts) to resume at
+        self.completed_attempt: int | None = None
+        """The number of the attempt that completed the step just run (None: a plain step)."""
+        self._act_options = self.caller.act_options
         self._attempt: Attempt | None = None
-        self._fencing_token: int = getattr(run, "fencing_token", 0)  # see StepInvocation
         self.should_stop: Callable[[], bool] = _never
         """Checked after each checkpoint; True makes the run stop there (graceful shutdown)."""
 
@@ -139,7 +147,7 @@ class Execution(Generic[C]):
                 saga_name=self.saga.name,
             )
         assert isinstance(plan, Backward)
-        async with LeaseKeeper(self.run, self.lease_seconds) as self._keeper:
+        async with LeaseKeeper(self.run, self.lease_seconds) as self.caller.keeper:
             await self._backward(plan.to_compensate)
         nothing: tuple[SagaStepResult[C, Any], ...] = ()
         for result in nothing:  # an async generator that yields nothing
@@ -148,7 +156,7 @@ class Execution(Generic[C]):
     async def compensate(self, to_compensate: Sequence[CompletedStep]) -> None:
         """Go backward now (an explicit abort); the caller made COMPENSATING durable first."""
         self.status = SagaStatus.COMPENSATING
-        async with LeaseKeeper(self.run, self.lease_seconds) as self._keeper:
+        async with LeaseKeeper(self.run, self.lease_seconds) as self.caller.keeper:
             await self._backward(to_compensate)
 
     @property
@@ -170,10 +178,10 @@ class Execution(Generic[C]):
         except SagaError as exc:
             exc.locate(saga_id=self.saga_id, saga_name=self.saga.name,
                        step_name=self._failed_handler or None)
-            self._commit_error = exc
+            self.commit_error = exc
             raise
         except Exception as exc:
-            error = self._commit_error = SagaStorageError(
+            error = self.commit_error = SagaStorageError(
                 f"saga {self.saga.name!r} {self.saga_id}: a checkpoint could not be written "
                 f"({type(exc).__name__}: {exc}); the saga stays at its last checkpoint and can "
                 "be recovered",
@@ -197,9 +205,17 @@ class Execution(Generic[C]):
             return
         completed = list(plan.completed)
         self._attempt = plan.attempt  # an earlier attempt at the first step (a resumed saga)
-        async with LeaseKeeper(self.run, self.lease_seconds) as self._keeper:
+        self.past_pivot = self.past_pivot or plan.past_pivot
+        if plan.attempts:  # failed attempts of the step the saga resumes at
+            self._resumed = (self._next_handler(plan), plan.attempts)
+        async with LeaseKeeper(self.run, self.lease_seconds) as self.caller.keeper:
             for index in range(plan.start, len(specs)):
-                yield await self._forward_step(index, completed)
+                try:
+                    result = await self._forward_step(index, completed)
+                except Suspended:  # a durable wait: the saga rests WAITING, checkpointed
+                    self.status = SagaStatus.WAITING
+                    return
+                yield result
                 if index < len(specs) - 1 and self.should_stop():
                     return  # a graceful shutdown: the saga rests at this checkpoint
 
@@ -210,8 +226,8 @@ class Execution(Generic[C]):
         run, saga_id = self.run, self.saga_id
         previous = self._stored
         spec = self.saga.step_specs[index]
-        if self._keeper is not None:  # outside the try: a lost lease is not a step failure
-            self._keeper.ensure(saga_id, self.saga.name, spec.name)
+        if self.caller.keeper is not None:  # outside the try: a lost lease is not a step failure
+            self.caller.keeper.ensure(saga_id, self.saga.name, spec.name)
         try:
             if spec.fallback is None:
                 handler_name = spec.name
@@ -222,13 +238,16 @@ class Execution(Generic[C]):
         except SagaLeaseLostError:
             raise  # another run owns the saga (or may): nothing to record, nothing to undo
         except Exception as exc:
-            if exc is self._commit_error:  # a checkpoint within the step (a fallback's
-                raise  # hand-over) failed: the saga rests at its last checkpoint
-            await self._fail_and_compensate(exc, completed)
+            if exc is self.commit_error:  # a checkpoint within the step (a failed attempt,
+                raise  # a fallback's hand-over) failed: the saga rests at its last checkpoint
+            await self._give_up(exc, completed)
             raise
-        await run.log_step(saga_id, handler_name, SagaAction.ACT, SagaStepStatus.COMPLETED)
+        await run.log_step(saga_id, handler_name, SagaAction.ACT, SagaStepStatus.COMPLETED,
+                           attempt=self.completed_attempt)
         if data is not None:
             await run.update_context(saga_id, data)
+        if spec.pivot:  # the point of no return, durable with this checkpoint
+            await run.pivot(saga_id)
         last = index == len(self.saga.step_specs) - 1
         if last:
             await run.update_status(saga_id, SagaStatus.COMPLETED)
@@ -245,12 +264,35 @@ class Execution(Generic[C]):
                 f"the storage cannot hold: {exc.message}",
                 saga_id=saga_id, step_name=handler_name, saga_name=self.saga.name,
             )
-            await self._fail_and_compensate(error, completed)
+            await self._give_up(error, completed)
             raise error from exc
         completed.append(CompletedStep(index, handler_name))
+        if spec.pivot:
+            self.past_pivot = True
         if last:
             self.status = SagaStatus.COMPLETED
         return result
+
+    async def _give_up(self, exc: Exception, completed: list[CompletedStep]) -> None:
+        """The step failed for good: before the pivot, the saga compensates; past it, it is
+        PARKED, the failure in its log, for an operator to resume after a fix."""
+        if self.past_pivot:
+            await self._park_past_pivot(exc)
+        else:
+            await self._fail_and_compensate(exc, completed)
+
+    async def _park_past_pivot(self, exc: Exception) -> None:
+        self.step_error = exc
+        error_type, details = describe_error(exc)
+        await self.run.log_step(self.saga_id, self._failed_handler, SagaAction.ACT,
+                                SagaStepStatus.FAILED, details, error_type=error_type,
+                                attempt=self.failed_attempt)
+        await self.run.update_status(self.saga_id, SagaStatus.PARKED)
+        await self.commit()
+        self.status = SagaStatus.PARKED
+        exc.add_note(f"sagakit: saga {self.saga_id} is past its pivot, so it was not "
+                     "compensated: it is PARKED; resume it (resume_saga, sagakit resume) once "
+                     "the cause is fixed")
 
     async def _fail_and_compensate(self, exc: Exception, completed: list[CompletedStep]) -> None:
         # With nothing to undo, the failure record and FAILED are one checkpoint. (A failed
@@ -294,15 +336,39 @@ class Execution(Generic[C]):
             raise error
 
     async def call_act(self, handler_name: str) -> SagaStepResult[C, Any]:
-        """Run one handler's act through the middleware chain."""
+        """Run one handler's act through the middleware chain, under its retry policy and
+        timeout if it has them (:func:`sagakit.attempts.act_with_retries`). Raises the error of
+        the attempt that failed the step (``failed_attempt`` its number),
+        :class:`~sagakit.attempts.Suspended` at a durable wait."""
+        options = self._act_options.get(handler_name)
+        if options is None:  # the plain step of before forward recovery: one attempt
+            self.failed_attempt = self.completed_attempt = None
+            return await self.act_once(handler_name, 1, None)
+        attempt = 1
+        resumed = self._resumed
+        if resumed is not None and resumed[0] == handler_name:  # the count goes on
+            attempt, self._resumed = resumed[1] + 1, None
+        self.failed_attempt = None
+        return await act_with_retries(self, handler_name, options, attempt)
+
+    async def act_once(
+        self, handler_name: str, attempt: int, limit: float | None
+    ) -> SagaStepResult[C, Any]:
+        """One attempt of one handler's act, within ``limit`` seconds if given
+        (StepTimeoutError past it)."""
         self._failed_handler = handler_name
-        handler = self._handlers.get(handler_name)
+        if attempt > 1 and self.caller.keeper is not None:  # the first was checked by the step
+            self.caller.keeper.ensure(self.saga_id, self.saga.name, handler_name)
+        caller = self.caller
+        handler = caller.handlers.get(handler_name)
         if handler is None:
-            handler = await self._handler(handler_name)
-        out = await self._call(StepInvocation(
-            self.saga_id, self.saga.name, handler_name, SagaAction.ACT, 1, self.context, handler,
-            self._fencing_token,
-        ))
+            handler = await caller.handler(handler_name)
+        invocation = StepInvocation(
+            self.saga_id, self.saga.name, handler_name, SagaAction.ACT, attempt, self.context,
+            handler, caller.fencing_token,
+        )
+        out = await (caller.call(invocation) if limit is None
+                     else caller.timed(invocation, limit))
         if type(out) is SagaStepResult:
             return step_result(out.step_type, out.response, self.saga_id, handler_name,
                                out.error_type, out.error_message)
@@ -332,11 +398,12 @@ class Execution(Generic[C]):
         self.step_error = exc
         error_type, details = describe_error(exc)
         status = SagaStatus.FAILED if nothing_to_undo else SagaStatus.COMPENSATING
+        attempt = self.failed_attempt
 
         async def buffer() -> None:
             await self.run.log_step(
                 self.saga_id, self._failed_handler, SagaAction.ACT, SagaStepStatus.FAILED,
-                details, error_type=error_type,
+                details, error_type=error_type, attempt=attempt,
             )
             await self._buffer_context_if_possible()
             await self.run.update_status(self.saga_id, status)
@@ -428,68 +495,43 @@ class Execution(Generic[C]):
                                 error_type=error_type)
 
     async def _call_compensate(self, handler_name: str, attempt: int) -> None:
-        if self._keeper is not None:  # SagaLeaseLostError ends the compensation, no retry
-            self._keeper.ensure(self.saga_id, self.saga.name, handler_name)
-        handler = await self._handler(handler_name)
-        await self._call(StepInvocation(
+        if self.caller.keeper is not None:  # SagaLeaseLostError ends the compensation, no retry
+            self.caller.keeper.ensure(self.saga_id, self.saga.name, handler_name)
+        caller = self.caller
+        handler = await caller.handler(handler_name)
+        invocation = StepInvocation(
             self.saga_id, self.saga.name, handler_name, SagaAction.COMPENSATE, attempt,
-            self.context, handler, self._fencing_token,
-        ))
+            self.context, handler, caller.fencing_token,
+        )
+        limit = caller.undo_timeouts.get(handler_name)
+        await (caller.call(invocation) if limit is None else caller.timed(invocation, limit))
 
-    async def _call(self, invocation: StepInvocation) -> Any:
-        """Call the step through the middleware chain, as the current invocation (which is
-        also the log scope of whatever the middlewares and the step log, see SagaLogFilter).
+    async def record_failed_attempt(
+        self, handler_name: str, attempt: int, error: BaseException, seconds: float, *,
+        durable: bool,
+    ) -> None:
+        """The checkpoint of a failed attempt that will be retried after ``seconds``: its
+        RETRYING entry and the time of the next attempt; ``durable``: WAITING, lease released.
+        The live context is put back as the last checkpoint left it first, so the next attempt
+        starts from the same context as this one did."""
+        self.codec.restore(self.context, self.checkpointed_context)
+        error_type, details = describe_error(error)
+        await self.run.log_step(self.saga_id, handler_name, SagaAction.ACT,
+                                SagaStepStatus.RETRYING, details, error_type=error_type,
+                                attempt=attempt)
+        await self.run.wait(self.saga_id, seconds, release=durable)
+        await self.commit()
+        if durable:
+            self.status = SagaStatus.WAITING
 
-        The lease keeper watches the call (``step_task``): a step it cut off, its lease lost
-        or possibly run out, raises SagaLeaseLostError instead of whatever it raised or
-        returned; a cancellation from outside stays a cancellation."""
-        token = _current.set(invocation)
-        keeper = self._keeper
-        if keeper is not None:
-            keeper.step_task = running_task(keeper.loop)
-        try:
-            if self._chain is not _invoke:
-                out = await self._chain(invocation)
-            # No middleware: what _invoke would do, one coroutine frame less per step.
-            elif invocation.action is SagaAction.ACT:
-                out = await invocation.handler.act(invocation.context)
-            else:
-                out = await invocation.handler.compensate(invocation.context)
-        except BaseException:
-            if keeper is not None:
-                keeper.step_task = None
-                if keeper.cut_off is not None and (lost := keeper.step_cut_off(invocation)):
-                    raise lost  # noqa: B904 (its cause is the lease's loss; its context, this)
-            raise
-        finally:
-            _current.reset(token)
-        if keeper is not None:
-            keeper.step_task = None
-            if keeper.cut_off is not None and (lost := keeper.step_cut_off(invocation)):
-                raise lost
-        return out
-
-    async def _handler(self, handler_name: str) -> SagaStepHandler[Any, Any]:
-        handler = self._handlers.get(handler_name)
-        if handler is None:
-            handler = await self.container.resolve(self._types[handler_name])
-            self._handlers[handler_name] = handler
-        return handler
-
+    def _next_handler(self, plan: Forward) -> str:
+        """The handler that runs next at ``plan.start``: a fallback's alternative once its
+        hand-over is logged, else the step's own."""
+        spec = self.saga.step_specs[plan.start]
+        if spec.fallback is not None and plan.attempt is not None and (
+                plan.attempt.handed_over is not None):
+            return str(spec.fallback.fallback.__name__)
+        return spec.name
 
 def _never() -> bool:
     return False
-
-
-async def _invoke(invocation: StepInvocation) -> Any:
-    """The end of the middleware chain: call the step (as the current invocation, in case a
-    middleware passed on another one)."""
-    token = set_current(invocation) if current_invocation() is not invocation else None
-    try:
-        if invocation.action is SagaAction.ACT:
-            return await invocation.handler.act(invocation.context)
-        await invocation.handler.compensate(invocation.context)
-        return None
-    finally:
-        if token is not None:
-            reset_current(token)

@@ -49,11 +49,10 @@ from sagakit.saga import StepSpec
 from sagakit.step import SagaStepHandler, SagaStepResult
 
 if TYPE_CHECKING:
-    from sagakit.context import ContextCodec
     from sagakit.execution import Execution
     from sagakit.plan import Attempt
 
-__all__ = ["Fallback", "restore_context"]
+__all__ = ["Fallback"]
 
 logger = logging.getLogger("sagakit")
 
@@ -154,7 +153,7 @@ class Fallback:
                 await _record(breaker.record_failure(primary, exc), primary)
             if not self.hands_over(exc):
                 raise
-            restore_context(execution.codec, execution.context, execution.checkpointed_context)
+            execution.codec.restore(execution.context, execution.checkpointed_context)
             return exc
         if breaker is not None:
             await _record(breaker.record_success(primary), primary)
@@ -197,24 +196,3 @@ async def _record(call: Any, name: str) -> None:
         await call
     except Exception:  # bookkeeping must not decide the step's outcome
         logger.warning("circuit breaker could not record the outcome of %s", name, exc_info=True)
-
-
-def restore_context(codec: ContextCodec[Any], context: Any, stored: dict[str, Any]) -> None:
-    """Put the stored form's values back into the live ``context`` object, in place (callers
-    hold references to it): dataclass and pydantic fields are set one by one, a dict is
-    cleared and refilled."""
-    fresh = codec.decode(stored)
-    if codec.kind == "dict":
-        context.clear()
-        context.update(fresh)
-    elif codec.kind == "pydantic":
-        for name in type(context).model_fields:
-            object.__setattr__(context, name, getattr(fresh, name))
-        object.__setattr__(context, "__pydantic_fields_set__", set(fresh.model_fields_set))
-        if getattr(fresh, "__pydantic_extra__", None) is not None:
-            object.__setattr__(context, "__pydantic_extra__", dict(fresh.__pydantic_extra__))
-    else:
-        params = getattr(type(context), "__dataclass_params__", None)
-        assign = object.__setattr__ if params is not None and params.frozen else setattr
-        for field in dataclasses.fields(context):
-            assign(context, field.name, getattr(fresh, field.name))

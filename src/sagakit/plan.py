@@ -11,10 +11,25 @@ The rules (Strict Backward Recovery):
   compensated are skipped.
 - PARKED does nothing unless resumed explicitly; a resumed saga goes backward if its log shows a
   failure or any compensation of a completed step, forward otherwise.
+- WAITING (a durable wait between two attempts of a step) goes on as RUNNING does.
 - A log that does not fit the current definition is a mismatch: the saga must be parked
   untouched rather than guessed at. It does not fit when a logged step no longer exists, when
   the acts logged COMPLETED are not in the order of the step list (steps were reordered: in
   either direction), or, going forward, when the completed steps are not the first steps.
+
+Forward recovery (see docs/forward-recovery.md):
+
+- A RETRYING act entry is a failed attempt that was to be retried: it never fails the step nor
+  sends the saga backward. :attr:`Forward.attempts` counts those of the handler that runs next
+  since its last FAILED act entry, so recovery continues the count, and a step resumed after
+  its retries ran out (FAILED, PARKED) gets a fresh budget.
+- Once the pivot step's act is logged COMPLETED the saga is past its pivot
+  (:attr:`Forward.past_pivot`) and never goes backward: a FAILED act after the pivot is a step
+  parked when its retries ran out; resumed, it goes forward at that step. A saga past its
+  pivot whose status is COMPENSATING, or whose log compensates a completed step, does not fit
+  (the definition's pivot moved while it ran): a mismatch.
+- :func:`after_failure` decides what follows a failed attempt: retry after a wait (in this
+  process or durable) or give up.
 
 Fallback steps (see :mod:`sagakit.fallback`): a primary's act logged FAILED is the hand-over to
 its alternative and does not fail the step (an explicit abort recorded against it does). A
@@ -38,16 +53,18 @@ goes backward; recorded FAILED (it failed for good), it fails the step.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from sagakit.records import SagaAction, SagaLogEntry, SagaStatus, SagaStepStatus
+from sagakit.retry import Retry
 from sagakit.saga import StepSpec
 
 ABORTED = "SagaAborted"
 """The error type an explicit abort records as the failed act of the saga's next step."""
 
 __all__ = [
-    "Attempt", "Backward", "CompletedStep", "Finished", "Forward", "Mismatch", "Plan", "decide",
+    "Attempt", "Backward", "CompletedStep", "Finished", "Forward", "GiveUp", "Mismatch", "Next",
+    "Plan", "RetryAfter", "after_failure", "decide",
 ]
 
 
@@ -87,11 +104,17 @@ class Finished:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Forward:
     """Run steps from ``start`` on (``start == len(steps)`` means: only mark COMPLETED).
-    ``attempt``: set when a stored saga resumes at a fallback step."""
+    ``attempt``: set when a stored saga resumes at a fallback step. ``attempts``: the failed
+    attempts (RETRYING act entries) of the handler that runs next at ``start`` (a fallback's
+    alternative once the hand-over is recorded) since its last FAILED act entry; the next
+    attempt is number ``attempts + 1``. ``past_pivot``: the pivot step's act is logged
+    COMPLETED (the saga must never compensate)."""
 
     start: int
     completed: tuple[CompletedStep, ...]
     attempt: Attempt | None = None
+    attempts: int = 0
+    past_pivot: bool = False
 
     def to_abort(self) -> tuple[CompletedStep, ...]:
         """What an explicit abort compensates, in order: a primary whose compensation is
@@ -166,9 +189,17 @@ def decide(
             elif entry.status is SagaStepStatus.FAILED:
                 failed_step = True  # it could not be undone: the step fails
 
+    pivot = next((index for index, spec in enumerate(specs) if spec.pivot), None)
+    past_pivot = pivot is not None and any(c.index == pivot for c in completed)
     backward = status is SagaStatus.COMPENSATING or failed_step
     if status is SagaStatus.PARKED:
         backward = failed_step or any_compensation
+    if past_pivot:
+        if status is SagaStatus.COMPENSATING or any_compensation:
+            name = next(spec.name for spec in specs if spec.pivot)
+            return Mismatch(f"the log shows the pivot {name!r} completed but the saga "
+                            "compensates: its pivot was moved")
+        backward = False  # a failed act after the pivot: parked when its retries ran out
     if backward:
         todo = [c for c in reversed(effects.values()) if c.handler_name not in compensated]
         return Backward(tuple(todo))
@@ -179,9 +210,27 @@ def decide(
         return Mismatch(f"completed steps {names} are not the first steps of the saga")
     start = len(done)
     attempt = None
-    if start < len(specs) and specs[start].fallback is not None:
-        attempt = _attempt(start, specs[start].name, history, effects, compensated)
-    return Forward(start, tuple(completed), attempt)
+    attempts = 0
+    if start < len(specs):
+        runs_next = specs[start].name
+        if specs[start].fallback is not None:
+            attempt = _attempt(start, runs_next, history, effects, compensated)
+            if attempt.handed_over is not None:
+                runs_next = specs[start].handler_names()[1]
+        attempts = _failed_attempts(runs_next, history)
+    return Forward(start, tuple(completed), attempt, attempts, past_pivot)
+
+
+def _failed_attempts(handler_name: str, history: Sequence[SagaLogEntry]) -> int:
+    """RETRYING act entries of ``handler_name`` since its last FAILED act entry."""
+    count = 0
+    for entry in history:
+        if entry.step_name == handler_name and entry.action is SagaAction.ACT:
+            if entry.status is SagaStepStatus.RETRYING:
+                count += 1
+            elif entry.status is SagaStepStatus.FAILED:
+                count = 0
+    return count
 
 
 def _attempt(
@@ -217,3 +266,66 @@ def _fails_step(spec: StepSpec, entry: SagaLogEntry) -> bool:
     """A failed act of a fallback's primary does not fail the step: the alternative takes over
     (but an explicit abort recorded against the primary does)."""
     return spec.fallback is None or entry.step_name != spec.name or entry.error_type == ABORTED
+
+
+# -- after a failed attempt ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RetryAfter:
+    """Try the step again after ``seconds``. ``durable``: the wait is longer than the saga's
+    ``durable_wait``, so no process should hold the saga meanwhile (WAITING, lease
+    released); otherwise the run sleeps, keeping its lease."""
+
+    seconds: float
+    durable: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GiveUp:
+    """Stop retrying: the attempt's error fails the step (before the pivot: compensation, as
+    without retries; after it: the saga is PARKED). ``reason`` says why, for the log and the
+    error's note; empty when the step retries nothing (no policy, or a single attempt)."""
+
+    reason: str
+
+
+Next = RetryAfter | GiveUp
+
+
+def after_failure(
+    retry: Retry | None,
+    attempt: int,
+    error: BaseException,
+    *,
+    now: float,
+    deadline_at: float | None,
+    past_pivot: bool,
+    durable_wait: float,
+    rng: Callable[[], float],
+) -> Next:
+    """What follows the failure of attempt number ``attempt`` (1, 2, ...) of a step's act that
+    raised ``error``, under the step's ``retry`` policy:
+
+    - no policy, or a single attempt: give up (reason empty);
+    - a permanent error, an instance of ``give_up_on``, not an instance of ``retry_on``: give
+      up (``give_up_on`` wins over ``retry_on``);
+    - ``attempt`` is the last of the budget (or beyond it, after crashes): give up;
+    - before the pivot, a deadline (``deadline_at``, seconds on the clock of ``now``) already
+      passed or reached by the wait: give up; past the pivot deadlines do not apply;
+    - else retry after ``retry.wait_before(attempt + 1, rng)`` seconds (finite, >= 0),
+      durable when longer than ``durable_wait``.
+    """
+    if retry is None or retry.attempts == 1:
+        return GiveUp("")
+    refusal = retry.refusal(error)
+    if refusal is not None:
+        return GiveUp(refusal)
+    if attempt >= retry.attempts:
+        return GiveUp(f"attempts exhausted ({attempt} of {retry.attempts} failed)")
+    wait = retry.wait_before(attempt + 1, rng)
+    if not past_pivot and deadline_at is not None and now + wait >= deadline_at:
+        if now >= deadline_at:
+            return GiveUp("the saga's deadline passed")
+        return GiveUp(f"the saga's deadline passes before the next attempt (in {wait:g} s)")
+    return RetryAfter(wait, wait > durable_wait)

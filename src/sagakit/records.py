@@ -34,6 +34,10 @@ class SagaStatus(enum.StrEnum):
     COMPLETED / FAILED: terminal. FAILED means every completed step was compensated.
     PARKED: automatic recovery gave up (attempts exhausted, or the definition no longer fits the
     log). Never retried automatically; resumed or aborted by an explicit call.
+    WAITING: a step failed and its next attempt is due at ``next_attempt_at`` (a durable wait).
+    No run holds it (its lease was released). Not terminal: recovery lists it once
+    ``next_attempt_at`` has passed, and claiming it counts no recovery attempt (a wait is not
+    an interruption) and makes it RUNNING.
     """
 
     PENDING = "PENDING"
@@ -42,20 +46,28 @@ class SagaStatus(enum.StrEnum):
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
     PARKED = "PARKED"
+    WAITING = "WAITING"
 
 
 TERMINAL_STATUSES = frozenset({SagaStatus.COMPLETED, SagaStatus.FAILED})
-RECOVERABLE_STATUSES = frozenset({SagaStatus.PENDING, SagaStatus.RUNNING, SagaStatus.COMPENSATING})
+RECOVERABLE_STATUSES = frozenset({
+    SagaStatus.PENDING, SagaStatus.RUNNING, SagaStatus.COMPENSATING, SagaStatus.WAITING,
+})
+"""The statuses recovery lists (once a saga's lease is free and its ``next_attempt_at`` passed)."""
 
 
 class SagaStepStatus(enum.StrEnum):
     """Status of one step log entry. Act entries end COMPLETED or FAILED; compensate entries end
-    COMPENSATED or FAILED. STARTED marks an attempt whose outcome is not recorded."""
+    COMPENSATED or FAILED. STARTED marks an attempt whose outcome is not recorded. RETRYING is
+    an act entry for a failed attempt that will be retried (its ``details`` and
+    ``error_type`` say why it failed); the last failure of a step is FAILED, as without
+    retries."""
 
     STARTED = "STARTED"
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
     COMPENSATED = "COMPENSATED"
+    RETRYING = "RETRYING"
 
 
 class SagaAction(enum.StrEnum):
@@ -70,7 +82,9 @@ class SagaLogEntry:
     """One entry of a saga's step history, in the order it was written.
 
     ``error_type`` and ``details`` describe a failure (or, for fallbacks, why the alternative ran);
-    both are None for a plain success.
+    both are None for a plain success. ``attempt`` is the attempt number of an act entry of a
+    step with a retry policy (None: the first attempt of a step without one, or an entry
+    written before attempts were recorded).
     """
 
     saga_id: UUID
@@ -80,6 +94,7 @@ class SagaLogEntry:
     timestamp: datetime
     details: str | None = None
     error_type: str | None = None
+    attempt: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -104,7 +119,12 @@ class SagaState:
     lease_expires_at: datetime | None = None
     fingerprint: str | None = None
     next_attempt_at: datetime | None = None
-    """Recovery backs off: the saga is not listed for recovery before this time."""
+    """Recovery backs off: the saga is not listed for recovery before this time. A WAITING
+    saga's next attempt is due then."""
+    past_pivot: bool = False
+    """The saga's pivot step completed: from here on it only goes forward."""
+    deadline_at: datetime | None = None
+    """When the saga's deadline passes (set when it was started with one)."""
 
 
 class ContextJSON(Mapping[str, Any]):

@@ -22,7 +22,7 @@ from sagakit import settings
 from sagakit.compensator import RetryPolicy
 from sagakit.container import as_container
 from sagakit.context import ContextCodec, codec_for
-from sagakit.exceptions import SagaDefinitionError
+from sagakit.exceptions import SagaDefinitionError, SagaPastPivotError
 from sagakit.execution import Execution
 from sagakit.middleware import Middleware, SagaRun, observe_saga, saga_log_context
 from sagakit.plan import ABORTED, Backward, Finished, Forward, Mismatch
@@ -33,7 +33,7 @@ from sagakit.records import (
     SagaStatus,
     SagaStepStatus,
 )
-from sagakit.resumption import Resumption, prepare_resume
+from sagakit.resumption import Resumption, deadline_of, prepare_resume
 from sagakit.saga import Saga
 from sagakit.storage.compat import open_run
 from sagakit.storage.protocol import LeasedRun, SagaStorage
@@ -138,13 +138,32 @@ async def abort_saga(
     """Compensate a saga now, on purpose: a RUNNING, PENDING or PARKED saga (not leased by a
     live run) is switched to COMPENSATING, with the abort recorded as a failed act of its next
     step (error type ``SagaAborted``), and its completed steps are compensated. Returns FAILED
-    when every compensation succeeded. Terminal sagas are returned as they are."""
+    when every compensation succeeded. Terminal sagas are returned as they are.
+
+    A saga past its pivot only goes forward: it cannot be aborted, and SagaPastPivotError is
+    raised with nothing written (resume it instead, once the cause is fixed)."""
     options = RecoveryOptions(
         middlewares=middlewares, max_recovery_attempts=1 << 30, lease_seconds=lease_seconds,
         retry=RetryPolicy(compensation_retry_count, compensation_retry_delay),
     )
-    return await _drive(_instance(saga), saga_id, context_builder, container, _require(storage),
-                        options, "abort", reason)
+    instance, store = _instance(saga), _require(storage)
+    get_saga = getattr(store, "get_saga", None)
+    try:
+        stored = None if get_saga is None else await get_saga(saga_id)
+    except NotImplementedError:  # a seed-style storage: the log tells, once claimed
+        stored = None
+    if stored is not None and stored.past_pivot:
+        raise _past_pivot(instance, saga_id)
+    return await _drive(instance, saga_id, context_builder, container, store, options, "abort",
+                        reason)
+
+
+def _past_pivot(saga: Saga[Any], saga_id: UUID) -> SagaPastPivotError:
+    return SagaPastPivotError(
+        f"saga {saga.name!r} {saga_id} is past its pivot: it only goes forward and cannot be "
+        "aborted; nothing was written (resume it once the cause of its failure is fixed)",
+        saga_id=saga_id, saga_name=saga.name,
+    )
 
 
 def _require(storage: SagaStorage | None) -> SagaStorage:
@@ -235,6 +254,7 @@ async def _drive(
                     context=resumption.context, stored_context=resumption.stored,
                     container=as_container(container), middlewares=options.middlewares,
                     retry=options.retry, lease_seconds=options.lease_seconds, status=state.status,
+                    deadline_at=deadline_of(state, saga, False), past_pivot=state.past_pivot,
                 )
                 stopping = options.should_stop
                 if stopping is not None:
@@ -261,6 +281,8 @@ async def _carry_out(
     if isinstance(resumption.plan, Mismatch):
         async for _ in execution.execute(resumption.plan):
             pass  # parks and raises SagaDefinitionError
+    if mode == "abort" and isinstance(resumption.plan, Forward) and resumption.plan.past_pivot:
+        raise _past_pivot(saga, saga_id)  # the log says so (the claim alone was written)
     if mode != "recover":
         await _set_direction(run, saga, saga_id, resumption, mode, reason, execution)
     if mode == "abort" and isinstance(resumption.plan, Forward):

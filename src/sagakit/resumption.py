@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -18,10 +19,20 @@ from sagakit.records import TERMINAL_STATUSES, SagaState, SagaStatus
 from sagakit.saga import Saga
 from sagakit.storage.protocol import LeasedRun
 
-__all__ = ["Resumption", "prepare_resume"]
+__all__ = ["Resumption", "deadline_of", "prepare_resume"]
 
 C = TypeVar("C")
 logger = logging.getLogger("sagakit")
+
+
+def deadline_of(state: SagaState, saga: Saga[Any], created: bool) -> float | None:
+    """A saga's deadline as seconds since the epoch: the stored one, or for a saga this run
+    just created, its definition's ``deadline`` from now (the new row is not read back)."""
+    if state.deadline_at is not None:
+        return state.deadline_at.timestamp()
+    if created and saga.deadline is not None:
+        return time.time() + saga.deadline
+    return None
 
 
 @dataclasses.dataclass(slots=True)

@@ -1,15 +1,18 @@
-"""Step handlers and the result the saga yields for each completed step."""
+"""Step handlers, their options, and the result the saga yields for each completed step."""
 
 from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 from uuid import UUID
 
+from sagakit import settings
 from sagakit.invocation import current_invocation
+from sagakit.retry import Retry
 
-__all__ = ["SagaStepHandler", "SagaStepResult"]
+__all__ = ["OPTION_NAMES", "SagaStepHandler", "SagaStepResult", "check_option",
+           "implements_compensate"]
 
 ContextT = TypeVar("ContextT")
 ResponseT = TypeVar("ResponseT")
@@ -73,7 +76,31 @@ class SagaStepHandler(abc.ABC, Generic[ContextT, ResponseT]):
     to pass to the services the step calls, so a step re-run after a crash can be deduplicated,
     and :attr:`fencing_token` tells those services which run of the saga is the current one
     (see docs/fencing.md).
+
+    Both must be ``async def`` (a saga refuses a step whose ``act`` or ``compensate`` is not a
+    coroutine function when its class is created). ``compensate`` may be left out only by a
+    step that comes after its saga's pivot (such a step is never compensated); a saga refuses
+    any other step without one, and calling the inherited one raises NotImplementedError.
+
+    Options, as class attributes (all optional, inherited like any attribute; a saga's
+    ``steps`` can override them for one saga with :class:`sagakit.Step`):
+
+    - ``retry``: a :class:`sagakit.Retry` for the act (None: the saga's ``retry``, and
+      without one a single attempt).
+    - ``timeout``: seconds one attempt of the act may take; a longer one is cancelled and
+      fails with :class:`sagakit.StepTimeoutError` (retried like any error). None: no limit.
+    - ``compensate_timeout``: the same for each attempt of ``compensate``.
+    - ``pivot``: True marks the saga's point of no return (at most one per saga): once its act
+      is checkpointed, the saga only goes forward; every later step must be retriable.
+
+    A saga checks them when its class is created (SagaDefinitionError naming the saga and the
+    step): ``retry`` a Retry or None, timeouts finite seconds > 0 or None, ``pivot`` a bool.
     """
+
+    retry: ClassVar[Retry | None] = None
+    timeout: ClassVar[float | None] = None
+    compensate_timeout: ClassVar[float | None] = None
+    pivot: ClassVar[bool] = False
 
     @property
     def idempotency_key(self) -> str:
@@ -105,10 +132,39 @@ class SagaStepHandler(abc.ABC, Generic[ContextT, ResponseT]):
     async def act(self, context: ContextT) -> SagaStepResult[ContextT, ResponseT] | ResponseT | None:
         """Do this step's work."""
 
-    @abc.abstractmethod
     async def compensate(self, context: ContextT) -> None:
-        """Undo this step's work. Called only if ``act`` completed and a later step failed."""
+        """Undo this step's work. Called only if ``act`` completed and a later step failed.
+
+        Not implemented here (raises NotImplementedError naming the step): a step that comes
+        after its saga's pivot need not implement it; every other step must."""
+        raise NotImplementedError(f"step {type(self).__name__!r} does not implement compensate")
 
     def _generate_step_result(self, response: ResponseT | None = None) -> SagaStepResult[ContextT, ResponseT]:
         """Wrap a response into a step result (the seed library's helper)."""
         return SagaStepResult(step_type=type(self), response=response)
+
+
+def implements_compensate(handler: type[SagaStepHandler[Any, Any]]) -> bool:
+    """Whether the handler class (or a base of it) implements ``compensate``."""
+    return handler.compensate is not SagaStepHandler.compensate
+
+
+OPTION_NAMES = ("retry", "timeout", "compensate_timeout", "pivot")
+"""The options a step handler class can set (and :class:`sagakit.Step` override)."""
+
+
+def check_option(where: str, name: str, value: Any) -> Any:
+    """``value`` of step option ``name`` (one of :data:`OPTION_NAMES`) as the engine uses it,
+    or an error whose message starts with ``where`` (``"Step(Ship) "``, or ``""``) and the
+    option's name: TypeError for a ``retry`` that is not a Retry or None, or a ``pivot`` that
+    is not a bool; ValueError (from :mod:`sagakit.settings`) for a timeout that is not finite
+    seconds > 0 or None."""
+    if name == "retry":
+        if value is not None and not isinstance(value, Retry):
+            raise TypeError(f"{where}retry must be a sagakit.Retry or None, got {value!r:.80}")
+        return value
+    if name == "pivot":
+        if not isinstance(value, bool):
+            raise TypeError(f"{where}pivot must be True or False, got {value!r:.80}")
+        return value
+    return settings.seconds(f"{where}{name}", value, exclusive=True, allow_none=True)

@@ -24,7 +24,7 @@ from sagakit.middleware import (
 )
 from sagakit.plan import Forward, Plan
 from sagakit.records import ContextJSON, SagaStatus
-from sagakit.resumption import prepare_resume
+from sagakit.resumption import deadline_of, prepare_resume
 from sagakit.saga import Saga
 from sagakit.step import SagaStepResult
 from sagakit.storage.compat import open_run
@@ -143,6 +143,7 @@ class SagaTransaction(Generic[C]):
                     state, created = await run.start(
                         saga_id, saga.name, ContextJSON(self._initial),
                         fingerprint=saga.fingerprint, lease_seconds=self.lease_seconds,
+                        **({} if saga.deadline is None else {"deadline_seconds": saga.deadline}),
                     )
                 except SagaError as exc:
                     exc.locate(saga_id=saga_id, saga_name=saga.name)
@@ -178,6 +179,7 @@ class SagaTransaction(Generic[C]):
             context=self.context, stored_context=stored, container=self.container,
             middlewares=self.middlewares, retry=self.retry,
             lease_seconds=self.lease_seconds, status=state.status,
+            deadline_at=deadline_of(state, self.saga, created), past_pivot=state.past_pivot,
         )
         return execution, plan
 

@@ -1,21 +1,48 @@
-"""The saga the crash-injection harness runs, and the events table its steps write to.
+"""The sagas the crash-injection harness runs, and the events table their steps write to.
 
-Every ``act``/``compensate`` of :class:`CrashSaga` writes, into a separate ``events`` table of the
-same database and committed at once (so it survives a SIGKILL):
+Two definitions share one context type (:class:`CrashContext`), the step names and the events:
 
-- a ``start`` event, carrying a *snapshot*: the saga's committed row status, lease owner and step
-  log (with the log's ids) as one SELECT saw them when the call began;
-- an ``end`` event (outcome ``ok`` or ``error``), unless the process died first;
+- :class:`CrashSaga`: five compensable steps, no retries (the seed's all-or-nothing saga).
+- :class:`ForwardSaga`: forward recovery (docs/forward-recovery.md). ``Reserve`` (compensable,
+  retried), ``Charge`` (the pivot, retried), then ``Ship``, ``Notify``, ``Invoice`` (after the
+  pivot: retried, no ``compensate``). The policies (:data:`FORWARD_RETRY`) wait tens of
+  milliseconds, and the saga's ``durable_wait`` (:data:`DURABLE_WAIT`) makes some waits
+  in-process and others durable (the saga rests WAITING; a recovery worker continues it).
+
+Every ``act``/``compensate`` writes, into a separate ``events`` table of the same database and
+committed at once (so it survives a SIGKILL):
+
+- a ``start`` event with the attempt number sagakit gave the call and a *snapshot*: the saga's
+  committed row (status, lease owner, ``next_attempt_at``, ``past_pivot``), its step log (with
+  the log's ids and attempt numbers) and the database clock's "now", as one SELECT saw them
+  when the call began;
+- an ``end`` event (outcome ``ok`` or ``error:<type>``), unless the process died first;
 - a ``crash`` event just before the process kills itself at an injected crash point.
 
 Events are ordered by the table's autoincrement id. An id is allocated when the INSERT runs, so
 of two events A and B where A's INSERT returned before B's INSERT began, A has the smaller id: id
 order agrees with real time for everything the checker compares.
 
-What a saga does is read from its context (:class:`CrashContext`): which act fails
-(``fail_step``), which compensations fail transiently (``comp_transient``: step index -> number of
-failures, counted durably in the events table) or for good (``comp_permanent``), and where the
-process kills itself (``crashes``: ``"act:2:start"``, ``"comp:1:mid"``, ``"act:3:end"``...).
+What a saga does is read from its context: which definition runs it (``definition``), which act
+fails for good (``fail_step``, and how: ``fail_mode``), which acts fail transiently first
+(``act_transient``: step index -> failing attempts, counted durably in the events table), which
+compensations fail transiently (``comp_transient``, counted likewise) or for good
+(``comp_permanent``), and where the process kills itself (``crashes``). The crash points:
+
+- ``act:k:start|mid|end`` and ``comp:k:start|mid|end``: at the start of step k's act or
+  compensation (the previous checkpoint just committed), in its middle, or at its end (work
+  done, checkpoint not yet written);
+- ``retry:k:start|mid|end``: the same, inside a retried attempt (attempt >= 2); ``end`` also
+  after a failed attempt, before its failure is checkpointed;
+- ``wait:k``: during the in-process wait after a failed attempt of step k (its RETRYING
+  checkpoint committed, the process asleep, lease held): a watcher task polls for that
+  checkpoint and kills the process; should the wait end first, the next attempt kills it before
+  doing anything (nothing is written in between, so the saga is in the same state);
+- ``waiting:k``: right after the checkpoint of a durable wait of step k (the saga WAITING, no
+  lease), when the run ends (seen by :class:`CrashObserver`, a middleware);
+- ``pivot:before``: the pivot's act succeeded, its checkpoint not yet written;
+  ``pivot:after``: the pivot's checkpoint committed (the next act's start event shows it).
+
 Each crash point fires at most once per saga: the ``crash`` event is committed before the kill
 and checked before firing.
 """

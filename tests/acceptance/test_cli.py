@@ -17,6 +17,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -176,6 +177,64 @@ def test_show_json(db: Db) -> None:
     assert history[1] == ("ChargeCard", "act", "FAILED")
     assert data["history"][1]["error_type"].endswith("CardDeclined")
     assert history[2] == ("SendInvoice", "act", "COMPLETED")
+
+
+def test_list_and_show_a_waiting_saga_past_its_pivot(db: Db) -> None:
+    saga_id = asyncio.run(_waiting_saga(db.url))
+    rows = {line.split()[0]: line for line in ok(sagakit("list", url=db.url)).splitlines()[1:]}
+    state = asyncio.run(_stored(db.url, saga_id))
+    assert state.next_attempt_at is not None
+    assert state.deadline_at is not None
+    due = state.next_attempt_at.strftime("%Y-%m-%d %H:%M:%S")
+    assert f"WAITING until {due}" in rows[str(saga_id)]
+    out = ok(sagakit("show", str(saga_id), url=db.url))
+    fields = {line[:13].strip(): line[13:].strip() for line in out[:out.index("context:")]
+              .splitlines()}
+    assert fields["status"] == "WAITING"
+    assert fields["next attempt"] == due
+    assert fields["deadline"] == state.deadline_at.strftime("%Y-%m-%d %H:%M:%S")
+    assert fields["past pivot"] == "yes"
+    lines = out[out.index("steps:"):].splitlines()
+    assert lines[1].split()[:7] == ["#", "TIME", "(UTC)", "STEP", "ACTION", "STATUS", "ATTEMPT"]
+    assert [line.split()[3:] for line in lines[2:]] == [
+        ["ChargeCard", "act", "COMPLETED"],  # no attempt number, no error: blank cells
+        ["ShipOrder", "act", "RETRYING", "1", "TimeoutError:", "slow"],
+    ]
+    data = json.loads(ok(sagakit("show", str(saga_id), "--json", url=db.url)))
+    assert (data["status"], data["past_pivot"]) == ("WAITING", True)
+    assert data["deadline_at"] == state.deadline_at.isoformat()
+    assert data["next_attempt_at"] == state.next_attempt_at.isoformat()
+    assert [h["attempt"] for h in data["history"]] == [None, 1]
+    listed = json.loads(ok(sagakit("list", "--status", "waiting", "--json", url=db.url)))
+    assert [(d["saga_id"], d["past_pivot"]) for d in listed] == [(str(saga_id), True)]
+
+
+async def _waiting_saga(url: str) -> uuid.UUID:
+    """A saga past its pivot, with a deadline, waiting before the second attempt of a step."""
+    storage = SqlAlchemySagaStorage.from_url(url)
+    saga_id = uuid.uuid4()
+    try:
+        async with storage.create_run() as run:
+            await run.start(saga_id, "OrderSaga", {"order_id": "o-9"}, fingerprint=None,
+                            lease_seconds=30, deadline_seconds=3600)
+            await run.log_step(saga_id, "ChargeCard", "act", "COMPLETED")
+            await run.pivot(saga_id)
+            await run.commit()
+            await run.log_step(saga_id, "ShipOrder", "act", "RETRYING", "TimeoutError: slow",
+                               error_type="builtins.TimeoutError", attempt=1)
+            await run.wait(saga_id, 600, release=True)
+            await run.commit()
+    finally:
+        await storage.close()
+    return saga_id
+
+
+async def _stored(url: str, saga_id: uuid.UUID) -> Any:
+    storage = SqlAlchemySagaStorage.from_url(url)
+    try:
+        return await storage.get_saga(saga_id)
+    finally:
+        await storage.close()
 
 
 # -- diagram ------------------------------------------------------------------------------------

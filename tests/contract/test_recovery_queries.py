@@ -45,8 +45,9 @@ async def create_one_per_status(storage: Any) -> dict[SagaStatus, UUID]:
 
 async def test_recovery_lists_only_unfinished_statuses(storage: Any) -> None:
     ids = await create_one_per_status(storage)
-    assert set(await recoverable(storage)) == {
+    assert set(await recoverable(storage)) == {  # a WAITING one without next_attempt_at: due
         ids[SagaStatus.PENDING], ids[SagaStatus.RUNNING], ids[SagaStatus.COMPENSATING],
+        ids[SagaStatus.WAITING],
     }
 
 
@@ -191,7 +192,8 @@ async def test_list_sagas_on_an_empty_storage(storage: Any) -> None:
     [
         frozenset({SagaStatus.PARKED}),
         frozenset({SagaStatus.COMPLETED, SagaStatus.FAILED}),
-        frozenset({SagaStatus.PENDING, SagaStatus.RUNNING, SagaStatus.COMPENSATING}),
+        frozenset({SagaStatus.PENDING, SagaStatus.RUNNING, SagaStatus.COMPENSATING,
+                   SagaStatus.WAITING}),
         frozenset(SagaStatus),
         frozenset(),
     ],

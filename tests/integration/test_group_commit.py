@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from sagakit import SagaBusyError, SagaLeaseLostError, SagaStatus
+from sagakit import SagaBusyError, SagaConcurrencyError, SagaLeaseLostError, SagaStatus
 from sagakit.records import SagaAction, SagaStepStatus
 from sagakit.storage.sqlalchemy import SqlAlchemySagaStorage
 from tests.conftest import TABLES
@@ -89,13 +89,18 @@ async def test_a_checkpoint_the_database_rejects_fails_only_its_own_saga(grouped
         await scope.__aexit__(None, None, None)
 
 
-async def _start_many(storage: Any, saga_ids: list[Any]) -> tuple[list[Any], list[Any]]:
-    """Start runs of the given ids at the same moment; (scopes, results of start())."""
+async def _start_many(storage: Any, saga_ids: list[Any], deadlines: list[Any] | None = None,
+                      ) -> tuple[list[Any], list[Any]]:
+    """Start runs of the given ids at the same moment (with the given deadlines, seconds);
+    (scopes, results of start())."""
     scopes = [storage.create_run() for _ in saga_ids]
     runs = [await scope.__aenter__() for scope in scopes]
+    deadlines = deadlines or [None] * len(saga_ids)
     results = await asyncio.gather(
-        *(run.start(saga_id, "Grouped", {"i": i}, fingerprint=None, lease_seconds=30)
-          for i, (run, saga_id) in enumerate(zip(runs, saga_ids, strict=True))),
+        *(run.start(saga_id, "Grouped", {"i": i}, fingerprint=None, lease_seconds=30,
+                    deadline_seconds=deadline)
+          for i, (run, saga_id, deadline) in enumerate(zip(runs, saga_ids, deadlines,
+                                                            strict=True))),
         return_exceptions=True,
     )
     return scopes, results
@@ -216,4 +221,59 @@ async def test_a_large_batch_is_written_in_parallel_parts(grouped: Any) -> None:
     assert [created for _, created in results] == [True] * 9
     assert counter.counts.transactions == 3
     assert grouped.group_commit.batches == 3
+    await _close(scopes)
+
+
+async def test_forward_recovery_writes_share_batches(grouped: Any) -> None:
+    """Deadlines, attempt numbers, waits (durable or not), clear_wait and the pivot mark go
+    through the batch statements as through single writes, a fenced-out neighbour included
+    (on MySQL/MariaDB that batch is written the exact way, rows locked and read first)."""
+    saga_ids = [uuid.uuid4() for _ in range(8)]
+    deadlines = [None if i % 2 else 100.0 + i for i in range(8)]
+    scopes, results = await _start_many(grouped, saga_ids, deadlines)
+    assert [created for _, created in results] == [True] * len(saga_ids)
+    runs = [await scope.__aenter__() for scope in scopes]  # the same runs, entered before
+    for i, run in enumerate(runs):
+        await run.log_step(run.saga_id, "Ship", SagaAction.ACT, SagaStepStatus.RETRYING,
+                           f"slow {i}", error_type="builtins.TimeoutError", attempt=i + 1)
+        if i % 4 != 3:
+            await run.wait(run.saga_id, 60, release=i % 4 == 0)
+        if i % 4 == 2:
+            await run.pivot(run.saga_id)
+    before = grouped.group_commit.batches
+    await asyncio.gather(*(run.commit() for run in runs))
+    assert grouped.group_commit.batches - before < len(runs)
+    for i, saga_id in enumerate(saga_ids):
+        state = await grouped.get_saga(saga_id)
+        assert state.created_at is not None
+        if deadlines[i] is None:
+            assert state.deadline_at is None
+        else:
+            assert state.deadline_at is not None
+            assert abs((state.deadline_at - state.created_at).total_seconds() - deadlines[i]) < 0.01
+        waits, releases = i % 4 != 3, i % 4 == 0
+        assert state.status is (SagaStatus.WAITING if releases else SagaStatus.RUNNING)
+        assert (state.lease_owner is None) is releases
+        assert (state.next_attempt_at is not None) is waits
+        assert state.past_pivot is (i % 4 == 2)
+        [entry] = await grouped.get_step_history(saga_id)
+        assert (entry.status, entry.attempt, entry.details) == (
+            SagaStepStatus.RETRYING, i + 1, f"slow {i}")
+
+    # The runs still leased clear their waits together; one of them was fenced out meanwhile.
+    leased = [run for i, run in enumerate(runs) if i % 4 != 0]
+    fenced = leased[1]  # not the first commit, which finds the storage idle and goes alone
+    await grouped.update_context(fenced.saga_id, {"changed": "behind its back"})
+    for run in leased:
+        await run.log_step(run.saga_id, "Ship", SagaAction.ACT, SagaStepStatus.COMPLETED,
+                           attempt=9)
+        await run.clear_wait(run.saga_id)
+    outcomes = await asyncio.gather(*(run.commit() for run in leased), return_exceptions=True)
+    assert isinstance(outcomes[1], SagaConcurrencyError)
+    assert outcomes[:1] + outcomes[2:] == [None] * (len(leased) - 1)
+    assert (await grouped.get_saga(fenced.saga_id)).next_attempt_at is not None
+    for run in leased[:1] + leased[2:]:
+        state = await grouped.get_saga(run.saga_id)
+        assert state.next_attempt_at is None
+        assert [e.attempt for e in await grouped.get_step_history(run.saga_id)][-1] == 9
     await _close(scopes)

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from sagakit import SagaBusyError, SagaMap, SagaStatus, bootstrap, recover_saga
+from sagakit.records import SagaStepStatus
 from sagakit.storage.sqlalchemy import SqlAlchemySagaStorage
 from tests.conftest import TABLES
 from tests.integration.sagas import OrderContext, OrderSaga, Recorder
@@ -79,6 +80,51 @@ async def test_failure_after_k_steps_costs_2k_plus_2_transactions(sql_storage: A
         ("Charge", "compensate", "COMPENSATED"),
         ("Reserve", "compensate", "COMPENSATED"),
     ]
+
+
+async def _checkpoint_cost(storage: Any, write: Any) -> tuple[int, int, int, int]:
+    """(transactions, statements, reads, round trips) of the checkpoint ``write()`` commits."""
+    counter = SqlCounter(storage.engine)
+    try:
+        await write()
+    finally:
+        await counter.aclose()
+    counts = counter.counts
+    return counts.transactions, counts.statements, counts.reads, counts.round_trips
+
+
+async def test_forward_recovery_checkpoints_cost_what_a_plain_one_does(sql_storage: Any) -> None:
+    """A failed attempt (its RETRYING entry and the wait, in the process or durable), and the
+    pivot's checkpoint, cost one write each, exactly as a plain step checkpoint: the same
+    transactions, statements and round trips (none of them reads)."""
+    async with sql_storage.create_run() as run:
+        saga_id = uuid.uuid4()
+        await run.start(saga_id, "OrderSaga", {"n": 0}, fingerprint=None, lease_seconds=30,
+                        deadline_seconds=60)
+
+        async def checkpoint(*options: str, n: int) -> None:
+            status = SagaStepStatus.RETRYING if "wait" in options else SagaStepStatus.COMPLETED
+            await run.log_step(saga_id, f"Step{n}", "act", status, None if n == 0 else "boom",
+                               error_type=None if n == 0 else "x.E",
+                               attempt=None if n == 0 else n)
+            await run.update_context(saga_id, {"n": n})
+            if "wait" in options:
+                await run.wait(saga_id, 30, release="release" in options)
+            if "pivot" in options:
+                await run.pivot(saga_id)
+            if "clear" in options:
+                await run.clear_wait(saga_id)
+            await run.commit()
+
+        plain = await _checkpoint_cost(sql_storage, lambda: checkpoint(n=0))
+        assert plain[0] == 1  # one transaction
+        assert plain[2] == 0  # no reads
+        for n, options in enumerate([("wait",), ("clear", "pivot"), ("wait", "release")], 1):
+            cost = await _checkpoint_cost(sql_storage, lambda o=options, n=n: checkpoint(*o, n=n))
+            assert cost == plain, options
+    state = await sql_storage.get_saga(saga_id)
+    assert (state.status, state.past_pivot, state.lease_owner) == (SagaStatus.WAITING, True, None)
+    assert [e.attempt for e in await sql_storage.get_step_history(saga_id)] == [None, 1, 2, 3]
 
 
 async def test_resume_after_break_runs_only_the_rest(sql_storage: Any) -> None:

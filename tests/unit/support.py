@@ -175,6 +175,16 @@ async def collect(stream: Any, into: list[Any]) -> None:
         into.append(result.step_name)
 
 
+async def until(condition: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
+    """Wait until ``await condition()`` is true (polling; AssertionError after ``within``
+    seconds: a liveness bound, never a timing assertion)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not await condition():
+        assert loop.time() < deadline, "the condition never came true"
+        await asyncio.sleep(0.01)
+
+
 async def state(storage: MemorySagaStorage, saga_id: UUID) -> SagaState:
     return await storage.get_saga(saga_id)
 

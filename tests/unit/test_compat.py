@@ -16,6 +16,8 @@ from sagakit import (
     SagaStorageError,
     recover_saga,
 )
+from sagakit.records import SagaStepStatus
+from sagakit.storage.compat import open_run
 from tests.unit.support import Crash, Ctx, Script, ThreeStepSaga, drive, transaction
 
 SEED_METHODS = (
@@ -277,3 +279,48 @@ async def test_a_custom_storages_own_errors_reach_callers_as_storage_errors():
     assert raised.value.saga_id == saga_id
     assert isinstance(raised.value.__cause__, ConnectionError)
     assert script.acts() == []
+
+
+# -- forward recovery on a commit-per-call storage ----------------------------------------------
+
+
+async def test_forward_recovery_writes_what_the_seed_protocol_can_keep():
+    storage, saga_id = SeedStorage(), uuid.uuid4()
+    async with open_run(storage) as run:
+        await run.start(saga_id, "S", {"n": 0}, fingerprint=None, lease_seconds=30,
+                        deadline_seconds=60)
+        storage.calls.clear()
+        # A wait in the process, the pivot and clear_wait write nothing of their own.
+        await run.log_step(saga_id, "StepA", "act", SagaStepStatus.RETRYING, "TimeoutError",
+                           error_type="builtins.TimeoutError", attempt=1)
+        await run.wait(saga_id, 5, release=False)
+        await run.pivot(saga_id)
+        await run.commit()
+        await run.clear_wait(saga_id)
+        await run.commit()
+        assert storage.writes() == ["log_step"]
+        # A durable wait: its status, after the entry (whose attempt goes into the details).
+        await run.log_step(saga_id, "StepA", "act", SagaStepStatus.RETRYING, None, attempt=2)
+        await run.wait(saga_id, 600, release=True)
+        await run.commit()
+        assert storage.writes() == ["log_step", "log_step", "update_status"]
+    state = await storage.inner.get_saga(saga_id)
+    assert (state.status, state.past_pivot, state.deadline_at, state.next_attempt_at) == (
+        SagaStatus.WAITING, False, None, None)
+    entries = await storage.inner.get_step_history(saga_id)
+    assert [(e.details, e.error_type, e.attempt) for e in entries] == [
+        ("attempt 1: TimeoutError", "builtins.TimeoutError", None),
+        ("attempt 2", None, None),
+    ]
+
+
+async def test_claiming_a_waiting_saga_on_a_commit_per_call_storage_counts_no_attempt():
+    storage, saga_id = SeedStorage(), uuid.uuid4()
+    await storage.inner.create_saga(saga_id, "S", {})
+    await storage.inner.update_status(saga_id, SagaStatus.WAITING)
+    await storage.inner.set_recovery_attempts(saga_id, 2)
+    assert await storage.get_sagas_for_recovery(10) == [saga_id]  # no next_attempt_at: at once
+    async with open_run(storage) as run:
+        state = await run.claim(saga_id, lease_seconds=30)
+    assert (state.status, state.recovery_attempts) == (SagaStatus.RUNNING, 2)
+    assert "increment_recovery_attempts" not in storage.calls

@@ -4,7 +4,6 @@ SagaCompensator on its own."""
 from __future__ import annotations
 
 import asyncio
-import random
 import uuid
 
 import pytest
@@ -54,12 +53,10 @@ def test_wait_before_is_capped_by_max_delay():
     assert [policy.wait_before(a) for a in (2, 3, 4)] == [10, 50, 50]
 
 
-def test_jitter_spreads_the_wait_within_its_fraction(monkeypatch):
+def test_jitter_spreads_the_wait_within_its_fraction():
     policy = RetryPolicy(attempts=3, delay=10, backoff=2, max_delay=100, jitter=0.1)
-    monkeypatch.setattr(random, "uniform", lambda low, high: high)
-    assert policy.wait_before(2) == pytest.approx(11.0)
-    monkeypatch.setattr(random, "uniform", lambda low, high: low)
-    assert policy.wait_before(3) == pytest.approx(18.0)
+    assert policy.wait_before(2, rng=lambda: 0.75) == pytest.approx(10.5)
+    assert policy.wait_before(3, rng=lambda: 0.0) == pytest.approx(18.0)
 
 
 def test_jitter_stays_within_bounds():

@@ -178,13 +178,22 @@ async def test_a_generic_dict_context_is_accepted_and_runs():
     assert (await storage.get_saga(saga_id)).context == {"order": "o-1", "acted": True}
 
 
-def test_an_abstract_handler_cannot_be_built():
+def test_a_handler_without_act_cannot_be_built():
     class Incomplete(SagaStepHandler[Ctx, None]):
-        async def act(self, context: Ctx) -> None:
+        async def compensate(self, context: Ctx) -> None:
             pass
 
     with pytest.raises(TypeError):
         Incomplete()  # type: ignore[abstract]
+
+
+async def test_the_inherited_compensate_raises_naming_the_step():
+    class ForwardOnly(SagaStepHandler[Ctx, None]):
+        async def act(self, context: Ctx) -> None:
+            pass
+
+    with pytest.raises(NotImplementedError, match="'ForwardOnly' does not implement compensate"):
+        await ForwardOnly().compensate(Ctx())
 
 
 def test_idempotency_key_outside_a_step_raises():
@@ -204,8 +213,10 @@ def test_a_saga_name_no_storage_can_keep_is_refused_at_class_creation() -> None:
 def test_a_step_name_no_storage_can_keep_is_refused_at_class_creation() -> None:
     from sagakit import Saga, SagaDefinitionError, SagaStepHandler
 
-    long_step = type("S" * 256, (SagaStepHandler,), {
-        "act": lambda self, c: None, "compensate": lambda self, c: None})
-    with pytest.raises(SagaDefinitionError) as raised:
+    async def nothing(self: Any, context: Any) -> None:
+        pass
+
+    long_step = type("S" * 256, (SagaStepHandler,), {"act": nothing, "compensate": nothing})
+    with pytest.raises(SagaDefinitionError, match="at most 255 characters") as raised:
         type("LongSteps", (Saga,), {"steps": [long_step]})
     assert raised.value.step_name == "S" * 256

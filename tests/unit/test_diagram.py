@@ -23,12 +23,15 @@ from sagakit import (
     CircuitBreaker,
     Fallback,
     MemorySagaStorage,
+    Retry,
     Saga,
     SagaAction,
     SagaLogEntry,
     SagaState,
     SagaStatus,
+    SagaStepHandler,
     SagaStepStatus,
+    Step,
     recover_saga,
 )
 from sagakit.diagram import LEGEND, escape, flowchart, instance_flowchart, sequence
@@ -52,7 +55,8 @@ ID = r"[A-Za-z_][A-Za-z0-9_]*"
 LABEL = r'"(?:[^"#<>]|#\w+;|<br/>)*"'  # quoted; '#' only in entity codes; '<' only in <br/>
 RESERVED = {"end", "graph", "flowchart", "subgraph", "style", "class", "classDef", "click",
             "linkStyle", "direction", "default"}
-NODE = re.compile(rf"^(?P<id>{ID})(?:\[{LABEL}\]|\(\[{LABEL}\]\)|\{{\{{{LABEL}\}}\}})$")
+NODE = re.compile(rf"^(?P<id>{ID})(?:\[{LABEL}\]|\(\[{LABEL}\]\)|\{{\{{{LABEL}\}}\}}"
+                  rf"|\[\[{LABEL}\]\])$")
 EDGE = re.compile(rf"^(?P<src>{ID}) (?P<arrow>-->|-\.->|-\.-)(?:\|(?P<label>{LABEL})\|)? "
                   rf"(?P<dst>{ID})$")
 STYLE = re.compile(rf"^style (?P<id>{ID}) (?P<css>[\w#:,.%-]+(?:,[\w#:,. %-]+)*)$")
@@ -565,6 +569,154 @@ def test_the_legend_can_be_left_out() -> None:
     assert set(chart.class_defs) == set(LEGEND)
 
 
+# -- forward recovery: retries, timeouts, the pivot ---------------------------------------------
+
+
+class Charge2(StepHandler):
+    pivot = True
+    retry = Retry(attempts=3, delay=0.5, retry_on=ConnectionError)
+    timeout = 2
+
+
+class Ship(SagaStepHandler[Ctx, None]):
+    retry = Retry(attempts=4, delay=1, backoff=3)
+
+    async def act(self, context: Ctx) -> None:
+        pass
+
+
+class Notify(StepHandler):
+    pass
+
+
+class NotifyLater(Ship):
+    pass
+
+
+class ForwardSaga(Saga[Ctx]):
+    steps = [StepA, Step(StepB, compensate_timeout=5), Charge2, Ship,
+             Fallback(step=Notify, fallback=NotifyLater)]
+    deadline = 60
+    durable_wait = 10
+
+
+def test_flowchart_of_a_saga_with_a_pivot_compensates_only_up_to_it() -> None:
+    chart = check_flowchart(flowchart(ForwardSaga))
+    assert chart.nodes["step3"].startswith('step3[["')  # the pivot: a double-bordered node
+    assert chart.label("step3") == ("Charge2<br/>pivot: forward only after it<br/>retry: 3 "
+                                    "attempts, backoff 0.5s x2 on ConnectionError<br/>timeout 2s")
+    assert chart.label("step2") == "StepB<br/>compensate timeout 5s"
+    assert chart.label("step4") == "Ship<br/>retry: 4 attempts, backoff 1s x3"
+    assert chart.label("step5_alt") == "NotifyLater (fallback)<br/>retry: 4 attempts, backoff 1s x3"
+    assert chart.label("start") == "ForwardSaga: start<br/>deadline 60s"
+    assert {n for n in chart.nodes if n.startswith("undo")} == {"undo1", "undo2"}
+    plain = arrows(chart)
+    assert ("step3", "failure", "undo2") in plain  # the pivot's own failure compensates
+    assert {(s, label, d) for s, label, d in plain if d == "parked"} == {
+        ("step4", "retries exhausted", "parked"), ("step5_alt", "retries exhausted", "parked"),
+    }
+    after = {"step4", "step5", "step5_alt"}
+    assert not [e for e in plain if e[0] in after and e[2].startswith(("undo", "failed"))]
+    assert chart.styles["parked"] == "fill:#cfd8dc"
+    assert chart.reachable() == set(chart.nodes)
+
+
+def test_flowchart_without_a_pivot_has_no_parked_node() -> None:
+    class Retried(Saga[Ctx]):
+        steps = [StepA, Step(StepB, retry=Retry(attempts=2, delay=0), timeout=1.5)]
+
+    chart = check_flowchart(flowchart(Retried))
+    assert "parked" not in chart.nodes
+    assert chart.label("step2") == "StepB<br/>retry: 2 attempts, no wait<br/>timeout 1.5s"
+    assert ("step2", "failure", "undo1") in arrows(chart)
+
+
+def test_sequence_diagram_of_a_saga_with_retries_and_a_pivot() -> None:
+    statements = check_sequence(sequence(ForwardSaga))
+    notes = [s[2] for s in statements if s[0] == "note"]
+    assert ("note", "saga,step3", "pivot: forward only after it, retry: 3 attempts, backoff "
+            "0.5s x2 on ConnectionError, timeout 2s") in statements
+    assert "checkpoint: Charge2 COMPLETED + context, past the pivot" in [
+        s[4] for s in statements if s[0] == "msg"]
+    blocks = [s[1] for s in statements if s[0] in ("alt", "else")]
+    assert "Ship raises an error it retries, attempts left" in blocks
+    assert "Ship raises (retries exhausted, or an error it does not retry)" in blocks
+    assert "StepA raises" in blocks  # no retries: as before
+    # before the pivot the deadline stops retries; after it, it does not apply
+    waits = [n for n in notes if n.startswith("wait, then act again")]
+    assert waits[0] == ("wait, then act again, unless the saga#39;s deadline (60s) comes first"
+                        "#59; a wait over 10s: status WAITING, lease released, a recovery "
+                        "worker resumes it").replace("#39;", "'")
+    assert "deadline" not in waits[1]
+    # a step after the pivot parks: nothing is compensated from there
+    start = blocks.index("Ship raises (retries exhausted, or an error it does not retry)")
+    branch = statements[statements.index(("else", blocks[start])):]
+    branch = branch[: branch.index(("end",))]
+    assert [s[4] for s in branch if s[0] == "msg" and s[1] == "saga"] == [
+        "checkpoint: Ship FAILED, status PARKED, lease released"]
+    assert not [s for s in statements if s[0] == "msg" and s[3] in ("step3", "step4", "step5")
+                and s[4].startswith("compensate")]
+
+
+def forward_log(*entries: tuple[str, str, str | None]) -> list[SagaLogEntry]:
+    return [entry(step, "act", status, error) for step, status, error in entries]
+
+
+def forward_state(status: SagaStatus, **fields: Any) -> SagaState:
+    return SagaState(SID, "ForwardSaga", status, {}, 3, **fields)
+
+
+UP_TO_THE_PIVOT = [("StepA", "COMPLETED", None), ("StepB", "COMPLETED", None),
+                   ("Charge2", "RETRYING", "ConnectionError"), ("Charge2", "COMPLETED", None)]
+
+
+def test_instance_of_a_waiting_saga_past_its_pivot() -> None:
+    log = forward_log(*UP_TO_THE_PIVOT, ("Ship", "RETRYING", "x.Busy"),
+                      ("Ship", "RETRYING", "x.Busy"))
+    state = forward_state(SagaStatus.WAITING, past_pivot=True,
+                          next_attempt_at=T0 + dt.timedelta(seconds=30))
+    chart = check_instance(instance_flowchart(ForwardSaga, state, log))
+    assert chart.classes["step3"] == "completed"
+    assert chart.label("step3").endswith("<br/>completed after 1 failed attempt")
+    assert chart.classes["step4"] == "retrying"
+    assert chart.label("step4").endswith("<br/>retrying: 2 failed attempts, last: Busy")
+    assert chart.label("status") == ("WAITING<br/>next: Ship, attempt 3<br/>resumes at "
+                                     "2024-05-01T00:00:30+00:00<br/>past the pivot: forward only")
+    assert ("status", "-.-", "", "step4") in chart.edges
+    assert chart.classes["parked"] == "notRun"
+
+
+def test_instance_of_a_saga_parked_past_its_pivot() -> None:
+    log = forward_log(*UP_TO_THE_PIVOT, ("Ship", "RETRYING", "x.Busy"), ("Ship", "FAILED", "x.Busy"))
+    state = forward_state(SagaStatus.PARKED)  # past_pivot read from the log too
+    chart = check_instance(instance_flowchart(ForwardSaga, state, log))
+    assert chart.label("step4").endswith("<br/>failed after 2 attempts: Busy")
+    assert chart.classes["parked"] == "failed"
+    assert chart.label("status") == ("PARKED<br/>next: Ship<br/>past the pivot: forward only"
+                                     "<br/>parked: needs resume")
+
+
+def test_instance_of_a_step_resumed_after_its_retries_ran_out() -> None:
+    log = forward_log(*UP_TO_THE_PIVOT, ("Ship", "RETRYING", "x.Busy"), ("Ship", "FAILED", "x.Busy"),
+                      ("Ship", "RETRYING", "x.Busy"))
+    chart = check_instance(instance_flowchart(ForwardSaga, forward_state(SagaStatus.RUNNING), log))
+    assert chart.label("step4").endswith("<br/>retrying: 1 failed attempt, last: Busy")
+    assert chart.label("status").startswith("RUNNING<br/>next: Ship, attempt 2<br/>")
+
+
+def test_instance_of_a_saga_that_failed_before_its_pivot() -> None:
+    log = forward_log(("StepA", "COMPLETED", None), ("StepB", "COMPLETED", None),
+                      ("Charge2", "RETRYING", "ConnectionError"),
+                      ("Charge2", "RETRYING", "ConnectionError"),
+                      ("Charge2", "FAILED", "ConnectionError"))
+    log += [entry("StepB", "compensate", "COMPENSATED"), entry("StepA", "compensate",
+                                                               "COMPENSATED")]
+    chart = check_instance(instance_flowchart(ForwardSaga, forward_state(SagaStatus.FAILED), log))
+    assert chart.label("step3").endswith("<br/>failed after 3 attempts: ConnectionError")
+    assert classes_of(chart, "undo2", "undo1", "failed", "parked") == [
+        "compensated", "compensated", "failed", "notRun"]
+
+
 # -- the real Mermaid parser, when it is installed ----------------------------------------------
 
 MERMAID_CHECK = """
@@ -604,11 +756,15 @@ def test_the_real_mermaid_parser_accepts_every_kind_of_diagram(tmp_path: Any) ->
         pytest.skip(message)
     body = {"name": 'the "odd" saga; #1 <beta>', "steps": [odd_step(n) for n in ODD_NAMES]}
     odd = types.new_class("Odd", (Saga[Ctx],), exec_body=lambda ns: ns.update(body))
-    diagrams = [flowchart(s) for s in (ThreeStepSaga, FallbackSaga, GuardedSaga, odd)]
-    diagrams += [sequence(s) for s in (ThreeStepSaga, FallbackSaga, GuardedSaga, odd)]
+    sagas = (ThreeStepSaga, FallbackSaga, GuardedSaga, ForwardSaga, odd)
+    diagrams = [flowchart(s) for s in sagas]
+    diagrams += [sequence(s) for s in sagas]
     log = [entry("StepA", "act", "COMPLETED"), entry("StepB", "act", "FAILED", "x.E"),
            entry("StepA", "compensate", "FAILED", "y.F")]
     diagrams += [instance_flowchart(ThreeStepSaga, state_of(s), log) for s in SagaStatus]
+    forward = forward_log(*UP_TO_THE_PIVOT, ("Ship", "RETRYING", "x.Busy"))
+    diagrams += [instance_flowchart(ForwardSaga, forward_state(
+        s, next_attempt_at=T0, past_pivot=True), forward) for s in SagaStatus]
     files = []
     for number, text in enumerate(diagrams):
         path = tmp_path / f"d{number}.mmd"
@@ -635,7 +791,7 @@ def test_the_diagrams_page_shows_what_the_functions_print(capsys: pytest.Capture
     python = [code for language, code in blocks if language == "python"]
     mermaid = [code for language, code in blocks if language == "mermaid"]
     assert len(python) == 1
-    assert len(mermaid) == 3
+    assert len(mermaid) == 4
     module = types.ModuleType("docs_diagrams_example")
     sys.modules[module.__name__] = module  # dataclasses resolve annotations through it
     try:
@@ -645,7 +801,9 @@ def test_the_diagrams_page_shows_what_the_functions_print(capsys: pytest.Capture
         del sys.modules[module.__name__]
     capsys.readouterr()
     saga = module.OrderSaga
-    assert mermaid == [flowchart(saga), sequence(saga), instance]
+    assert mermaid == [flowchart(saga), sequence(saga), instance,
+                       flowchart(module.ForwardOrderSaga)]
     check_flowchart(mermaid[0])
     check_sequence(mermaid[1])
     check_instance(mermaid[2])
+    check_flowchart(mermaid[3])

@@ -22,10 +22,12 @@ PUBLIC = [
     "LoggingMiddleware",
     "MemorySagaStorage",
     "Middleware",
+    "PermanentError",
     "RecoveryOptions",
     "RecoveryOutcome",
     "RecoveryWorker",
     "RedisCircuitBreaker",
+    "Retry",
     "RetryPolicy",
     "Saga",
     "SagaAction",
@@ -42,6 +44,7 @@ PUBLIC = [
     "SagaMediator",
     "SagaNotFoundError",
     "SagaParkedError",
+    "SagaPastPivotError",
     "SagaRun",
     "SagaSerializationError",
     "SagaState",
@@ -56,11 +59,14 @@ PUBLIC = [
     "SagaStorageRun",
     "SagaTransaction",
     "SqlAlchemySagaStorage",
+    "Step",
     "StepInvocation",
+    "StepTimeoutError",
     "abort_saga",
     "as_container",
     "bootstrap",
     "current_invocation",
+    "permanent",
     "recover_saga",
     "resume_saga",
 ]
@@ -103,10 +109,12 @@ ERRORS = [
     sagakit.SagaLeaseLostError,
     sagakit.SagaNotFoundError,
     sagakit.SagaParkedError,
+    sagakit.SagaPastPivotError,
     sagakit.SagaSerializationError,
     sagakit.SagaStorageError,
     sagakit.SagaStorageRejectedError,
     sagakit.SagaStorageUnavailableError,
+    sagakit.StepTimeoutError,
 ]
 
 
@@ -123,6 +131,8 @@ def test_error_tree_details():
     assert issubclass(sagakit.SagaLeaseLostError, sagakit.SagaConcurrencyError)
     assert issubclass(sagakit.SagaStorageUnavailableError, sagakit.SagaStorageError)
     assert issubclass(sagakit.SagaStorageRejectedError, sagakit.SagaStorageError)
+    assert issubclass(sagakit.StepTimeoutError, TimeoutError)
+    assert not issubclass(sagakit.PermanentError, sagakit.SagaError)  # the user's own errors
 
 
 def test_errors_keep_their_attributes_through_pickle():
@@ -137,5 +147,5 @@ def test_errors_keep_their_attributes_through_pickle():
 
 def test_statuses_are_the_documented_ones():
     assert {s.value for s in sagakit.SagaStatus} == {
-        "PENDING", "RUNNING", "COMPENSATING", "COMPLETED", "FAILED", "PARKED",
+        "PENDING", "RUNNING", "COMPENSATING", "COMPLETED", "FAILED", "PARKED", "WAITING",
     }

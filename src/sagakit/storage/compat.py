@@ -5,6 +5,19 @@ or returns None, the orchestrator wraps the storage in :class:`CommitPerCallRun`
 checkpoints, each written as a sequence of commit-per-call writes (context first, then log entries, then status, so a crash between them
 is resolved safely by recovery). Such storages have no leases: the orchestrator cannot tell a
 live run from a crashed one, so run a single recovery worker per saga with them.
+
+Forward recovery on such a storage, within what the seed's protocol can write:
+
+- a log entry's attempt number goes into its ``details`` ("attempt 2: <the error>"), as the
+  seed's ``log_step`` has no ``attempt``;
+- a durable wait (``wait(..., release=True)``) writes status WAITING and nothing else: there is
+  no ``next_attempt_at``, so recovery resumes a waiting saga as soon as it lists it (which
+  takes a ``get_sagas_for_recovery`` that lists WAITING sagas: one written for the seed's
+  statuses only leaves them waiting until they are recovered by id); a wait in the process
+  writes nothing;
+- ``pivot()``, ``clear_wait()`` and a start's deadline write nothing: such a storage keeps
+  neither the pivot mark nor the deadline (``SagaState.past_pivot`` stays False,
+  ``deadline_at`` None), so after a restart the engine knows them only from the step log.
 """
 
 from __future__ import annotations
@@ -76,6 +89,7 @@ class CommitPerCallRun(BufferedRun):
         *,
         fingerprint: str | None,
         lease_seconds: float,
+        deadline_seconds: float | None = None,
     ) -> tuple[SagaState, bool]:
         try:
             return await self.claim(saga_id, lease_seconds=lease_seconds, name=name), False
@@ -106,7 +120,11 @@ class CommitPerCallRun(BufferedRun):
             state.status is SagaStatus.PARKED and not allow_parked
         ):
             return state
-        if count_attempt:
+        if state.status is SagaStatus.WAITING:  # a wait is no interruption: no attempt counted
+            with _storage_errors("claiming the saga", saga_id):
+                await self._storage.update_status(saga_id, SagaStatus.RUNNING)
+                state = await self._state(saga_id, state.name)
+        elif count_attempt:
             new_status = SagaStatus.RUNNING if state.status is SagaStatus.PENDING else None
             with _storage_errors("claiming the saga", saga_id):
                 await self._storage.increment_recovery_attempts(saga_id, new_status)
@@ -142,14 +160,19 @@ def _plain(context: Mapping[str, Any]) -> dict[str, Any]:
 
 
 async def _replay(target: Any, cp: Checkpoint) -> None:
-    """Apply a checkpoint through seed-protocol calls: context, log entries, then status."""
+    """Apply a checkpoint through seed-protocol calls: context, log entries, then status (a
+    releasing wait's WAITING among them). Waits, pivots and attempt numbers have no call of
+    their own: see the module docstring."""
     if cp.create_name is not None:
         await target.create_saga(cp.saga_id, cp.create_name, _plain(cp.context or {}))
     elif cp.context is not None:
         await target.update_context(cp.saga_id, _plain(cp.context), cp.expected_version)
     for e in cp.entries:
+        details = e.details
+        if e.attempt is not None:
+            details = f"attempt {e.attempt}" if details is None else f"attempt {e.attempt}: {details}"
         await target.log_step(
-            cp.saga_id, e.step_name, e.action.value, e.status, e.details, error_type=e.error_type
+            cp.saga_id, e.step_name, e.action.value, e.status, details, error_type=e.error_type
         )
     if cp.status is not None:
         await target.update_status(cp.saga_id, cp.status)

@@ -34,6 +34,7 @@ from sagakit.exceptions import (
     SagaStorageRejectedError,
     SagaStorageUnavailableError,
 )
+from sagakit.storage.schema import UPGRADE_HINT
 
 __all__ = ["Fault", "PoolExhausted", "classify", "reconnectable", "storage_error"]
 
@@ -149,6 +150,8 @@ def storage_error(
     fault = classify(error)
     what = f"saga {saga_id}: " if saga_id is not None else ""
     reason = _describe(error)
+    if _missing_column(error):
+        reason += f"; the tables lack a column this sagakit writes: {UPGRADE_HINT}"
     if fault is Fault.UNAVAILABLE:
         kind: type[SagaStorageError] = SagaStorageUnavailableError
         message = f"{what}the database is unavailable while {doing} ({reason})"
@@ -168,6 +171,18 @@ def _describe(error: BaseException) -> str:
         inner = error.orig
     text = str(inner).strip().splitlines()[0] if str(inner).strip() else ""
     return f"{type(inner).__name__}: {text[:300]}" if text else type(inner).__name__
+
+
+def _missing_column(error: BaseException) -> bool:
+    """Whether the database refused a statement naming a column the table lacks (tables made
+    by an older sagakit): SQLSTATE 42703, MySQL/MariaDB 1054, SQLite "no such column"."""
+    for current in _chain(error):
+        if getattr(current, "sqlstate", None) == "42703" or _mysql_number(current) == 1054:
+            return True
+        if _is_sqlite(current) and ("no such column" in str(current)
+                                    or "has no column named" in str(current)):
+            return True
+    return False
 
 
 def _mysql_number(error: BaseException) -> int | None:

@@ -17,6 +17,7 @@ from uuid import UUID
 
 import orjson
 
+from sagakit import settings
 from sagakit.exceptions import (
     SagaBusyError,
     SagaConcurrencyError,
@@ -38,7 +39,6 @@ from sagakit.storage.run import (
     PendingEntry,
     RunBackedStorage,
     refuse_nul,
-    releases_lease,
     wrong_saga,
 )
 
@@ -59,6 +59,8 @@ class _Row:
     lease_expires_at: float | None = None
     fingerprint: str | None = None
     next_attempt_at: float | None = None
+    past_pivot: bool = False
+    deadline_at: float | None = None
     sequence: int = 0  # insertion order, for "newest first" among equal timestamps
 
     def state(self) -> SagaState:
@@ -75,6 +77,8 @@ class _Row:
             lease_expires_at=None if self.lease_expires_at is None else _dt(self.lease_expires_at),
             fingerprint=self.fingerprint,
             next_attempt_at=None if self.next_attempt_at is None else _dt(self.next_attempt_at),
+            past_pivot=self.past_pivot,
+            deadline_at=None if self.deadline_at is None else _dt(self.deadline_at),
         )
 
 
@@ -128,7 +132,7 @@ class MemorySagaStorage(RunBackedStorage):
     async def get_step_history(self, saga_id: UUID) -> list[SagaLogEntry]:
         return [
             SagaLogEntry(saga_id, e.step_name, e.action, e.status, _dt(when), e.details,
-                         e.error_type)
+                         e.error_type, e.attempt)
             for e, when in self._logs.get(saga_id.int, ())
         ]
 
@@ -173,11 +177,7 @@ class MemorySagaStorage(RunBackedStorage):
             if saga_names is not None and row.name not in saga_names:
                 continue
             row.lease_owner, row.lease_expires_at = owner, now + lease_seconds
-            row.version += 1
-            row.updated_at = now
-            row.recovery_attempts += 1
-            if row.status is SagaStatus.PENDING:
-                row.status = SagaStatus.RUNNING
+            _claimed(row, now, count_attempt=True)
             claimed.append(row.state())
             if len(claimed) == limit:
                 break
@@ -241,9 +241,15 @@ class MemorySagaStorage(RunBackedStorage):
                 row.status = cp.status
             if cp.reset_attempts:
                 row.recovery_attempts = 0
+            if cp.wait_seconds is not None:
+                row.next_attempt_at = now + cp.wait_seconds
+            elif cp.clear_wait:
+                row.next_attempt_at = None
+            if cp.past_pivot:
+                row.past_pivot = True
             row.version += 1
             row.updated_at = now
-            if releases_lease(cp.status):
+            if cp.releases_lease:
                 row.lease_owner = row.lease_expires_at = None
             elif cp.lease_seconds is not None:
                 row.lease_expires_at = now + cp.lease_seconds
@@ -295,13 +301,22 @@ class MemorySagaStorage(RunBackedStorage):
             )
         row.lease_owner = run.owner
         row.lease_expires_at = now + lease_seconds
-        row.version += 1
-        row.updated_at = now
+        _claimed(row, now, count_attempt=count_attempt)
+        return row.state()
+
+
+def _claimed(row: _Row, now: float, *, count_attempt: bool) -> None:
+    """What a claim writes besides the lease: a new version, a recovery attempt (none for a
+    WAITING saga), and RUNNING for a PENDING or WAITING saga."""
+    row.version += 1
+    row.updated_at = now
+    if row.status is SagaStatus.WAITING:
+        row.status = SagaStatus.RUNNING
+    else:
         if count_attempt:
             row.recovery_attempts += 1
         if row.status is SagaStatus.PENDING:
             row.status = SagaStatus.RUNNING
-        return row.state()
 
 
 class _MemoryRun(BufferedRun):
@@ -328,8 +343,11 @@ class _MemoryRun(BufferedRun):
         *,
         fingerprint: str | None,
         lease_seconds: float,
+        deadline_seconds: float | None = None,
     ) -> tuple[SagaState, bool]:
         storage = self._storage
+        if deadline_seconds is not None:
+            deadline_seconds = settings.seconds("deadline_seconds", deadline_seconds)
         if saga_id.int in storage._rows:
             return await self.claim(saga_id, lease_seconds=lease_seconds, name=name), False
         now = storage.clock()
@@ -338,6 +356,8 @@ class _MemoryRun(BufferedRun):
         row.lease_owner = self.owner
         row.lease_expires_at = now + lease_seconds
         row.fingerprint = fingerprint
+        if deadline_seconds is not None:
+            row.deadline_at = now + deadline_seconds
         # As the SQL storage does: the state of a new saga is not read back (no timestamps).
         state = SagaState(saga_id, name, SagaStatus.RUNNING, context, 1, 0,
                           lease_owner=self.owner, fingerprint=fingerprint)

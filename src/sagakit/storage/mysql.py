@@ -55,9 +55,10 @@ class MySqlWriter:
         self._update = f"UPDATE {ex} SET version = version + 1, updated_at = {_NOW}"
         self._insert = (
             f"INSERT INTO {ex} (saga_id, name, status, context, version, recovery_attempts, "
-            "fingerprint, lease_owner, lease_expires_at, created_at, updated_at) VALUES ")
+            "fingerprint, lease_owner, lease_expires_at, created_at, updated_at, deadline_at) "
+            "VALUES ")
         self._log = (f"INSERT INTO {logs} (saga_id, step_name, action, status, details, "
-                     "error_type, created_at) ")
+                     "error_type, attempt, created_at) ")
         self._lock = f"SELECT saga_id, version, lease_owner FROM {ex} WHERE saga_id IN "
         self.max_packet: int | None = None
         """The server's ``max_allowed_packet`` (read once): no query is sent that exceeds it."""
@@ -202,6 +203,8 @@ class MySqlWriter:
         reset: list[str] = []
         release: list[str] = []
         ends: list[str] = []
+        waits: list[str] = []
+        pivots: list[str] = []
         fences: list[str] = []
         logs: list[str] = []
         for sid, cp, text in matched:
@@ -216,6 +219,12 @@ class MySqlWriter:
                 ends.append(f"WHEN {sid} THEN NULL")
             elif cp.lease_seconds is not None:
                 ends.append(f"WHEN {sid} THEN {_later(cp.lease_seconds)}")
+            if cp.wait_seconds is not None:
+                waits.append(f"WHEN {sid} THEN {_later(cp.wait_seconds)}")
+            elif cp.clear_wait:
+                waits.append(f"WHEN {sid} THEN NULL")
+            if cp.past_pivot:
+                pivots.append(sid)
             if fenced:
                 fences.append(f"WHEN {sid} THEN {_fence(cp, lit)}")
             logs.extend(f"({_entry(sid, e, lit)}, {_NOW})" for e in cp.entries)
@@ -232,6 +241,11 @@ class MySqlWriter:
                         "ELSE lease_expires_at END")
         if release:
             sets.append(f"lease_owner = IF(saga_id IN ({', '.join(release)}), NULL, lease_owner)")
+        if waits:
+            sets.append(f"next_attempt_at = CASE saga_id {' '.join(waits)} "
+                        "ELSE next_attempt_at END")
+        if pivots:
+            sets.append(f"past_pivot = IF(saga_id IN ({', '.join(pivots)}), TRUE, past_pivot)")
         where = f"saga_id IN ({', '.join(sid for sid, _, _ in matched)})"
         if fenced:
             where += f" AND CASE saga_id {' '.join(fences)} END"
@@ -378,6 +392,12 @@ def _sets(cp: Checkpoint, text: str | None, lit: _Literal) -> str:
         sets += ", lease_owner = NULL, lease_expires_at = NULL"
     elif cp.lease_seconds is not None:
         sets += ", lease_expires_at = " + _later(cp.lease_seconds)
+    if cp.wait_seconds is not None:
+        sets += ", next_attempt_at = " + _later(cp.wait_seconds)
+    elif cp.clear_wait:
+        sets += ", next_attempt_at = NULL"
+    if cp.past_pivot:
+        sets += ", past_pivot = TRUE"
     return sets
 
 
@@ -394,13 +414,16 @@ def _fence(cp: Checkpoint, lit: _Literal) -> str:
 
 
 def _entry(sid: str, e: PendingEntry, lit: _Literal) -> str:
+    attempt = "NULL" if e.attempt is None else str(int(e.attempt))
     return (f"{sid}, {lit(e.step_name)}, '{e.action.value}', '{e.status.value}', "
-            f"{lit(e.details)}, {lit(e.error_type)}")
+            f"{lit(e.details)}, {lit(e.error_type)}, {attempt}")
 
 
 def _start_row(s: LeasedStart, lit: _Literal) -> str:
+    deadline = "NULL" if s.deadline_seconds is None else _later(s.deadline_seconds)
     return (f"({_sid(s.saga_id)}, {lit(s.name)}, 'RUNNING', {lit(s.text)}, 1, 0, "
-            f"{lit(s.fingerprint)}, {lit(s.owner)}, {_later(s.lease_seconds)}, {_NOW}, {_NOW})")
+            f"{lit(s.fingerprint)}, {lit(s.owner)}, {_later(s.lease_seconds)}, {_NOW}, {_NOW}, "
+            f"{deadline})")
 
 
 def _is_open(raw: Any) -> bool:

@@ -54,7 +54,8 @@ START = 2
 @dataclasses.dataclass(slots=True)
 class LeasedStart:
     """The insert that starts a saga RUNNING at version 1, leased to ``owner`` for
-    ``lease_seconds``; ``text`` is the context's JSON."""
+    ``lease_seconds``; ``text`` is the context's JSON; ``deadline_seconds`` (None: no deadline)
+    sets ``deadline_at`` that far from now."""
 
     saga_id: UUID
     name: str
@@ -62,6 +63,7 @@ class LeasedStart:
     fingerprint: str | None
     owner: str
     lease_seconds: float
+    deadline_seconds: float | None = None
 
 
 class ConnectionGate:

@@ -49,7 +49,8 @@ class PgWriter:
             cp.releases_lease, cp.lease_seconds, cp.fence_version, cp.expected_version,
             cp.fence_owner, [e.step_name for e in entries], [e.action.value for e in entries],
             [e.status.value for e in entries], [e.details for e in entries],
-            [e.error_type for e in entries],
+            [e.error_type for e in entries], [e.attempt for e in entries],
+            cp.wait_seconds, cp.clear_wait, cp.past_pivot,
         )
         return None if version is None else int(version)
 
@@ -57,7 +58,8 @@ class PgWriter:
         """Insert the saga RUNNING and leased; False, with nothing written, if the id exists."""
         try:
             await _call(lease, "execute", self.insert_sql, start.saga_id, start.name, start.text,
-                        start.fingerprint, start.owner, start.lease_seconds)
+                        start.fingerprint, start.owner, start.lease_seconds,
+                        start.deadline_seconds)
         except Exception as error:
             if getattr(error, "sqlstate", None) == _UNIQUE_VIOLATION:
                 return False
@@ -88,6 +90,9 @@ class PgWriter:
             [s.saga_id for s in starts], [s.name for s in starts], [s.text for s in starts],
             [s.fingerprint for s in starts], [s.owner for s in starts],
             [s.lease_seconds for s in starts],
+            [cp.wait_seconds for cp in cps], [cp.clear_wait for cp in cps],
+            [cp.past_pivot for cp in cps], [e.attempt for _, e in entries],
+            [s.deadline_seconds for s in starts],
         )
         written: dict[UUID, int] = {}
         inserted: set[UUID] = set()
@@ -104,9 +109,10 @@ def _checkpoint_sql(tables: SagaTables) -> str:
     """One statement: the fenced row update and the log inserts, or nothing at all.
 
     Parameters: $1 saga_id, $2 has_ctx, $3 ctx, $4 status, $5 reset attempts, $6 release lease,
-    $7 lease seconds, $8 fence version, $9 expected version, $10 fence owner, $11-$15 arrays of
-    the log entries' step names, actions, statuses, details and error types. Returns the new
-    version, or no row when the fence (version / lease owner) did not match.
+    $7 lease seconds, $8 fence version, $9 expected version, $10 fence owner, $11-$16 arrays of
+    the log entries' step names, actions, statuses, details, error types and attempts, $17 wait
+    seconds (NULL: no wait), $18 clear the wait, $19 past the pivot. Returns the new version, or
+    no row when the fence (version / lease owner) did not match.
     """
     ex, logs = tables.executions.name, tables.logs.name
     return f"""
@@ -121,17 +127,24 @@ WITH u AS (
     lease_expires_at = CASE
       WHEN $6::boolean THEN NULL
       WHEN $7::float8 IS NULL THEN lease_expires_at
-      ELSE now() + make_interval(secs => $7::float8) END
+      ELSE now() + make_interval(secs => $7::float8) END,
+    next_attempt_at = CASE
+      WHEN $17::float8 IS NOT NULL THEN now() + make_interval(secs => $17::float8)
+      WHEN $18::boolean THEN NULL
+      ELSE next_attempt_at END,
+    past_pivot = past_pivot OR $19::boolean
   WHERE saga_id = $1::uuid
     AND ($8::integer IS NULL OR version = $8::integer)
     AND ($9::integer IS NULL OR version = $9::integer)
     AND ($10::varchar IS NULL OR lease_owner = $10::varchar)
   RETURNING version
 ), i AS (
-  INSERT INTO {logs} (saga_id, step_name, action, status, details, error_type, created_at)
-  SELECT $1::uuid, e.step_name, e.action, e.status, e.details, e.error_type, now()
-  FROM u, unnest($11::text[], $12::text[], $13::text[], $14::text[], $15::text[])
-       WITH ORDINALITY AS e(step_name, action, status, details, error_type, n)
+  INSERT INTO {logs} (saga_id, step_name, action, status, details, error_type, created_at,
+                      attempt)
+  SELECT $1::uuid, e.step_name, e.action, e.status, e.details, e.error_type, now(), e.attempt
+  FROM u, unnest($11::text[], $12::text[], $13::text[], $14::text[], $15::text[],
+                 $16::integer[])
+       WITH ORDINALITY AS e(step_name, action, status, details, error_type, attempt, n)
   ORDER BY e.n
 )
 SELECT version FROM u
@@ -140,12 +153,13 @@ SELECT version FROM u
 
 def _insert_sql(tables: SagaTables) -> str:
     """The insert creating a saga RUNNING and leased: $1 saga_id, $2 name, $3 context,
-    $4 fingerprint, $5 lease owner, $6 lease seconds."""
+    $4 fingerprint, $5 lease owner, $6 lease seconds, $7 deadline seconds (NULL: none)."""
     return f"""
 INSERT INTO {tables.executions.name} (saga_id, name, status, context, version, recovery_attempts,
-    fingerprint, lease_owner, lease_expires_at, created_at, updated_at)
+    fingerprint, lease_owner, lease_expires_at, created_at, updated_at, deadline_at)
 VALUES ($1::uuid, $2, 'RUNNING', $3::text::jsonb, 1, 0, $4, $5,
-    now() + make_interval(secs => $6::float8), now(), now())
+    now() + make_interval(secs => $6::float8), now(), now(),
+    now() + make_interval(secs => $7::float8))
 """
 
 
@@ -153,10 +167,11 @@ def _batch_sql(tables: SagaTables) -> str:
     """One statement writing the checkpoints of many sagas and inserting started ones (group
     commit).
 
-    $1-$10 are parallel arrays, one element per checkpoint (saga_id, has_ctx, ctx, status,
-    reset, release, lease seconds, fence version, expected version, fence owner); $11-$16 one
-    element per log entry (saga_id, step, action, status, details, error type); $17-$22 one
-    element per start (saga_id, name, ctx, fingerprint, owner, lease seconds). Returns
+    $1-$10 and $23-$25 are parallel arrays, one element per checkpoint (saga_id, has_ctx, ctx,
+    status, reset, release, lease seconds, fence version, expected version, fence owner; wait
+    seconds, clear wait, past pivot); $11-$16 and $26 one element per log entry (saga_id, step,
+    action, status, details, error type; attempt); $17-$22 and $27 one element per start
+    (saga_id, name, ctx, fingerprint, owner, lease seconds; deadline seconds). Returns
     (saga_id, new version) for each saga whose fence matched and (saga_id, 0) for each saga
     inserted; a fenced-out checkpoint is neither updated nor logged, a start whose id exists
     inserts nothing (ON CONFLICT DO NOTHING), and neither affects the others.
@@ -165,17 +180,20 @@ def _batch_sql(tables: SagaTables) -> str:
     return f"""
 WITH s AS (
   INSERT INTO {ex} (saga_id, name, status, context, version, recovery_attempts, fingerprint,
-                    lease_owner, lease_expires_at, created_at, updated_at)
+                    lease_owner, lease_expires_at, created_at, updated_at, deadline_at)
   SELECT s.sid, s.name, 'RUNNING', s.ctx::jsonb, 1, 0, s.fp, s.owner,
-         now() + make_interval(secs => s.lease), now(), now()
-  FROM unnest($17::uuid[], $18::text[], $19::text[], $20::text[], $21::text[], $22::float8[])
-    AS s(sid, name, ctx, fp, owner, lease)
+         now() + make_interval(secs => s.lease), now(), now(),
+         now() + make_interval(secs => s.deadline)
+  FROM unnest($17::uuid[], $18::text[], $19::text[], $20::text[], $21::text[], $22::float8[],
+              $27::float8[])
+    AS s(sid, name, ctx, fp, owner, lease, deadline)
   ON CONFLICT (saga_id) DO NOTHING
   RETURNING saga_id
 ), v AS (
   SELECT * FROM unnest($1::uuid[], $2::boolean[], $3::text[], $4::varchar[], $5::boolean[],
-                       $6::boolean[], $7::float8[], $8::integer[], $9::integer[], $10::varchar[])
-    AS v(sid, has_ctx, ctx, status, reset, release, lease, fv, ev, owner)
+                       $6::boolean[], $7::float8[], $8::integer[], $9::integer[], $10::varchar[],
+                       $23::float8[], $24::boolean[], $25::boolean[])
+    AS v(sid, has_ctx, ctx, status, reset, release, lease, fv, ev, owner, wait, clear, pivot)
 ), u AS (
   UPDATE {ex} AS x SET
     version = x.version + 1,
@@ -187,7 +205,12 @@ WITH s AS (
     lease_expires_at = CASE
       WHEN v.release THEN NULL
       WHEN v.lease IS NULL THEN x.lease_expires_at
-      ELSE now() + make_interval(secs => v.lease) END
+      ELSE now() + make_interval(secs => v.lease) END,
+    next_attempt_at = CASE
+      WHEN v.wait IS NOT NULL THEN now() + make_interval(secs => v.wait)
+      WHEN v.clear THEN NULL
+      ELSE x.next_attempt_at END,
+    past_pivot = x.past_pivot OR v.pivot
   FROM v
   WHERE x.saga_id = v.sid
     AND (v.fv IS NULL OR x.version = v.fv)
@@ -195,10 +218,12 @@ WITH s AS (
     AND (v.owner IS NULL OR x.lease_owner = v.owner)
   RETURNING x.saga_id, x.version
 ), i AS (
-  INSERT INTO {logs} (saga_id, step_name, action, status, details, error_type, created_at)
-  SELECT e.sid, e.step_name, e.action, e.status, e.details, e.error_type, now()
-  FROM unnest($11::uuid[], $12::text[], $13::text[], $14::text[], $15::text[], $16::text[])
-       WITH ORDINALITY AS e(sid, step_name, action, status, details, error_type, n)
+  INSERT INTO {logs} (saga_id, step_name, action, status, details, error_type, created_at,
+                      attempt)
+  SELECT e.sid, e.step_name, e.action, e.status, e.details, e.error_type, now(), e.attempt
+  FROM unnest($11::uuid[], $12::text[], $13::text[], $14::text[], $15::text[], $16::text[],
+              $26::integer[])
+       WITH ORDINALITY AS e(sid, step_name, action, status, details, error_type, attempt, n)
   JOIN u ON u.saga_id = e.sid
   ORDER BY e.n
 )

@@ -86,6 +86,41 @@ class LeasedRun(SagaStorageRun, Protocol):
     retry_after: float | None
     """Set before the run ends: releasing the lease then makes recovery wait this long."""
 
+    async def log_step(
+        self,
+        saga_id: UUID,
+        step_name: str,
+        action: str,
+        status: SagaStepStatus,
+        details: str | None = None,
+        *,
+        error_type: str | None = None,
+        attempt: int | None = None,
+    ) -> None:
+        """Buffer a step log entry; ``attempt`` is the attempt number of an act entry of a
+        step with a retry policy (an integer >= 1, else ValueError; None: not recorded)."""
+
+    async def wait(self, saga_id: UUID, seconds: float, *, release: bool) -> None:
+        """Buffer a wait before the saga's next attempt; nothing is written until ``commit()``.
+
+        The commit sets ``next_attempt_at`` to now plus ``seconds`` (the database's clock):
+        recovery does not list the saga before then. With ``release`` (a durable wait) it also
+        writes status WAITING and releases the lease, as a terminal status does; recovery
+        claims the saga once it is due, counting no recovery attempt. Without it (a wait in the
+        process) the saga stays RUNNING and leased; ``next_attempt_at`` only keeps recovery
+        from resuming it early should this process die meanwhile. ValueError for seconds that
+        are not a finite number >= 0. Fenced like any commit: a run that lost its lease writes
+        nothing."""
+
+    async def clear_wait(self, saga_id: UUID) -> None:
+        """Buffer setting ``next_attempt_at`` back to NULL (the step that waited is done);
+        nothing is written until ``commit()``. It drops a wait buffered before it in the same
+        checkpoint."""
+
+    async def pivot(self, saga_id: UUID) -> None:
+        """Buffer marking the saga past its pivot (``SagaState.past_pivot``); nothing is
+        written until ``commit()``. Later checkpoints keep the mark; nothing removes it."""
+
     async def start(
         self,
         saga_id: UUID,
@@ -94,13 +129,19 @@ class LeasedRun(SagaStorageRun, Protocol):
         *,
         fingerprint: str | None,
         lease_seconds: float,
+        deadline_seconds: float | None = None,
     ) -> tuple[SagaState, bool]:
         """Create the saga RUNNING and leased to this run, or, if the id exists, claim it.
 
         One durable write for a new saga. Returns (state, created). An existing terminal or
         PARKED saga is returned as stored, with nothing written. An existing saga leased by a
         live run raises SagaBusyError, with nothing written. Claiming an existing saga counts a
-        recovery attempt.
+        recovery attempt (none for a WAITING one).
+
+        ``deadline_seconds``: a new saga's ``deadline_at`` is now plus that many seconds (the
+        database's clock); a claimed saga keeps the deadline it was started with. The state
+        returned for a new saga is not read back: it carries no timestamps (``deadline_at``
+        included); ``get_saga`` and claims return them.
         """
         ...
 
@@ -111,7 +152,9 @@ class LeasedRun(SagaStorageRun, Protocol):
         """Take the lease of an existing saga. Terminal sagas (and PARKED ones unless
         ``allow_parked``) are returned as stored, nothing written. Raises SagaNotFoundError,
         SagaBusyError, or — with ``name`` — SagaDefinitionError when the stored saga has another
-        name; nothing is written in each case."""
+        name; nothing is written in each case. A PENDING or WAITING saga becomes RUNNING;
+        claiming a WAITING one counts no recovery attempt, even with ``count_attempt``, and
+        does not wait for its ``next_attempt_at``."""
         ...
 
     async def renew_lease(self, lease_seconds: float) -> None:
@@ -154,7 +197,8 @@ class SagaStorage(Protocol):
         *,
         error_type: str | None = None,
     ) -> None:
-        """Append a step log entry."""
+        """Append a step log entry. (The seed's signature: sagakit's own storages also take
+        ``attempt=``; the orchestrator writes it into ``details`` for a storage without runs.)"""
 
     async def load_saga_state(
         self, saga_id: UUID, *, read_for_update: bool = False
@@ -179,10 +223,11 @@ class SagaStorage(Protocol):
         stale_after_seconds: float | None = None,
         saga_name: str | None = None,
     ) -> list[UUID]:
-        """Ids of PENDING, RUNNING or COMPENSATING sagas whose lease is free or expired and which
-        have had at most ``max_recovery_attempts`` recovery attempts (the next claim of one that
-        has had exactly that many parks it), least recently updated first. With
-        ``stale_after_seconds``, only sagas not updated for that long."""
+        """Ids of PENDING, RUNNING, COMPENSATING or WAITING sagas whose lease is free or
+        expired, whose ``next_attempt_at`` (if set) has passed, and which have had at most
+        ``max_recovery_attempts`` recovery attempts (the next claim of one that has had exactly
+        that many parks it), least recently updated first. With ``stale_after_seconds``, only
+        sagas not updated for that long."""
         ...
 
     async def list_sagas(
@@ -207,7 +252,8 @@ class SagaStorage(Protocol):
     ) -> list[SagaState]:
         """Claim, in one atomic step, up to ``limit`` sagas that ``get_sagas_for_recovery``
         would list (optionally only those named in ``saga_names``): each is leased to
-        ``owner``, counts one recovery attempt, and PENDING becomes RUNNING. Sagas another
+        ``owner``, counts one recovery attempt (a WAITING saga counts none: its wait was not an
+        interruption), and PENDING or WAITING becomes RUNNING. Sagas another
         worker claims at the same moment go to one of them, never to both (``SKIP LOCKED`` where
         the database does that well). Optional: a worker falls back to listing and claiming one
         by one when it is missing or raises NotImplementedError (as this stub does)."""

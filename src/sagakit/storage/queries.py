@@ -58,7 +58,19 @@ def row_to_state(row: Any) -> SagaState:
         lease_expires_at=Dialect.aware(m["lease_expires_at"]),
         fingerprint=m["fingerprint"],
         next_attempt_at=Dialect.aware(m["next_attempt_at"]),
+        past_pivot=bool(m["past_pivot"]),
+        deadline_at=Dialect.aware(m["deadline_at"]),
     )
+
+
+def _log_rows(cp: Checkpoint, time: dict[str, Any]) -> list[dict[str, Any]]:
+    """The parameters of a checkpoint's log entry inserts."""
+    return [
+        {"sid": cp.saga_id, "step_name": e.step_name, "action": e.action.value,
+         "status": e.status.value, "details": e.details, "error_type": e.error_type,
+         "attempt": e.attempt, **time}
+        for e in cp.entries
+    ]
 
 
 class Queries:
@@ -73,19 +85,21 @@ class Queries:
         self._state_locked = self._state.with_for_update()
         self._history = (
             sa.select(logs.c.step_name, logs.c.action, logs.c.status, logs.c.created_at,
-                      logs.c.details, logs.c.error_type)
+                      logs.c.details, logs.c.error_type, logs.c.attempt)
             .where(logs.c.saga_id == sid).order_by(logs.c.id)
         )
         self._insert_log = sa.insert(logs).values(
             saga_id=sid, step_name=sa.bindparam("step_name"), action=sa.bindparam("action"),
             status=sa.bindparam("status"), details=sa.bindparam("details"),
             error_type=sa.bindparam("error_type"), created_at=d.now(),
+            attempt=sa.bindparam("attempt", type_=sa.Integer()),
         )
         self._insert_leased = sa.insert(t).values(
             saga_id=sid, name=sa.bindparam("name"), status=SagaStatus.RUNNING.value,
             context=d.context_in, version=1, recovery_attempts=0,
             fingerprint=sa.bindparam("fingerprint"), lease_owner=sa.bindparam("owner"),
             lease_expires_at=d.now_plus("lease"), created_at=d.now(), updated_at=d.now(),
+            deadline_at=d.now_plus("deadline"),
         )
         self._insert_plain = sa.insert(t).values(
             saga_id=sid, name=sa.bindparam("name"), status=sa.bindparam("status"),
@@ -118,13 +132,7 @@ class Queries:
                 sa.or_(t.c.lease_owner.is_(None), t.c.lease_owner == owner,
                        t.c.lease_expires_at <= d.now()),
             )
-            .values(
-                lease_owner=owner, lease_expires_at=d.now_plus("lease"),
-                version=t.c.version + 1, updated_at=d.now(),
-                recovery_attempts=t.c.recovery_attempts + sa.bindparam("inc", type_=sa.Integer()),
-                status=sa.case((t.c.status == SagaStatus.PENDING.value, SagaStatus.RUNNING.value),
-                               else_=t.c.status),
-            )
+            .ordered_values(*self._claim_values(sa.bindparam("inc", type_=sa.Integer())))
         )
         if not d.is_mysql:
             stmt = stmt.returning(*self.columns)
@@ -149,7 +157,7 @@ class Queries:
         rows = (await conn.execute(self._history, {"sid": saga_id})).all()
         return [
             SagaLogEntry(saga_id, r[0], SagaAction(r[1]), SagaStepStatus(r[2]),
-                         Dialect.aware(r[3]), r[4], r[5])  # type: ignore[arg-type]
+                         Dialect.aware(r[3]), r[4], r[5], r[6])  # type: ignore[arg-type]
             for r in rows
         ]
 
@@ -178,7 +186,7 @@ class Queries:
                 sa.update(self.t)
                 .where(self.t.c.saga_id.in_(self._due(stale_after is not None, names)
                                             .with_for_update(skip_locked=True).scalar_subquery()))
-                .values(**self._claim_values()).returning(*self.columns)))
+                .ordered_values(*self._claim_values(1)).returning(*self.columns)))
             return [row_to_state(r) for r in (await conn.execute(stmt, params)).all()]
         due = self._due(stale_after is not None, names)
         ids = [r[0] for r in (await conn.execute(due, params)).all()]
@@ -197,17 +205,23 @@ class Queries:
             rows = (await conn.execute(mine, {"ids": ids, "owner": owner})).all()
         return [row_to_state(r) for r in rows]
 
-    def _claim_values(self) -> dict[str, Any]:
-        """What a claim writes: the lease, one more version and recovery attempt, and RUNNING
-        for a PENDING saga."""
+    def _claim_values(self, inc: Any) -> list[tuple[Any, Any]]:
+        """What a claim writes: the lease, one more version, ``inc`` more recovery attempts
+        (none for a WAITING saga), and RUNNING for a PENDING or WAITING saga. In this order:
+        MySQL/MariaDB assign left to right, each assignment seeing the ones before it, so the
+        attempt count must read the status before it changes."""
         t, d = self.t, self.d
-        return {
-            "lease_owner": sa.bindparam("owner"), "lease_expires_at": d.now_plus("lease"),
-            "version": t.c.version + 1, "updated_at": d.now(),
-            "recovery_attempts": t.c.recovery_attempts + 1,
-            "status": sa.case((t.c.status == SagaStatus.PENDING.value, SagaStatus.RUNNING.value),
-                              else_=t.c.status),
-        }
+        return [
+            (t.c.lease_owner, sa.bindparam("owner")),
+            (t.c.lease_expires_at, d.now_plus("lease")),
+            (t.c.version, t.c.version + 1),
+            (t.c.updated_at, d.now()),
+            (t.c.recovery_attempts, t.c.recovery_attempts + sa.case(
+                (t.c.status == SagaStatus.WAITING.value, 0), else_=inc)),
+            (t.c.status, sa.case(
+                (t.c.status.in_([SagaStatus.PENDING.value, SagaStatus.WAITING.value]),
+                 SagaStatus.RUNNING.value), else_=t.c.status)),
+        ]
 
     def _claim_by_ids(self) -> tuple[Any, Any]:
         """The claim of candidates read beforehand (MySQL/MariaDB, SQLite): the UPDATE of those
@@ -219,7 +233,8 @@ class Queries:
             sa.text(RECOVERABLE_SQL),
             t.c.recovery_attempts <= sa.bindparam("max_attempts", type_=sa.Integer()),
             sa.or_(t.c.lease_owner.is_(None), t.c.lease_expires_at <= d.now()),
-        ).values(**self._claim_values())
+            sa.or_(t.c.next_attempt_at.is_(None), t.c.next_attempt_at <= d.now()),
+        ).ordered_values(*self._claim_values(1))
         mine = sa.select(*self.columns).where(t.c.saga_id.in_(ids),
                                               t.c.lease_owner == sa.bindparam("owner"))
         return update, mine
@@ -288,7 +303,8 @@ class Queries:
         if the id exists."""
         params = {"sid": start.saga_id, "name": start.name, "ctx": start.text,
                   "fingerprint": start.fingerprint, "owner": start.owner,
-                  **self.d.time_params(lease=start.lease_seconds)}
+                  **self.d.time_params(lease=start.lease_seconds,
+                                       deadline=start.deadline_seconds)}
         try:
             await conn.execute(self._insert_leased, params)
         except sa.exc.IntegrityError:
@@ -349,8 +365,7 @@ class Queries:
         """Write one checkpoint in the caller's transaction; return the new version, or None
         when its fence matched no row (nothing written; :meth:`diagnose` tells why). Creating
         a saga whose id exists raises SagaConcurrencyError."""
-        d = self.d
-        time = d.time_params(lease=cp.lease_seconds)
+        time = self._time(cp)
         if cp.create_name is not None:
             status = (cp.status or SagaStatus.PENDING).value
             try:
@@ -367,11 +382,7 @@ class Queries:
                 return None
             version = await self._version_after(conn, cp)
         if cp.entries:
-            await conn.execute(self._insert_log, [
-                {"sid": cp.saga_id, "step_name": e.step_name, "action": e.action.value,
-                 "status": e.status.value, "details": e.details, "error_type": e.error_type, **time}
-                for e in cp.entries
-            ])
+            await conn.execute(self._insert_log, _log_rows(cp, time))
         return version
 
     # -- group commit: many sagas' checkpoints in one transaction -------------------------------
@@ -387,16 +398,11 @@ class Queries:
         logs: list[dict[str, Any]] = []
         for cp, text in items:
             stmt, params = self._update_for(cp, text)
-            time = self.d.time_params(lease=cp.lease_seconds)
+            time = self._time(cp)
             if (await conn.execute(stmt, {**params, **time})).rowcount != 1:
                 continue
             written[cp.saga_id] = await self._version_after(conn, cp)
-            logs.extend(
-                {"sid": cp.saga_id, "step_name": e.step_name, "action": e.action.value,
-                 "status": e.status.value, "details": e.details, "error_type": e.error_type,
-                 **time}
-                for e in cp.entries
-            )
+            logs.extend(_log_rows(cp, time))
         if logs:
             await conn.execute(self._insert_log, logs)
         return written
@@ -411,10 +417,17 @@ class Queries:
             return known + 1
         return (await self.load_state(conn, cp.saga_id))[2]
 
+    def _time(self, cp: Checkpoint) -> dict[str, Any]:
+        """The time parameters of a checkpoint's statements (the wait's only when it has one)."""
+        if cp.wait_seconds is None:
+            return self.d.time_params(lease=cp.lease_seconds)
+        return self.d.time_params(lease=cp.lease_seconds, wait=cp.wait_seconds)
+
     def _update_for(self, cp: Checkpoint, text: str | None) -> tuple[Any, dict[str, Any]]:
         key = (text is not None, cp.status is not None, cp.reset_attempts, cp.releases_lease,
                cp.lease_seconds is not None, cp.fence_version is not None,
-               cp.expected_version is not None, cp.fence_owner is not None)
+               cp.expected_version is not None, cp.fence_owner is not None,
+               cp.wait_seconds is not None, cp.clear_wait, cp.past_pivot)
         stmt = self._updates.get(key)
         if stmt is None:
             stmt = self._updates[key] = self._build_update(*key)
@@ -425,7 +438,8 @@ class Queries:
         return stmt, {k: v for k, v in params.items() if v is not None or k == "sid"}
 
     def _build_update(self, has_ctx: bool, has_status: bool, reset: bool, release: bool,
-                      has_lease: bool, has_fv: bool, has_ev: bool, has_owner: bool) -> Any:
+                      has_lease: bool, has_fv: bool, has_ev: bool, has_owner: bool,
+                      has_wait: bool, clear_wait: bool, pivot: bool) -> Any:
         t, d = self.t, self.d
         values: dict[str, Any] = {"version": t.c.version + 1, "updated_at": d.now()}
         if has_ctx:
@@ -439,6 +453,12 @@ class Queries:
             values["lease_expires_at"] = None
         elif has_lease:
             values["lease_expires_at"] = d.now_plus("lease")
+        if has_wait:
+            values["next_attempt_at"] = d.now_plus("wait")
+        elif clear_wait:
+            values["next_attempt_at"] = None
+        if pivot:
+            values["past_pivot"] = True
         stmt = sa.update(t).where(t.c.saga_id == sa.bindparam("sid", type_=sa.Uuid()))
         if has_fv:
             stmt = stmt.where(t.c.version == sa.bindparam("fv"))

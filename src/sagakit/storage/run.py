@@ -22,6 +22,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 from uuid import UUID
 
+from sagakit import settings
 from sagakit.exceptions import (
     SagaDefinitionError,
     SagaError,
@@ -57,6 +58,7 @@ def wrong_saga(saga_id: UUID, stored: str, expected: str) -> SagaDefinitionError
 _NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 MAX_DETAILS = 8000
 """Characters of a log entry's details kept (MySQL's TEXT holds 64 KiB); the rest is cut."""
+_MAX_ATTEMPT = 2**31 - 1  # the logs' attempt column is a SQL INTEGER
 
 
 def refuse_nul(saga_id: UUID, data: bytes) -> None:
@@ -82,10 +84,10 @@ def log_text(text: str | None, limit: int = MAX_DETAILS) -> str | None:
 
 
 def releases_lease(status: SagaStatus | None) -> bool:
-    """Whether writing this status ends the run's lease (terminal or PARKED). Identity tests:
-    ``in`` on enum members would call their Python-level ``__eq__``/``__hash__``."""
+    """Whether writing this status ends the run's lease (terminal, PARKED or WAITING). Identity
+    tests: ``in`` on enum members would call their Python-level ``__eq__``/``__hash__``."""
     return (status is SagaStatus.COMPLETED or status is SagaStatus.FAILED
-            or status is SagaStatus.PARKED)
+            or status is SagaStatus.PARKED or status is SagaStatus.WAITING)
 
 
 def new_owner_id() -> str:
@@ -113,6 +115,7 @@ class PendingEntry:
     status: SagaStepStatus
     details: str | None
     error_type: str | None
+    attempt: int | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -122,7 +125,12 @@ class Checkpoint:
     ``fence_owner``/``fence_version`` are set when the run holds the saga's lease: the write
     applies only if the row still has that owner and version. ``expected_version`` comes from
     ``update_context(current_version=...)``. ``lease_seconds`` extends the lease (None: leave
-    it); a terminal or PARKED status releases it.
+    it); a terminal, PARKED or WAITING status releases it, and so does a releasing wait.
+
+    Forward recovery: ``wait_seconds`` sets ``next_attempt_at`` to the database's now plus that
+    many seconds (``wait_releases``: the checkpoint also writes WAITING and releases the lease);
+    ``clear_wait`` sets ``next_attempt_at`` back to NULL (never together with a wait: the later
+    of the two calls wins); ``past_pivot`` marks the saga past its pivot (never unmarked).
     """
 
     saga_id: UUID
@@ -135,10 +143,14 @@ class Checkpoint:
     fence_version: int | None = None
     lease_seconds: float | None = None
     reset_attempts: bool = False
+    wait_seconds: float | None = None
+    wait_releases: bool = False
+    clear_wait: bool = False
+    past_pivot: bool = False
 
     @property
     def releases_lease(self) -> bool:
-        return releases_lease(self.status)
+        return self.wait_releases or releases_lease(self.status)
 
 
 class BufferedRun(abc.ABC):
@@ -202,23 +214,51 @@ class BufferedRun(abc.ABC):
         details: str | None = None,
         *,
         error_type: str | None = None,
+        attempt: int | None = None,
     ) -> None:
         if details is not None:
             details = log_text(details)
         if error_type is not None:
             error_type = log_text(error_type, 255)
+        if attempt is not None:
+            attempt = settings.count("attempt", attempt, maximum=_MAX_ATTEMPT)
         entry = PendingEntry(
             step_name,
             action if type(action) is SagaAction else SagaAction(action),
             status if type(status) is SagaStepStatus else SagaStepStatus(status),
             details,
             error_type,
+            attempt,
         )
         self._buffer(saga_id).entries.append(entry)
 
     async def reset_recovery_attempts(self, saga_id: UUID) -> None:
         """Buffer setting the recovery attempt count back to 0 (an explicit resume)."""
         self._buffer(saga_id).reset_attempts = True
+
+    async def wait(self, saga_id: UUID, seconds: float, *, release: bool) -> None:
+        """Buffer a wait before the saga's next attempt: ``next_attempt_at`` = now (the
+        database's clock) + ``seconds``. With ``release``, also status WAITING, and the commit
+        releases the lease. ValueError (nothing buffered) for seconds that are not a finite
+        number >= 0."""
+        seconds = settings.seconds("wait seconds", seconds)
+        pending = self._buffer(saga_id)
+        pending.wait_seconds = seconds
+        pending.clear_wait = False
+        if release:
+            pending.wait_releases = True
+            pending.status = SagaStatus.WAITING
+
+    async def clear_wait(self, saga_id: UUID) -> None:
+        """Buffer setting ``next_attempt_at`` back to NULL (a wait buffered before it in the
+        same checkpoint is dropped; its status and lease release are kept)."""
+        pending = self._buffer(saga_id)
+        pending.clear_wait = True
+        pending.wait_seconds = None
+
+    async def pivot(self, saga_id: UUID) -> None:
+        """Buffer marking the saga past its pivot (``past_pivot``; never unmarked)."""
+        self._buffer(saga_id).past_pivot = True
 
     @property
     def has_pending(self) -> bool:
@@ -300,6 +340,7 @@ class BufferedRun(abc.ABC):
         *,
         fingerprint: str | None,
         lease_seconds: float,
+        deadline_seconds: float | None = None,
     ) -> tuple[SagaState, bool]: ...
 
     @abc.abstractmethod
@@ -379,7 +420,9 @@ class RunBackedStorage(abc.ABC):
         details: str | None = None,
         *,
         error_type: str | None = None,
+        attempt: int | None = None,
     ) -> None:
         run = self._new_run()
-        await run.log_step(saga_id, step_name, action, status, details, error_type=error_type)
+        await run.log_step(saga_id, step_name, action, status, details, error_type=error_type,
+                           attempt=attempt)
         await run.commit()

@@ -2,15 +2,20 @@
 
 ``saga_executions``
     saga_id (PK), name, status, context (JSON; JSONB on PostgreSQL), version, recovery_attempts,
-    fingerprint, lease_owner, lease_expires_at, next_attempt_at (recovery backoff), created_at,
-    updated_at.
+    fingerprint, lease_owner, lease_expires_at, next_attempt_at (recovery backoff; a WAITING
+    saga's next attempt), created_at, updated_at, past_pivot, deadline_at.
     Indexes: (status, updated_at) and, on PostgreSQL and SQLite, a partial index on
     (updated_at, saga_id) of recoverable sagas for the recovery scan; (name, status);
     (created_at) for listing.
 
 ``saga_logs``
     id (PK, autoincrement: the write order), saga_id, step_name, action, status, details,
-    error_type, created_at. Index: (saga_id, id) for a saga's history in order.
+    error_type, created_at, attempt. Index: (saga_id, id) for a saga's history in order.
+
+Columns added after the first release come last, where the migration adding them puts them
+(``0002``: past_pivot, deadline_at, attempt). Changes to existing tables go through the
+migrations (:mod:`sagakit.migrations`): :meth:`SagaTables.create_missing` creates missing tables
+and indexes only, and refuses tables that lack a column.
 
 Timestamps are UTC (``timestamptz`` on PostgreSQL, ``DATETIME(6)`` holding UTC on MySQL/MariaDB).
 Table names are configurable and validated as plain identifiers, together with the index names
@@ -26,15 +31,23 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql
 
+from sagakit.exceptions import SagaStorageError
+
 __all__ = ["MAX_IDENTIFIER_LENGTH", "SagaTables", "build_tables", "validate_table_name"]
 
 MAX_IDENTIFIER_LENGTH = 63
 """The longest name sagakit gives a table or an index: PostgreSQL's limit, the strictest of the
 backends (MySQL/MariaDB allow 64, SQLite has none), so a schema fits wherever it moves."""
 
-RECOVERABLE_SQL = "status IN ('COMPENSATING', 'PENDING', 'RUNNING')"
+RECOVERABLE_SQL = "status IN ('COMPENSATING', 'PENDING', 'RUNNING', 'WAITING')"
 """The recoverable statuses as SQL; the recovery scan uses this exact text, so the planner can
 match it to the partial index's predicate."""
+
+UPGRADE_HINT = (
+    "upgrade the tables with sagakit's migrations (await sagakit.migrations.upgrade(engine), "
+    "or alembic upgrade head with script_location = sagakit:migrations)"
+)
+"""What to do about tables older than this version of sagakit (error messages end with it)."""
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
@@ -122,6 +135,8 @@ class SagaTables:
             sa.Column("next_attempt_at", _timestamp(), nullable=True),
             sa.Column("created_at", _timestamp(), nullable=False),
             sa.Column("updated_at", _timestamp(), nullable=False),
+            sa.Column("past_pivot", sa.Boolean(), nullable=False, server_default=sa.false()),
+            sa.Column("deadline_at", _timestamp(), nullable=True),
             sa.Index(names["status_updated"], "status", "updated_at"),
             # The recovery scan, in its order, over recoverable sagas only (PostgreSQL and
             # SQLite have partial indexes; MySQL/MariaDB use the index above).
@@ -144,6 +159,7 @@ class SagaTables:
             sa.Column("details", sa.Text(), nullable=True),
             sa.Column("error_type", sa.String(255), nullable=True),
             sa.Column("created_at", _timestamp(), nullable=False),
+            sa.Column("attempt", sa.Integer(), nullable=True),
             sa.Index(_index_name(logs_table, "saga_id"), "saga_id", "id"),
         )
 
@@ -151,9 +167,16 @@ class SagaTables:
         """Create whatever part of the schema is missing: a missing table with its indexes,
         and each missing index of a table that exists (``create_all`` checks tables only).
         Completes a schema an interrupted or failed creation left half-built (MySQL/MariaDB
-        commit each CREATE at once); on a complete schema it only reads the catalog."""
+        commit each CREATE at once); on a complete schema it only reads the catalog.
+
+        Columns are not added: a table made by an older sagakit raises SagaStorageError naming
+        the missing columns and the migrations to run, before anything is created."""
         inspector = sa.inspect(connection)
-        for table in (self.executions, self.logs):
+        tables = (self.executions, self.logs)
+        for table in tables:
+            if inspector.has_table(table.name):
+                _check_columns(table, inspector)
+        for table in tables:
             if not inspector.has_table(table.name):
                 table.create(connection)
                 continue
@@ -161,6 +184,15 @@ class SagaTables:
             for index in sorted(table.indexes, key=lambda index: str(index.name)):
                 if index.name not in present:
                     index.create(connection)  # honours ddl_if: no partial index on MySQL
+
+
+def _check_columns(table: sa.Table, inspector: Any) -> None:
+    present = {column["name"] for column in inspector.get_columns(table.name)}
+    missing = [column.name for column in table.columns if column.name not in present]
+    if missing:
+        raise SagaStorageError(
+            f"table {table.name} lacks the columns {', '.join(missing)}: it was made by an "
+            f"older sagakit; {UPGRADE_HINT}")
 
 
 def build_tables(

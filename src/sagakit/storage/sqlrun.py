@@ -10,6 +10,7 @@ from uuid import UUID
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from sagakit import settings
 from sagakit.exceptions import SagaError
 from sagakit.records import SagaLogEntry, SagaState, SagaStatus
 from sagakit.storage.faults import storage_error
@@ -121,10 +122,13 @@ class SqlRun(BufferedRun):
         *,
         fingerprint: str | None,
         lease_seconds: float,
+        deadline_seconds: float | None = None,
     ) -> tuple[SagaState, bool]:
         s = self._s
+        if deadline_seconds is not None:
+            deadline_seconds = settings.seconds("deadline_seconds", deadline_seconds)
         start = LeasedStart(saga_id, name, s.dump(saga_id, context), fingerprint, self.owner,
-                            lease_seconds)
+                            lease_seconds, deadline_seconds)
         if s.group_commit is not None:
             created = await s.group_commit.start(start)
         else:
