@@ -246,7 +246,8 @@ class Execution(Generic[C]):
                            attempt=self.completed_attempt)
         if data is not None:
             await run.update_context(saga_id, data)
-        if spec.pivot:  # the point of no return, durable with this checkpoint
+        pivot = spec.pivot
+        if pivot:  # the point of no return, durable with this checkpoint
             await run.pivot(saga_id)
         last = index == len(self.saga.step_specs) - 1
         if last:
@@ -267,7 +268,7 @@ class Execution(Generic[C]):
             await self._give_up(error, completed)
             raise error from exc
         completed.append(CompletedStep(index, handler_name))
-        if spec.pivot:
+        if pivot:
             self.past_pivot = True
         if last:
             self.status = SagaStatus.COMPLETED
@@ -335,21 +336,22 @@ class Execution(Generic[C]):
             )
             raise error
 
-    async def call_act(self, handler_name: str) -> SagaStepResult[C, Any]:
+    def call_act(self, handler_name: str) -> Awaitable[SagaStepResult[C, Any]]:
         """Run one handler's act through the middleware chain, under its retry policy and
         timeout if it has them (:func:`sagakit.attempts.act_with_retries`). Raises the error of
         the attempt that failed the step (``failed_attempt`` its number),
-        :class:`~sagakit.attempts.Suspended` at a durable wait."""
+        :class:`~sagakit.attempts.Suspended` at a durable wait. (Not a coroutine itself: it
+        hands back the one to await, a frame less per step.)"""
         options = self._act_options.get(handler_name)
         if options is None:  # the plain step of before forward recovery: one attempt
             self.failed_attempt = self.completed_attempt = None
-            return await self.act_once(handler_name, 1, None)
+            return self.act_once(handler_name, 1, None)
         attempt = 1
         resumed = self._resumed
         if resumed is not None and resumed[0] == handler_name:  # the count goes on
             attempt, self._resumed = resumed[1] + 1, None
         self.failed_attempt = None
-        return await act_with_retries(self, handler_name, options, attempt)
+        return act_with_retries(self, handler_name, options, attempt)
 
     async def act_once(
         self, handler_name: str, attempt: int, limit: float | None

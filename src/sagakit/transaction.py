@@ -140,11 +140,15 @@ class SagaTransaction(Generic[C]):
         try:
             async with open_run(self.storage) as run:
                 try:
-                    state, created = await run.start(
-                        saga_id, saga.name, ContextJSON(self._initial),
-                        fingerprint=saga.fingerprint, lease_seconds=self.lease_seconds,
-                        **({} if saga.deadline is None else {"deadline_seconds": saga.deadline}),
-                    )
+                    if saga.deadline is None:  # runs of older protocols know no deadline
+                        state, created = await run.start(
+                            saga_id, saga.name, ContextJSON(self._initial),
+                            fingerprint=saga.fingerprint, lease_seconds=self.lease_seconds)
+                    else:
+                        state, created = await run.start(
+                            saga_id, saga.name, ContextJSON(self._initial),
+                            fingerprint=saga.fingerprint, lease_seconds=self.lease_seconds,
+                            deadline_seconds=saga.deadline)
                 except SagaError as exc:
                     exc.locate(saga_id=saga_id, saga_name=saga.name)
                     raise
@@ -179,7 +183,9 @@ class SagaTransaction(Generic[C]):
             context=self.context, stored_context=stored, container=self.container,
             middlewares=self.middlewares, retry=self.retry,
             lease_seconds=self.lease_seconds, status=state.status,
-            deadline_at=deadline_of(state, self.saga, created), past_pivot=state.past_pivot,
+            deadline_at=(None if state.deadline_at is None and self.saga.deadline is None
+                         else deadline_of(state, self.saga, created)),
+            past_pivot=state.past_pivot,
         )
         return execution, plan
 

@@ -54,8 +54,49 @@ I6 the final context matches the steps in effect
     and not COMPENSATED in the log, in step order.
     ``I6.log-shape``: a COMPLETED saga logs every act COMPLETED and no compensation; a FAILED or
     PARKED one logs the configured act as FAILED.
-    ``I6.no-anomaly``: no act found its own effect already in the context it received, and no
-    compensation found its effect missing.
+    ``I6.no-anomaly``: no act found its own effect already in the context it received, nor
+    what a failed attempt left in it (every attempt starts from the last checkpoint's context),
+    and no compensation found its effect missing.
+
+Forward recovery (:class:`~tests.acceptance.crashsaga.ForwardSaga`; the checks run on
+CrashSaga too, whose every step has a budget of one attempt and no pivot):
+
+I7 attempts never exceed the budget, except as documented for crashes
+    ``I7.attempt-in-budget``: every act start's attempt number is within its step's budget
+    (:func:`~tests.acceptance.crashsaga.budget`).
+    ``I7.attempt-continues``: an act's attempt number is one more than the RETRYING entries of
+    its step in its snapshot (recovery continues the count; an attempt cut off by a crash
+    before its checkpoint is not counted, so it runs again under the same number).
+    ``I7.budget``: a step's act starts number at most its budget plus the kills that hit it:
+    the SIGKILLed processes whose last act/compensate event for the saga was that step's act
+    (started, or ended with its checkpoint maybe not written), and the processes stopped by
+    SIGTERM whose last such event was that act cut off (``error:CancelledError``). An upper
+    bound: a process killed later, elsewhere, still counts for the last step it ran.
+    ``I7.log-attempts``: the log's act entries of a step number their attempts 1, 2, ... (all
+    None for a step without a policy), every one RETRYING but the last, which is COMPLETED or
+    FAILED.
+I8 nothing is compensated after the pivot
+    ``I8.no-compensation-past-pivot``: no compensation's snapshot shows the pivot's act
+    COMPLETED; a saga whose final log shows it has no compensate event or log entry and did
+    not end FAILED.
+    ``I8.past-pivot-flag``: the stored ``past_pivot`` (in every snapshot, and at the end) is
+    true exactly when the log shows the pivot COMPLETED (one checkpoint writes both).
+I9 every waiting saga resumes, not before its time
+    ``I9.no-saga-left-waiting``: no saga ends WAITING.
+    ``I9.retry-resumed``: every RETRYING entry (attempt n) is followed by an act start of
+    attempt n + 1 of its step whose snapshot shows that entry.
+    ``I9.not-early``: an act start of attempt n >= 2 comes no earlier than the RETRYING entry
+    of attempt n - 1 was written plus the policy's wait before attempt n (recomputed from the
+    policy), on the database's clock (the snapshot's "now" against the entry's ``created_at``),
+    within :data:`CLOCK_SLACK`.
+    ``I9.due-respected``: no act starts before the ``next_attempt_at`` its snapshot shows.
+I10 give up only as configured
+    ``I10.gave-up-rightly``: a FAILED act entry of a retried step is the configured failure:
+    at attempt 1 for a permanent one, at the last attempt of the budget for one that fails at
+    every attempt.
+    ``I10.parked-by-exhaustion``: a saga PARKED past its pivot was parked by exhausted retries:
+    its last log entry is the FAILED act, at the budget's last attempt, of a step after the
+    pivot. (And a saga meant to complete completes: ``I1.expected-status``.)
 """
 
 from __future__ import annotations
@@ -67,7 +108,11 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from tests.acceptance.crashsaga import STEP_NAMES
+from tests.acceptance.crashsaga import PIVOT, STEP_NAMES
+from tests.acceptance.forward_checker import CLOCK_SLACK, check_forward, kills_per_step
+
+__all__ = ["CATEGORIES", "CLOCK_SLACK", "Event", "FinalSaga", "Findings", "LogRow", "check_all",
+           "check_saga", "crash_points", "expected_status"]
 
 INDEX = {name: i for i, name in enumerate(STEP_NAMES)}
 INFINITY = float("inf")
@@ -84,12 +129,13 @@ class Event:
     label: str
     pid: int
     snapshot: dict[str, Any] | None = None
+    attempt: int | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> Event:
         snap = row.snapshot
         return cls(row.id, row.saga_id, row.step, row.action, row.phase, row.outcome, row.label,
-                   row.pid, None if snap is None else json.loads(snap))
+                   row.pid, None if snap is None else json.loads(snap), row.attempt)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -98,9 +144,13 @@ class LogRow:
     step: str
     action: str
     status: str
+    attempt: int | None = None
+    created_at: float | None = None
+    """Seconds since the epoch, on the database's clock."""
 
-    def key(self) -> tuple[int, str, str, str]:
-        return (self.id, self.step, self.action, self.status)
+    def key(self) -> tuple[int, str, str, str, int | None]:
+        """What a snapshot's log shows of the entry."""
+        return (self.id, self.step, self.action, self.status, self.attempt)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -109,6 +159,7 @@ class FinalSaga:
     status: str
     context: dict[str, Any]
     attempts: int
+    past_pivot: bool = False
 
 
 @dataclasses.dataclass
@@ -127,11 +178,16 @@ class Findings:
 
 
 def expected_status(config: dict[str, Any]) -> str:
+    """PARKED if a compensation fails for good, or a ForwardSaga step after the pivot fails at
+    every attempt; else FAILED if an act fails for good; else COMPLETED."""
+    fail_step = config.get("fail_step")
     if config.get("comp_permanent") is not None:
         return "PARKED"
-    if config.get("fail_step") is not None:
-        return "FAILED"
-    return "COMPLETED"
+    if fail_step is None:
+        return "COMPLETED"
+    if config.get("definition") == "ForwardSaga" and fail_step > PIVOT:
+        return "PARKED"
+    return "FAILED"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -183,8 +239,9 @@ def check_saga(
     events: Sequence[Event],
     exits: dict[str, int],
     killed: set[str] | None = None,
+    stopped: set[str] | None = None,
 ) -> None:
-    key = f"{sid} ({config.get('key')})"
+    key = f"{sid} ({config.get('key')}, {config.get('definition', 'CrashSaga')})"
     f.check("I1.exists", final is not None, key, "the saga was never created")
     if final is None:
         return
@@ -192,7 +249,7 @@ def check_saga(
     fail_step = config.get("fail_step")
     deaths = {e.label for e in events if e.phase == "start"} & (killed or set())
     f.check("I1.terminal", final.status in ("COMPLETED", "FAILED")
-            or (final.status == "PARKED" and permanent is not None), key,
+            or (final.status == "PARKED" and expected_status(config) == "PARKED"), key,
             f"ended {final.status} after {final.attempts} recovery attempts; processes that "
             f"ran its steps and were SIGKILLed: {len(deaths)}")
     f.check("I1.expected-status", final.status == expected_status(config), key,
@@ -288,6 +345,10 @@ def check_saga(
                 f"{a.what} by {a.label} [{a.start}, {a.end}] overlaps "
                 + ", ".join(f"{b.what} by {b.label} [{b.start}, {b.end}]" for b in clash))
 
+    # -- I7 to I10: attempts, the pivot, waits, giving up
+    check_forward(f, key, config, final, log, events,
+                  kills_per_step(events, killed or set(), stopped or set()))
+
 
 def check_all(
     configs: dict[str, dict[str, Any]],
@@ -298,13 +359,15 @@ def check_all(
     f = Findings()
     exits = {e.label: e.id for e in events if e.phase == "exit"}
     killed = {e.label for e in events if e.phase == "exit" and (e.outcome or "").startswith("killed")}
+    stopped = {e.label for e in events if e.phase == "exit"
+               and (e.outcome or "").startswith("terminated")}
     by_saga: dict[str, list[Event]] = defaultdict(list)
     for e in events:
         if e.saga_id is not None:
             by_saga[e.saga_id].append(e)
     for sid, config in configs.items():
         check_saga(f, sid, config, finals.get(sid), logs.get(sid, []), by_saga.get(sid, []),
-                   exits, killed)
+                   exits, killed, stopped)
     unknown = set(by_saga) - set(configs)
     f.check("I0.known-sagas", not unknown, "-", f"events for unknown sagas {sorted(unknown)}")
     return f
@@ -312,7 +375,10 @@ def check_all(
 
 # -- crash points -------------------------------------------------------------------------------
 
-CATEGORIES = ("checkpoint_boundary", "in_step", "in_compensation", "outside_steps")
+CATEGORIES = ("checkpoint_boundary", "in_step", "in_compensation", "in_wait", "waiting",
+              "pivot", "retried_attempt", "outside_steps")
+
+_KINDS = {"wait": "in_wait", "waiting": "waiting", "pivot": "pivot", "retry": "retried_attempt"}
 
 
 def crash_points(events: Sequence[Event]) -> Counter[str]:
@@ -321,12 +387,16 @@ def crash_points(events: Sequence[Event]) -> Counter[str]:
     - A self-inflicted crash (a ``crash`` event): ``act:k:start``/``comp:k:start`` (right after
       the previous checkpoint) and ``act:k:end``/``comp:k:end`` (the work done, its checkpoint
       not yet written) are checkpoint boundaries; ``act:k:mid`` is inside a step and
-      ``comp:k:mid`` inside a compensation.
+      ``comp:k:mid`` inside a compensation. The forward-recovery points have kinds of their
+      own: ``wait:k`` during an in-process wait (``in_wait``), ``waiting:k`` right after a
+      durable wait's checkpoint (``waiting``), ``pivot:before``/``pivot:after`` around the
+      pivot's checkpoint (``pivot``), ``retry:k:...`` inside a retried attempt
+      (``retried_attempt``).
     - Every other act/compensate a SIGKILLed process was in (its start has no end before the
       process's exit event: the harness's random kills and the other sagas a self-crashing
       process held) is a crash point inside a step or a compensation.
     - A harness kill that found the process in no act/compensate (polling, claiming, writing a
-      checkpoint, starting up) is ``outside_steps``.
+      checkpoint, waiting before an attempt, starting up) is ``outside_steps``.
     """
     points: Counter[str] = Counter()
     crash_events: dict[str, list[Event]] = defaultdict(list)
@@ -334,7 +404,9 @@ def crash_points(events: Sequence[Event]) -> Counter[str]:
         if e.phase == "crash":
             crash_events[e.label].append(e)
             kind = (e.outcome or "").split(":")
-            if kind[-1] == "mid":
+            if kind[0] in _KINDS:
+                points[_KINDS[kind[0]]] += 1
+            elif kind[-1] == "mid":
                 points["in_step" if kind[0] == "act" else "in_compensation"] += 1
             else:
                 points["checkpoint_boundary"] += 1

@@ -50,37 +50,90 @@ and checked before firing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
 import random
 import signal
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from sagakit import Saga, SagaContext, SagaStepHandler, current_invocation
+from sagakit import (
+    Retry,
+    Saga,
+    SagaContext,
+    SagaRun,
+    SagaStatus,
+    SagaStepHandler,
+    Step,
+    StepInvocation,
+    current_invocation,
+    permanent,
+)
 from sagakit.storage.schema import SagaTables, build_tables
 
 STEP_NAMES = ["Reserve", "Charge", "Ship", "Notify", "Invoice"]
 CRASH_POINTS = ("start", "mid", "end")
+PIVOT = 1
+"""ForwardSaga's pivot: Charge."""
+DURABLE_WAIT = 0.1
+"""ForwardSaga's ``durable_wait``: a longer wait before the next attempt is durable."""
 
 
 class StepFailed(Exception):
     """The configured failure of an act (the saga then compensates)."""
 
 
+class Transient(ConnectionError):
+    """A configured failure that a retry can fix (ForwardSaga retries only this)."""
+
+
 class CompensationFailed(Exception):
     """A configured compensation failure (transient or permanent)."""
+
+
+def _policy(attempts: int, delay: float, backoff: float) -> Retry:
+    return Retry(attempts=attempts, delay=delay, backoff=backoff, retry_on=(Transient,))
+
+
+FORWARD_RETRY: dict[str, Retry] = {
+    "Reserve": _policy(3, 0.02, 8.0),  # waits 0.02 (in-process), 0.16 (durable)
+    "Charge": _policy(4, 0.05, 3.0),  # 0.05, 0.15, 0.45
+    "Ship": _policy(4, 0.03, 2.0),  # 0.03, 0.06, 0.12
+    "Notify": _policy(3, 0.04, 1.0),  # 0.04, 0.04
+    "Invoice": _policy(3, 0.2, 1.0),  # 0.2, 0.2
+}
+"""ForwardSaga's retry policies, by step (no jitter: the checker recomputes every wait)."""
+
+
+def budget(definition: str, step: str) -> int:
+    """How many attempts the definition gives the step's act."""
+    return FORWARD_RETRY[step].attempts if definition == "ForwardSaga" else 1
+
+
+def wait_before(step: str, attempt: int) -> float:
+    """ForwardSaga's wait before ``attempt`` (2, 3, ...) of ``step``, recomputed here from the
+    policy's numbers (the checker does not take sagakit's word for it)."""
+    policy = FORWARD_RETRY[step]
+    return min(policy.delay * policy.backoff ** (attempt - 2), policy.max_delay)
 
 
 @dataclasses.dataclass
 class CrashContext(SagaContext):
     key: str
+    definition: str = "CrashSaga"
     fail_step: int | None = None
+    fail_mode: str = "error"
+    """How ``fail_step`` fails: ``error`` (StepFailed, CrashSaga), ``permanent`` (a StepFailed
+    marked permanent: never retried), ``exhaust`` (Transient at every attempt)."""
+    act_transient: dict[str, int] = dataclasses.field(default_factory=dict)
     comp_transient: dict[str, int] = dataclasses.field(default_factory=dict)
     comp_permanent: int | None = None
     crashes: list[str] = dataclasses.field(default_factory=list)
@@ -118,6 +171,15 @@ class TableNames:
         return cls(f"{prefix}_exec", f"{prefix}_logs", f"{prefix}_events")
 
 
+def epoch(value: datetime | None) -> float | None:
+    """A timestamp read from the database as seconds since the epoch (naive ones are UTC)."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.timestamp()
+
+
 def _configure_sqlite(engine: AsyncEngine) -> None:
     """WAL, a long busy timeout and BEGIN IMMEDIATE writes: many processes share the file."""
 
@@ -151,9 +213,17 @@ class EventLog:
         self.saga_tables: SagaTables = build_tables(names.executions, names.logs)
         ex, logs = self.saga_tables.executions, self.saga_tables.logs
         sid = sa.bindparam("sid", type_=sa.Uuid())
+        # The database clock's "now" (SQLite has none: the reading process's clock, read just
+        # before the SELECT, is the one sagakit's SQLite storage writes timestamps with).
+        now: list[Any] = []
+        if self.engine.dialect.name == "postgresql":
+            now = [sa.func.now().label("db_now")]
+        elif not self.is_sqlite:
+            now = [sa.literal_column("UTC_TIMESTAMP(6)").label("db_now")]
         self._snapshot = (
-            sa.select(ex.c.status, ex.c.lease_owner, logs.c.id, logs.c.step_name, logs.c.action,
-                      logs.c.status.label("log_status"))
+            sa.select(ex.c.status, ex.c.lease_owner, ex.c.next_attempt_at, ex.c.past_pivot, *now,
+                      logs.c.id, logs.c.step_name, logs.c.action,
+                      logs.c.status.label("log_status"), logs.c.attempt)
             .select_from(ex.outerjoin(logs, logs.c.saga_id == ex.c.saga_id))
             .where(ex.c.saga_id == sid)
             .order_by(logs.c.id)
@@ -197,13 +267,21 @@ class EventLog:
                 await conn.execute(self.events.insert().values(**values))
 
     async def snapshot(self, saga_id: Any) -> dict[str, Any]:
-        """The saga's committed status, lease owner and log, read by one SELECT."""
+        """The saga's committed row (status, lease owner, next attempt time, past its pivot),
+        its log and the database's "now", read by one SELECT."""
+        now = time.time()
         async with self._autocommit.connect() as conn:
             rows = (await conn.execute(self._snapshot, {"sid": saga_id})).all()
         if not rows:
-            return {"status": None, "owner": None, "log": []}
-        log = [[r.id, r.step_name, r.action, r.log_status] for r in rows if r.id is not None]
-        return {"status": rows[0].status, "owner": rows[0].lease_owner, "log": log}
+            return {"status": None, "owner": None, "log": [], "now": now,
+                    "next_attempt_at": None, "past_pivot": False}
+        first = rows[0]
+        log = [[r.id, r.step_name, r.action, r.log_status, r.attempt]
+               for r in rows if r.id is not None]
+        return {"status": first.status, "owner": first.lease_owner, "log": log,
+                "now": now if self.is_sqlite else epoch(first.db_now),
+                "next_attempt_at": epoch(first.next_attempt_at),
+                "past_pivot": bool(first.past_pivot)}
 
     async def count(self, saga_id: Any, phase: str, *, step: str | None = None,
                     action: str | None = None, outcome: str | None = None) -> int:
@@ -251,33 +329,158 @@ async def _maybe_crash(saga_id: Any, context: CrashContext, point: str) -> None:
     await asyncio.sleep(3600)  # never reached
 
 
-class _CrashStep(SagaStepHandler[CrashContext, str]):
+# -- crashes during waits (this process's bookkeeping) -------------------------------------------
+
+_WAIT_ARMED: dict[tuple[str, int], int] = {}
+"""(saga id, step index) -> the failed attempt whose in-process wait is to be cut off."""
+_WAIT_FIRING: set[tuple[str, int]] = set()
+_LAST_FAILED: dict[str, tuple[int, CrashContext]] = {}
+"""saga id -> (step index, context) of the last attempt that failed transiently here."""
+_TASKS: set[asyncio.Task[None]] = set()
+
+
+def _after_transient(saga_id: Any, context: CrashContext, k: int, attempt: int) -> None:
+    """Note a transiently failed attempt; arm the ``wait:k`` crash if its wait is in-process."""
+    sid = str(saga_id)
+    _LAST_FAILED[sid] = (k, context)
+    name = STEP_NAMES[k]
+    if (f"wait:{k}" not in context.crashes or attempt >= FORWARD_RETRY[name].attempts
+            or wait_before(name, attempt + 1) > DURABLE_WAIT):
+        return
+    _WAIT_ARMED[(sid, k)] = attempt
+    task = asyncio.get_running_loop().create_task(_watch_wait(saga_id, context, k, attempt))
+    _TASKS.add(task)
+    task.add_done_callback(_TASKS.discard)
+
+
+async def _fire_wait_crash(saga_id: Any, context: CrashContext, k: int) -> None:
+    key = (str(saga_id), k)
+    _WAIT_ARMED.pop(key, None)
+    _WAIT_FIRING.add(key)
+    try:
+        await _maybe_crash(saga_id, context, f"wait:{k}")
+    finally:
+        _WAIT_FIRING.discard(key)
+
+
+async def _watch_wait(saga_id: Any, context: CrashContext, k: int, attempt: int) -> None:
+    """Kill this process once the failed attempt's RETRYING checkpoint is committed while the
+    run sleeps, leased by this process (not if the wait turned durable: a shutdown)."""
+    log, key, name = _log(), (str(saga_id), k), STEP_NAMES[k]
+    give_up = time.monotonic() + 30
+    while time.monotonic() < give_up and _WAIT_ARMED.get(key) == attempt:
+        snap = await log.snapshot(saga_id)
+        if any(e[1] == name and e[2] == "act" and e[3] == "RETRYING" and e[4] == attempt
+               for e in snap["log"]):
+            if _WAIT_ARMED.get(key) != attempt:
+                return  # the next attempt began meanwhile: it fires the crash itself
+            if snap["status"] != "RUNNING" or f":{os.getpid()}:" not in (snap["owner"] or ""):
+                _WAIT_ARMED.pop(key, None)
+                return
+            await _fire_wait_crash(saga_id, context, k)
+            return
+        await asyncio.sleep(0.003)
+
+
+async def _before_attempt(saga_id: Any, context: CrashContext, k: int, attempt: int) -> None:
+    """The ``wait:k`` crash, if armed and its watcher has not fired yet: the wait is over, the
+    next attempt begins, nothing was written since the wait's checkpoint."""
+    key = (str(saga_id), k)
+    while key in _WAIT_FIRING:  # the watcher is about to kill this process
+        await asyncio.sleep(0.005)
+    armed = _WAIT_ARMED.get(key)
+    if armed is not None and attempt > armed:
+        await _fire_wait_crash(saga_id, context, k)
+
+
+class CrashObserver:
+    """The middleware of the harness's processes: passes every step invocation through, and
+    kills the process right after a run that ended at a durable wait (the saga WAITING) when
+    the saga asks for ``waiting:k`` (k the step whose attempt failed)."""
+
+    async def __call__(self, invocation: StepInvocation,
+                       call_next: Callable[[StepInvocation], Awaitable[Any]]) -> Any:
+        return await call_next(invocation)
+
+    @contextlib.asynccontextmanager
+    async def observe_saga(self, run: SagaRun) -> AsyncIterator[SagaRun]:
+        yield run
+        failed = _LAST_FAILED.get(str(run.saga_id))
+        if run.status is SagaStatus.WAITING and failed is not None:
+            k, context = failed
+            await _maybe_crash(run.saga_id, context, f"waiting:{k}")
+
+
+# -- the steps -----------------------------------------------------------------------------------
+
+class _Acting(SagaStepHandler[CrashContext, str]):
+    """An act that records its events, fails and crashes as its saga's context says."""
+
     index: ClassVar[int] = 0
 
     async def act(self, context: CrashContext) -> str:
         invocation = current_invocation()
         assert invocation is not None
         saga_id, name, k, log = invocation.saga_id, type(self).__name__, self.index, _log()
+        attempt = invocation.attempt
         try:  # a cancellation (a lease cut off) may land in the start record: end it all the same
-            await log.record(saga_id, name, "act", "start", attempt=invocation.attempt,
+            await _before_attempt(saga_id, context, k, attempt)
+            await log.record(saga_id, name, "act", "start", attempt=attempt,
                              snapshot=await log.snapshot(saga_id))
             if name in context.done:  # the context already shows this act's effect
                 await log.record(saga_id, name, "act", "anomaly",
                                  outcome="already in context.done")
-            await _maybe_crash(saga_id, context, f"act:{k}:start")
+            if any(d not in STEP_NAMES for d in context.done):
+                await log.record(saga_id, name, "act", "anomaly",
+                                 outcome="a failed attempt's change is in the context")
+            await self._crash_point(saga_id, context, "start", attempt)
+            if k == PIVOT + 1:
+                await _maybe_crash(saga_id, context, "pivot:after")
             await asyncio.sleep(random.uniform(0, context.step_ms / 1000))
-            await _maybe_crash(saga_id, context, f"act:{k}:mid")
+            await self._crash_point(saga_id, context, "mid", attempt)
             await asyncio.sleep(random.uniform(0, context.step_ms / 2000))
-            if context.fail_step == k:
-                raise StepFailed(f"{name} fails (configured)")
+            failure = await self._failure(saga_id, context, name, attempt)
+            if failure is not None:
+                raise failure
         except BaseException as exc:
-            await log.record(saga_id, name, "act", "end", outcome=f"error:{type(exc).__name__}")
+            await log.record(saga_id, name, "act", "end", outcome=f"error:{type(exc).__name__}",
+                             attempt=attempt)
+            if isinstance(exc, Transient):
+                if attempt < budget(context.definition, name):
+                    context.done.append(f"{name}~{attempt}")  # sagakit must drop it
+                _after_transient(saga_id, context, k, attempt)
+                if attempt >= 2:
+                    await _maybe_crash(saga_id, context, f"retry:{k}:end")
             raise
         context.done.append(name)
-        await log.record(saga_id, name, "act", "end", outcome="ok")
-        await _maybe_crash(saga_id, context, f"act:{k}:end")
+        await log.record(saga_id, name, "act", "end", outcome="ok", attempt=attempt)
+        await self._crash_point(saga_id, context, "end", attempt)
+        if k == PIVOT:
+            await _maybe_crash(saga_id, context, "pivot:before")
         return name
 
+    async def _crash_point(self, saga_id: Any, context: CrashContext, where: str,
+                           attempt: int) -> None:
+        await _maybe_crash(saga_id, context, f"act:{self.index}:{where}")
+        if attempt >= 2:
+            await _maybe_crash(saga_id, context, f"retry:{self.index}:{where}")
+
+    async def _failure(self, saga_id: Any, context: CrashContext, name: str,
+                       attempt: int) -> Exception | None:
+        """The error this attempt fails with, as configured, or None."""
+        if context.fail_step == self.index:
+            if context.fail_mode == "exhaust":
+                return Transient(f"{name} fails at every attempt (configured)")
+            error = StepFailed(f"{name} fails (configured)")
+            return permanent(error) if context.fail_mode == "permanent" else error
+        transient = context.act_transient.get(str(self.index), 0)
+        if transient and await _log().count(saga_id, "end", step=name, action="act",
+                                            outcome="error:Transient") < transient:
+            return Transient(f"{name} fails for now (configured, attempt {attempt})")
+        return None
+
+
+class _CrashStep(_Acting):
     async def compensate(self, context: CrashContext) -> None:
         invocation = current_invocation()
         assert invocation is not None
@@ -329,3 +532,30 @@ class Invoice(_CrashStep):
 
 class CrashSaga(Saga[CrashContext]):
     steps = [Reserve, Charge, Ship, Notify, Invoice]
+
+
+def _after_pivot(index: int, **options: Any) -> type[_Acting]:
+    """A ForwardSaga step after the pivot: named like CrashSaga's, no ``compensate``."""
+    name = STEP_NAMES[index]
+    handler: type[_Acting] = type(name, (_Acting,), {
+        "index": index, "__module__": __name__, "__qualname__": name, **options})
+    return handler
+
+
+class ForwardSaga(Saga[CrashContext]):
+    """Options set three ways: Step(...) overrides (Reserve, Charge), handler class attributes
+    (Ship, Invoice), the saga's default (Notify)."""
+
+    retry = FORWARD_RETRY["Notify"]
+    durable_wait = DURABLE_WAIT
+    steps = [
+        Step(Reserve, retry=FORWARD_RETRY["Reserve"]),
+        Step(Charge, retry=FORWARD_RETRY["Charge"], pivot=True),
+        _after_pivot(2, retry=FORWARD_RETRY["Ship"]),
+        _after_pivot(3),
+        _after_pivot(4, retry=FORWARD_RETRY["Invoice"]),
+    ]
+
+
+DEFINITIONS: dict[str, type[Saga[CrashContext]]] = {
+    "CrashSaga": CrashSaga, "ForwardSaga": ForwardSaga}

@@ -8,13 +8,20 @@ Run by hand::
 What one run does:
 
 1. Creates sagakit's tables and an events table under fresh names (``hx<pid>_<random>_*``).
-2. Plans the sagas (seeded): each :class:`~tests.acceptance.crashsaga.CrashSaga` either
-   completes, fails at a given act (compensation), fails with compensations that fail a few
-   times first, or fails with a compensation that fails for good (it must end PARKED). Many get
-   one or two *crash points* where the process running them kills itself with SIGKILL: at the
-   start of an act or compensation (the previous checkpoint just committed), in the middle of
-   one, or at its end (work done, checkpoint not yet written). The first few sagas cover every
-   kind of crash point, so even a tiny run hits them all.
+2. Plans the sagas (seeded), a mix of the two definitions of :mod:`tests.acceptance.crashsaga`
+   (``--forward-share`` of them ForwardSaga). A :class:`~tests.acceptance.crashsaga.CrashSaga`
+   either completes, fails at a given act (compensation), fails with compensations that fail a
+   few times first, or fails with a compensation that fails for good (it must end PARKED). A
+   :class:`~tests.acceptance.crashsaga.ForwardSaga` has acts that fail a few attempts first
+   (retried, after in-process or durable waits), and either completes, or has a step before the
+   pivot fail for good (permanently, or at every attempt: it compensates), or a step after the
+   pivot fail at every attempt (its retries run out: it must end PARKED, uncompensated). Many
+   get one or two *crash points* where the process running them kills itself with SIGKILL: at
+   the start of an act or compensation (the previous checkpoint just committed), in the middle
+   of one, or at its end (work done, checkpoint not yet written); and for ForwardSaga inside a
+   retried attempt, during an in-process wait, right after a durable wait's checkpoint (the
+   saga WAITING), just before or just after the pivot's checkpoint. The first few sagas cover
+   every kind of crash point, so even a tiny run hits them all.
 3. Starts ``--workers`` recovery worker processes (``sagakit.RecoveryWorker``, lease
    ``--lease`` seconds, polling every 0.1 s, backoff 0) and saga runner processes (each starts a
    batch of sagas with ``SagaTransaction`` and chosen ids), and keeps them going: a dead worker
@@ -23,7 +30,8 @@ What one run does:
    (some of them, busy recovery workers, get SIGTERM instead: a graceful shutdown they must
    finish with exit code 0).
 5. Waits until every saga is COMPLETED, FAILED or PARKED (``--timeout``: else it fails listing
-   the stuck sagas), stops the workers with SIGTERM, and writes one ``exit`` event per process.
+   the stuck sagas; a WAITING saga is not done), stops the workers with SIGTERM, and writes one
+   ``exit`` event per process.
 6. Checks the invariants of :mod:`tests.acceptance.checker` on every saga and prints the report:
    sagas, processes, kills, crash points, invariant checks and violations.
 7. Drops its tables (unless ``--keep``).
@@ -61,7 +69,17 @@ from tests.acceptance.checker import (
     crash_points,
     expected_status,
 )
-from tests.acceptance.crashsaga import CRASH_POINTS, STEP_NAMES, EventLog, TableNames
+from tests.acceptance.crashsaga import (
+    CRASH_POINTS,
+    DURABLE_WAIT,
+    FORWARD_RETRY,
+    PIVOT,
+    STEP_NAMES,
+    EventLog,
+    TableNames,
+    epoch,
+    wait_before,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 FINAL = ("COMPLETED", "FAILED", "PARKED")
@@ -94,6 +112,8 @@ class HarnessConfig:
     exhaust_retries: bool = False
     """Let some transient compensations fail for a whole recovery run first (N = retry): shows
     that sagakit then compensates the earlier steps before that one (I3.reverse-order-*)."""
+    forward_share: float = 0.5
+    """The share of ForwardSaga among the sagas planned after the coverage ones."""
     seed: int | None = None
     timeout: float = 120.0
     keep: bool = False
@@ -120,6 +140,7 @@ class Report:
     graceful_stops: int = 0
     """The most recovery attempts any saga not meant to park needed (SIGKILLs count)."""
     group_commit: bool = False
+    definitions: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def kills(self) -> int:
@@ -145,7 +166,8 @@ class Report:
         lines = [
             f"crash-injection harness: backend={self.backend} seed={self.seed}"
             + (" group-commit" if self.group_commit else ""),
-            f"  sagas            {self.sagas}  final: "
+            f"  sagas            {self.sagas} ("
+            + ", ".join(f"{k} {v}" for k, v in sorted(self.definitions.items())) + ")  final: "
             + ", ".join(f"{k} {v}" for k, v in sorted(self.statuses.items()))
             + "  (configured: " + ", ".join(f"{k} {v}" for k, v in sorted(self.configured.items()))
             + ")",
@@ -172,17 +194,39 @@ class Report:
 
 # -- planning ------------------------------------------------------------------------------------
 
+def _failures(config: dict[str, Any], k: int) -> int:
+    """The failed attempts ForwardSaga's step k goes through (crashes aside)."""
+    if config["fail_step"] == k:
+        return FORWARD_RETRY[STEP_NAMES[k]].attempts if config["fail_mode"] == "exhaust" else 1
+    return int(config["act_transient"].get(str(k), 0))
+
+
 def _reachable(config: dict[str, Any]) -> list[str]:
+    """The crash points a saga of this configuration goes through."""
     fail, permanent = config["fail_step"], config["comp_permanent"]
+    forward = config["definition"] == "ForwardSaga"
     points: list[str] = []
     for k in range(len(STEP_NAMES) if fail is None else fail + 1):
         points += [f"act:{k}:{p}" for p in CRASH_POINTS if not (p == "end" and k == fail)]
+        if not forward:
+            continue
+        name = STEP_NAMES[k]
+        retried = min(_failures(config, k), FORWARD_RETRY[name].attempts - 1)
+        if retried:
+            points += [f"retry:{k}:{p}" for p in CRASH_POINTS]
+        waits = [wait_before(name, n + 1) for n in range(1, retried + 1)]
+        points += [f"wait:{k}"] if any(w <= DURABLE_WAIT for w in waits) else []
+        points += [f"waiting:{k}"] if any(w > DURABLE_WAIT for w in waits) else []
+    if forward and (fail is None or fail > PIVOT):
+        points += ["pivot:before", "pivot:after"]
+        return points  # past the pivot nothing is compensated
     for k in range(fail or 0):
         points += [f"comp:{k}:{p}" for p in CRASH_POINTS if not (p == "end" and k == permanent)]
     return points
 
 
 # The first sagas of every run: one of each kind of crash point, so a tiny run covers them all.
+# CrashSaga: (fail_step, comp_permanent, crashes).
 _COVERAGE: list[tuple[int | None, int | None, list[str]]] = [
     (None, None, ["act:2:start", "act:3:end"]),
     (None, None, ["act:1:mid"]),
@@ -190,32 +234,80 @@ _COVERAGE: list[tuple[int | None, int | None, list[str]]] = [
     (3, 1, ["comp:0:start"]),
     (2, None, ["act:2:mid", "comp:0:mid"]),
 ]
+# ForwardSaga, interleaved with those (the first six sagas include a saga parked past its pivot
+# and waits of both kinds, for the sabotage tests).
+_FORWARD_COVERAGE: list[dict[str, Any]] = [
+    {"act_transient": {"2": 3}, "crashes": ["wait:2", "retry:2:mid"]},
+    {"act_transient": {"4": 2}, "crashes": ["waiting:4", "pivot:before"]},
+    {"fail_step": 3, "fail_mode": "exhaust", "crashes": ["retry:3:end", "wait:3"]},  # PARKED
+    {"act_transient": {"0": 1, "3": 1}, "crashes": ["pivot:after", "retry:0:start"]},
+    {"fail_step": 1, "fail_mode": "permanent", "act_transient": {"0": 2},
+     "crashes": ["retry:0:end", "comp:0:mid"]},
+    {"fail_step": 0, "fail_mode": "exhaust", "crashes": ["waiting:0"]},
+]
+
+
+def _coverage() -> list[dict[str, Any]]:
+    crash = [{"fail_step": f, "comp_permanent": p, "crashes": c} for f, p, c in _COVERAGE]
+    forward = [{"definition": "ForwardSaga", **c} for c in _FORWARD_COVERAGE]
+    mixed: list[dict[str, Any]] = []
+    for i in range(max(len(crash), len(forward))):
+        mixed += crash[i:i + 1] + forward[i:i + 1]
+    return mixed
+
+
+def _plan_crash(ctx: dict[str, Any], config: HarnessConfig, rng: random.Random) -> None:
+    roll = rng.random()
+    if roll < 0.45:
+        pass
+    elif roll < 0.75:
+        ctx["fail_step"] = rng.randint(1, 4)
+    elif roll < 0.9:
+        ctx["fail_step"] = rng.randint(2, 4)
+        for k in rng.sample(range(ctx["fail_step"]), rng.randint(1, 2)):
+            n = rng.randint(1, max(config.retry - 1, 1))
+            ctx["comp_transient"][str(k)] = config.retry if config.exhaust_retries else n
+    else:
+        ctx["fail_step"] = rng.randint(2, 4)
+        ctx["comp_permanent"] = rng.randrange(ctx["fail_step"])
+
+
+def _plan_forward(ctx: dict[str, Any], config: HarnessConfig, rng: random.Random) -> None:
+    ctx["definition"] = "ForwardSaga"
+    roll = rng.random()
+    if roll < 0.45:
+        pass
+    elif roll < 0.7:  # fails for good before the pivot: compensates
+        ctx["fail_step"] = rng.randint(0, PIVOT)
+        ctx["fail_mode"] = rng.choice(("permanent", "exhaust"))
+        if ctx["fail_step"] > 0 and rng.random() < 0.3:
+            ctx["comp_transient"]["0"] = rng.randint(1, max(config.retry - 1, 1))
+    else:  # fails at every attempt after the pivot: PARKED
+        ctx["fail_step"] = rng.randint(PIVOT + 1, len(STEP_NAMES) - 1)
+        ctx["fail_mode"] = "exhaust"
+    before = range(len(STEP_NAMES) if ctx["fail_step"] is None else ctx["fail_step"])
+    for k in rng.sample(before, min(len(before), rng.randint(0, 2))):
+        ctx["act_transient"][str(k)] = rng.randint(1, FORWARD_RETRY[STEP_NAMES[k]].attempts - 1)
 
 
 def make_plan(config: HarnessConfig, rng: random.Random) -> dict[str, dict[str, Any]]:
     plan: dict[str, dict[str, Any]] = {}
+    coverage = _coverage()
     for i in range(config.sagas):
         saga_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
-        ctx: dict[str, Any] = {"key": f"s{i:03d}", "fail_step": None, "comp_transient": {},
-                               "comp_permanent": None, "crashes": [], "step_ms": config.step_ms,
-                               "done": []}
-        if i < len(_COVERAGE):
-            ctx["fail_step"], ctx["comp_permanent"], ctx["crashes"] = _COVERAGE[i]
+        ctx: dict[str, Any] = {"key": f"s{i:03d}", "definition": "CrashSaga", "fail_step": None,
+                               "fail_mode": "error", "act_transient": {}, "comp_transient": {},
+                               "comp_permanent": None, "crashes": [],
+                               "step_ms": config.step_ms, "done": []}
+        if i < len(coverage):
+            ctx.update(coverage[i])
+            assert set(ctx["crashes"]) <= set(_reachable(ctx)), ctx
             plan[saga_id] = ctx
             continue
-        roll = rng.random()
-        if roll < 0.45:
-            pass
-        elif roll < 0.75:
-            ctx["fail_step"] = rng.randint(1, 4)
-        elif roll < 0.9:
-            ctx["fail_step"] = rng.randint(2, 4)
-            for k in rng.sample(range(ctx["fail_step"]), rng.randint(1, 2)):
-                n = rng.randint(1, max(config.retry - 1, 1))
-                ctx["comp_transient"][str(k)] = config.retry if config.exhaust_retries else n
+        if rng.random() < config.forward_share:
+            _plan_forward(ctx, config, rng)
         else:
-            ctx["fail_step"] = rng.randint(2, 4)
-            ctx["comp_permanent"] = rng.randrange(ctx["fail_step"])
+            _plan_crash(ctx, config, rng)
         if rng.random() < config.crash_rate:
             reachable = _reachable(ctx)
             ctx["crashes"] = rng.sample(reachable, min(len(reachable), rng.choice((1, 1, 2))))
@@ -450,16 +542,18 @@ class Harness:
         for sid in self.plan:
             with contextlib.suppress(Exception):
                 s = await self.storage.get_saga(uuid.UUID(sid))
-                finals[sid] = FinalSaga(sid, s.status.value, s.context, s.recovery_attempts)
+                finals[sid] = FinalSaga(sid, s.status.value, s.context, s.recovery_attempts,
+                                        s.past_pivot)
         logs_t = self.storage.tables.logs
         async with self._reader.connect() as conn:
             rows = (await conn.execute(
                 sa.select(logs_t.c.id, logs_t.c.saga_id, logs_t.c.step_name, logs_t.c.action,
-                          logs_t.c.status).order_by(logs_t.c.id))).all()
+                          logs_t.c.status, logs_t.c.attempt, logs_t.c.created_at)
+                .order_by(logs_t.c.id))).all()
         logs: dict[str, list[LogRow]] = {}
         for r in rows:
-            logs.setdefault(str(r.saga_id), []).append(LogRow(r.id, r.step_name, r.action,
-                                                               r.status))
+            logs.setdefault(str(r.saga_id), []).append(LogRow(
+                r.id, r.step_name, r.action, r.status, r.attempt, epoch(r.created_at)))
         events = [Event.from_row(r) for r in await self.events.all_events()]
         findings = check_all(self.plan, finals, logs, events)
         data = {
@@ -470,7 +564,8 @@ class Harness:
             "crash_points": dict(crash_points(events)),
             "events": len(events),
             "most_attempts": max((f.attempts for sid, f in finals.items()
-                                  if self.plan[sid]["comp_permanent"] is None), default=0),
+                                  if expected_status(self.plan[sid]) != "PARKED"), default=0),
+            "definitions": dict(Counter(c["definition"] for c in self.plan.values())),
         }
         return findings, data
 
@@ -517,6 +612,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the processes' storages use group commit")
     p.add_argument("--exhaust-retries", action="store_true",
                    help="some compensations fail through all retries of one recovery run")
+    p.add_argument("--forward-share", type=float, default=d.forward_share,
+                   help="share of ForwardSaga among the randomly planned sagas")
     p.add_argument("--seed", type=int)
     p.add_argument("--timeout", type=float, default=None, help="seconds (default scales)")
     p.add_argument("--keep", action="store_true", help="keep the tables and process logs")
@@ -527,7 +624,8 @@ def main(argv: list[str] | None = None) -> int:
         concurrency=a.concurrency, batch=a.batch, runners=a.runners,
         random_kills=a.random_kills if a.random_kills is not None else max(a.sagas // 6, 1),
         crash_rate=a.crash_rate, lease=a.lease, max_attempts=a.max_attempts,
-        group_commit=a.group_commit, exhaust_retries=a.exhaust_retries, seed=a.seed,
+        group_commit=a.group_commit, exhaust_retries=a.exhaust_retries,
+        forward_share=a.forward_share, seed=a.seed,
         timeout=a.timeout if a.timeout is not None else 60 + 2.0 * a.sagas,
         keep=a.keep, verbose=a.verbose,
     )

@@ -1,10 +1,15 @@
 """The processes the crash-injection harness starts (and kills).
 
 ``python -m tests.acceptance.runner saga ...`` starts the given sagas (one SagaTransaction each,
-concurrently, with the chosen saga ids) and exits when they are done.
+concurrently, with the chosen saga ids, CrashSaga or ForwardSaga as each one's plan says) and
+exits when they are done (a saga at a durable wait is done for its runner: a worker continues
+it).
 
-``python -m tests.acceptance.runner worker ...`` runs a :class:`sagakit.RecoveryWorker` until
-SIGTERM (graceful shutdown) or SIGKILL.
+``python -m tests.acceptance.runner worker ...`` runs a :class:`sagakit.RecoveryWorker` serving
+both definitions until SIGTERM (graceful shutdown) or SIGKILL.
+
+Both run :class:`~tests.acceptance.crashsaga.CrashObserver` as middleware (it fires the
+``waiting:k`` crash points).
 
 Both write step events through :class:`tests.acceptance.crashsaga.EventLog`; see
 :mod:`tests.acceptance.harness` for the orchestration.
@@ -29,12 +34,14 @@ import sqlalchemy as sa
 from sagakit import RecoveryOptions, RecoveryWorker, RetryPolicy, SagaError, SagaTransaction
 from sagakit.storage.sqlalchemy import SqlAlchemySagaStorage
 from tests.acceptance.crashsaga import (
+    DEFINITIONS,
     CompensationFailed,
     CrashContext,
-    CrashSaga,
+    CrashObserver,
     EventLog,
     StepFailed,
     TableNames,
+    Transient,
     install,
 )
 
@@ -59,15 +66,16 @@ async def run_sagas(args: argparse.Namespace) -> int:
 
     async def one(saga_id: str) -> None:
         await asyncio.sleep(random.uniform(0, args.stagger))
+        config = plan[saga_id]
         transaction = SagaTransaction(
-            saga=CrashSaga(), context=CrashContext.from_dict(plan[saga_id]), storage=storage,
-            saga_id=uuid.UUID(saga_id), lease_seconds=args.lease,
+            saga=DEFINITIONS[config["definition"]](), context=CrashContext.from_dict(config),
+            storage=storage, saga_id=uuid.UUID(saga_id), lease_seconds=args.lease,
             compensation_retry_count=args.retry, compensation_retry_delay=0.0,
-            max_recovery_attempts=args.max_attempts,
+            max_recovery_attempts=args.max_attempts, middlewares=[CrashObserver()],
         )
         try:
             status = await transaction.run()
-        except (StepFailed, CompensationFailed) as exc:
+        except (StepFailed, CompensationFailed, Transient) as exc:
             print(f"{saga_id} {type(exc).__name__} -> {transaction.status}", flush=True)
         except SagaError as exc:  # lease lost, busy, parked, storage trouble: recovery finishes
             print(f"{saga_id} {type(exc).__name__}: {exc}", flush=True)
@@ -87,8 +95,9 @@ async def run_worker(args: argparse.Namespace) -> int:
     options = RecoveryOptions(
         max_recovery_attempts=args.max_attempts, lease_seconds=args.lease,
         retry=RetryPolicy(attempts=args.retry, delay=0.0), backoff=0.0, backoff_max=0.0,
+        middlewares=[CrashObserver()],
     )
-    worker = RecoveryWorker(storage, [CrashSaga], concurrency=args.concurrency,
+    worker = RecoveryWorker(storage, DEFINITIONS.values(), concurrency=args.concurrency,
                             poll_interval=args.poll, options=options, shutdown_timeout=10.0)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):  # what run() installs, before saying "ready"
@@ -109,8 +118,10 @@ def _sabotage(kind: str) -> None:
 
     ``rerun``: recovery re-runs the last checkpointed step. ``order``: compensations run in
     forward order. ``steal``: workers list and claim sagas whatever their lease says.
+    ``pivot``: a step that fails for good compensates even past the pivot. ``early``: the
+    next attempt of a failed step comes at once (the wait is recorded as 0 seconds).
     """
-    from sagakit import execution, plan, resumption
+    from sagakit import attempts, execution, plan, resumption
     from sagakit.storage import queries, sqlalchemy
 
     if kind == "rerun":
@@ -130,6 +141,22 @@ def _sabotage(kind: str) -> None:
             await backward(self, tuple(reversed(to_compensate)))
 
         execution.Execution._backward = forward_order  # type: ignore[method-assign]
+    elif kind == "pivot":
+
+        async def compensate_anyway(self: Any, exc: Exception, completed: Any) -> None:
+            await self._fail_and_compensate(exc, completed)
+
+        execution.Execution._give_up = compensate_anyway  # type: ignore[method-assign]
+    elif kind == "early":
+        after_failure = attempts.after_failure
+
+        def no_wait(*args: Any, **kwargs: Any) -> Any:
+            decision = after_failure(*args, **kwargs)
+            if isinstance(decision, plan.RetryAfter):
+                return plan.RetryAfter(0.0, decision.durable)
+            return decision
+
+        attempts.after_failure = no_wait
     elif kind == "steal":
         claim = queries.Queries.claim
 
@@ -143,7 +170,7 @@ def _sabotage(kind: str) -> None:
             t = self.tables.executions
             async with self.single() as conn:
                 rows = await conn.execute(sa.select(t.c.saga_id).where(
-                    t.c.status.in_(["RUNNING", "COMPENSATING"])).limit(limit))
+                    t.c.status.in_(["RUNNING", "COMPENSATING", "WAITING"])).limit(limit))
                 return [r[0] for r in rows]
 
         claim_due = queries.Queries.claim_due

@@ -205,3 +205,37 @@ async def test_a_second_start_of_a_live_saga_is_busy_and_writes_nothing(sql_stor
 
 async def _drain(stream: Any) -> list[Any]:
     return [r async for r in stream]
+
+
+class Blip(ConnectionError):
+    pass
+
+
+async def test_a_failed_attempt_that_is_retried_costs_one_transaction(sql_storage: Any) -> None:
+    from sagakit import Retry, Saga, Step
+
+    class RetriedOrderSaga(Saga[OrderContext]):
+        steps = [*OrderSaga.steps[:2], Step(OrderSaga.steps[2], retry=Retry(attempts=3, delay=0)),
+                 *OrderSaga.steps[3:]]
+
+    failures = [Blip("courier blip"), Blip("courier blip")]
+
+    async def flaky() -> None:
+        if failures:
+            raise failures.pop()
+
+    Recorder.hooks["Ship"] = flaky
+    counter = SqlCounter(sql_storage.engine)
+    saga_id = uuid.uuid4()
+    try:
+        status = await RetriedOrderSaga().transaction(
+            context=OrderContext("o-r"), storage=sql_storage, saga_id=saga_id).run()
+    finally:
+        await counter.aclose()
+    assert status is SagaStatus.COMPLETED
+    assert counter.counts.transactions == N_STEPS + 1 + 2  # one more per failed attempt
+    assert counter.counts.reads == 0
+    history = await sql_storage.get_step_history(saga_id)
+    assert [(e.step_name, e.status, e.attempt) for e in history][2:5] == [
+        ("Ship", SagaStepStatus.RETRYING, 1), ("Ship", SagaStepStatus.RETRYING, 2),
+        ("Ship", SagaStepStatus.COMPLETED, 3)]
