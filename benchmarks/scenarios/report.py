@@ -36,7 +36,7 @@ HOW_TO_READ = """\
   running sagas in one transaction; `writes/batch` says how many shared one (a saga writes 6
   times: its start and 5 checkpoints).
 - This machine may be shared and busy: see the load average above. Numbers taken under load are
-  noisy (the memory section reports the best of several repeats for that reason); re-measure on a
+  noisy (the memory section reports the median of several rounds and their range); re-measure on a
   quiet machine before comparing with targets.
 """
 
@@ -127,8 +127,10 @@ def _summary(sections: dict[str, Section]) -> list[str]:
 
     us = get("memory", "us_per_step")
     if us is not None:
+        low, high = get("memory", "us_per_step_min"), get("memory", "us_per_step_max")
+        spread = f", {low:.1f}-{high:.1f} over rounds" if low is not None and high else ""
         out.append(f"Framework cost, 5-step no-op saga on the memory storage: **{us:.1f} µs per "
-                   f"step** (target ≤ 15).")
+                   f"step** (median{spread}; target ≤ 15).")
     for name, label in (("postgres", "PostgreSQL"), ("mariadb", "MariaDB")):
         plain, floor = get("cpu", name, "plain"), get("cpu", name, "floor")
         if plain and floor:

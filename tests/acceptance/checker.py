@@ -88,7 +88,7 @@ I9 every waiting saga resumes, not before its time
     ``I9.not-early``: an act start of attempt n >= 2 comes no earlier than the RETRYING entry
     of attempt n - 1 was written plus the policy's wait before attempt n (recomputed from the
     policy), on the database's clock (the snapshot's "now" against the entry's ``created_at``),
-    within :data:`CLOCK_SLACK`.
+    within :data:`tests.acceptance.forward_checker.CLOCK_SLACK` (a millisecond).
     ``I9.due-respected``: no act starts before the ``next_attempt_at`` its snapshot shows.
 I10 give up only as configured
     ``I10.gave-up-rightly``: a FAILED act entry of a retried step is the configured failure:
@@ -108,13 +108,12 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from tests.acceptance.crashsaga import PIVOT, STEP_NAMES
-from tests.acceptance.forward_checker import CLOCK_SLACK, check_forward, kills_per_step
+from tests.acceptance.crashsaga import INDEX, PIVOT, STEP_NAMES
+from tests.acceptance.forward_checker import check_forward, completed_acts, kills_per_step
 
-__all__ = ["CATEGORIES", "CLOCK_SLACK", "Event", "FinalSaga", "Findings", "LogRow", "check_all",
+__all__ = ["CATEGORIES", "Event", "FinalSaga", "Findings", "LogRow", "check_all",
            "check_saga", "crash_points", "expected_status"]
 
-INDEX = {name: i for i, name in enumerate(STEP_NAMES)}
 INFINITY = float("inf")
 
 
@@ -222,10 +221,6 @@ def intervals(events: Sequence[Event], exits: dict[str, int]) -> list[Interval]:
     return sorted(out, key=lambda i: i.start)
 
 
-def _completed(log: Iterable[Sequence[Any]]) -> list[str]:
-    return [entry[1] for entry in log if entry[2] == "act" and entry[3] == "COMPLETED"]
-
-
 def _compensated(log: Iterable[Sequence[Any]]) -> list[str]:
     return [entry[1] for entry in log if entry[2] == "compensate" and entry[3] == "COMPENSATED"]
 
@@ -256,7 +251,7 @@ def check_saga(
             f"ended {final.status}, expected {expected_status(config)}")
 
     final_log = [row.key() for row in log]
-    completed = _completed(final_log)
+    completed = completed_acts(final_log)
     compensated = _compensated(final_log)
 
     # -- I5/I3 on the log itself
@@ -266,7 +261,7 @@ def check_saga(
         f.check("I3.compensated-once", n == 1, key, f"{name} COMPENSATED {n} times")
     for position, entry in enumerate(final_log):
         if entry[2] == "compensate" and entry[3] == "COMPENSATED":
-            before = _completed(final_log[:position])
+            before = completed_acts(final_log[:position])
             f.check("I3.compensates-completed", entry[1] in before, key,
                     f"{entry[1]} COMPENSATED without a completed act before it")
     if compensated:
@@ -308,7 +303,7 @@ def check_saga(
         parts = owner.rsplit(":", 2)
         f.check("I4.lease-holder", len(parts) == 3 and parts[1] == str(e.pid), key,
                 f"{where} (pid {e.pid}) ran while the lease owner was {owner or None!r}")
-        s_completed, s_compensated = _completed(slog), _compensated(slog)
+        s_completed, s_compensated = completed_acts(slog), _compensated(slog)
         if e.action == "act":
             failed = [x for x in slog if x[2] == "act" and x[3] == "FAILED"]
             f.check("I2.act-state", snap["status"] == "RUNNING" and not failed, key,

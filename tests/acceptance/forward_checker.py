@@ -9,12 +9,11 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from tests.acceptance.crashsaga import PIVOT, STEP_NAMES, budget, wait_before
+from tests.acceptance.crashsaga import INDEX, PIVOT, STEP_NAMES, budget, wait_before
 
 if TYPE_CHECKING:
     from tests.acceptance.checker import Event, FinalSaga, Findings, LogRow
 
-INDEX = {name: i for i, name in enumerate(STEP_NAMES)}
 PIVOT_NAME = STEP_NAMES[PIVOT]
 CLOCK_SLACK = 0.001
 """Seconds two database timestamps may disagree by for the same instant: the clocks tick in
@@ -22,7 +21,8 @@ microseconds, but MariaDB takes "now" per statement, and one checkpoint is sever
 entry's ``created_at`` and the row's ``next_attempt_at`` are microseconds apart there)."""
 
 
-def _completed(log: Iterable[Sequence[Any]]) -> list[str]:
+def completed_acts(log: Iterable[Sequence[Any]]) -> list[str]:
+    """The steps whose act a log (entries as (id, step, action, status, ...)) shows COMPLETED."""
     return [entry[1] for entry in log if entry[2] == "act" and entry[3] == "COMPLETED"]
 
 
@@ -102,14 +102,14 @@ def _attempts(f: Findings, key: str, definition: str, log: Sequence[LogRow],
 def _pivot(f: Findings, key: str, definition: str, final: FinalSaga, log: Sequence[LogRow],
            events: Sequence[Event], starts: Sequence[Event]) -> None:
     has_pivot = definition == "ForwardSaga"
-    past = has_pivot and PIVOT_NAME in _completed(r.key() for r in log)
+    past = has_pivot and PIVOT_NAME in completed_acts(r.key() for r in log)
     f.check("I8.past-pivot-flag", final.past_pivot == past, key,
             f"stored past_pivot={final.past_pivot}, but the log "
             + ("shows" if past else "does not show") + " the pivot completed")
     for e in starts:
         snap = e.snapshot or {}
         slog = _snapshot_log(e)
-        shown = has_pivot and PIVOT_NAME in _completed(slog)
+        shown = has_pivot and PIVOT_NAME in completed_acts(slog)
         where = f"{e.action} {e.step} by {e.label} (event {e.id})"
         f.check("I8.past-pivot-flag", bool(snap.get("past_pivot")) == shown, key,
                 f"{where} saw past_pivot={snap.get('past_pivot')} with log {slog}")

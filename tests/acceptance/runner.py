@@ -38,12 +38,11 @@ from tests.acceptance.crashsaga import (
     CompensationFailed,
     CrashContext,
     CrashObserver,
-    EventLog,
     StepFailed,
-    TableNames,
     Transient,
     install,
 )
+from tests.acceptance.eventlog import EventLog, TableNames
 
 
 def _storage(args: argparse.Namespace) -> SqlAlchemySagaStorage:

@@ -1,8 +1,10 @@
 """Crash injection with real processes on SQLite, PostgreSQL and MariaDB.
 
-The fast variant (every run of the suite) drives ~20 sagas per backend through saga runner and
-recovery worker subprocesses, SIGKILLs them at injected crash points and at random moments, and
-checks the invariants of :mod:`tests.acceptance.checker` on every saga. The large variant is
+The fast variant (every run of the suite) drives ~20 sagas per backend (CrashSaga and
+ForwardSaga, see :mod:`tests.acceptance.crashsaga`) through saga runner and recovery worker
+subprocesses, SIGKILLs them at injected crash points (forward recovery's among them: inside
+retried attempts, during in-process and durable waits, around the pivot's checkpoint) and at
+random moments, and checks the invariants of :mod:`tests.acceptance.checker` on every saga. The large variant is
 marked ``slow`` and only runs when selected: ``pytest -m slow tests/acceptance``. Either runs by
 hand too: ``python -m tests.acceptance.harness --backend postgres --sagas 200 --workers 3``.
 
@@ -57,8 +59,13 @@ async def test_fast_crash_injection(backend: str) -> None:
     _assert_clean(report)
     assert report.kills_self > 0
     assert report.kills_parent + report.graceful_stops > 0
-    for category in ("checkpoint_boundary", "in_step", "in_compensation"):
+    for category in ("checkpoint_boundary", "in_step", "in_compensation", "in_wait", "waiting",
+                     "pivot", "retried_attempt"):
         assert report.crash_points.get(category, 0) > 0, (category, report.render())
+    assert report.definitions["ForwardSaga"] >= 6, report.render()
+    for invariant in ("I7", "I8", "I9", "I10"):  # the forward-recovery invariants ran
+        assert sum(n for name, n in report.checks.items()
+                   if name.startswith(f"{invariant}.")) > 0, (invariant, report.render())
 
 
 @pytest.mark.slow
@@ -84,6 +91,8 @@ SABOTAGE: list[tuple[str, dict[str, Any], str]] = [
     ("rerun", {}, "I5.act-not-rerun"),  # recovery re-runs a checkpointed step
     ("order", {}, "I3.reverse-order-log"),  # compensations in forward order
     ("steal", {"step_ms": 300, "workers": 3}, "I4.no-overlap"),  # leases ignored
+    ("pivot", {}, "I8.no-compensation-past-pivot"),  # compensates past the pivot
+    ("early", {}, "I9.not-early"),  # the next attempt comes before its wait is over
 ]
 
 

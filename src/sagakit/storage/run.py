@@ -125,10 +125,11 @@ class Checkpoint:
     ``fence_owner``/``fence_version`` are set when the run holds the saga's lease: the write
     applies only if the row still has that owner and version. ``expected_version`` comes from
     ``update_context(current_version=...)``. ``lease_seconds`` extends the lease (None: leave
-    it); a terminal, PARKED or WAITING status releases it, and so does a releasing wait.
+    it); ``releases_lease`` (kept by :class:`BufferedRun` as the status is set) says the
+    checkpoint releases it: a terminal, PARKED or WAITING status does.
 
     Forward recovery: ``wait_seconds`` sets ``next_attempt_at`` to the database's now plus that
-    many seconds (``wait_releases``: the checkpoint also writes WAITING and releases the lease);
+    many seconds (a releasing wait also writes WAITING);
     ``clear_wait`` sets ``next_attempt_at`` back to NULL (never together with a wait: the later
     of the two calls wins); ``past_pivot`` marks the saga past its pivot (never unmarked).
     """
@@ -144,13 +145,9 @@ class Checkpoint:
     lease_seconds: float | None = None
     reset_attempts: bool = False
     wait_seconds: float | None = None
-    wait_releases: bool = False
     clear_wait: bool = False
     past_pivot: bool = False
-
-    @property
-    def releases_lease(self) -> bool:
-        return self.wait_releases or releases_lease(self.status)
+    releases_lease: bool = False
 
 
 class BufferedRun(abc.ABC):
@@ -203,7 +200,9 @@ class BufferedRun(abc.ABC):
             pending.expected_version = current_version
 
     async def update_status(self, saga_id: UUID, status: SagaStatus) -> None:
-        self._buffer(saga_id).status = SagaStatus(status)
+        pending = self._buffer(saga_id)
+        pending.status = status = SagaStatus(status)
+        pending.releases_lease = releases_lease(status)
 
     async def log_step(
         self,
@@ -246,8 +245,8 @@ class BufferedRun(abc.ABC):
         pending.wait_seconds = seconds
         pending.clear_wait = False
         if release:
-            pending.wait_releases = True
             pending.status = SagaStatus.WAITING
+            pending.releases_lease = True
 
     async def clear_wait(self, saga_id: UUID) -> None:
         """Buffer setting ``next_attempt_at`` back to NULL (a wait buffered before it in the
