@@ -10,7 +10,9 @@ Run (servers as in tests/conftest.py, or SAGAKIT_POSTGRES_DSN / SAGAKIT_MYSQL_DS
 Sections: memory (framework cost), cpu (client CPU per saga vs the floor), group (group commit
 at 32 concurrent sagas), scale (throughput and p99 at 1..512 concurrent sagas), steps (cost per
 step at 1..100 steps), context (cost as the context grows; an unchanged context is not
-rewritten), recovery (sagas recovered per second by 1 and 4 workers; EXPLAIN of the listing).
+rewritten), recovery (sagas recovered per second by 1 and 4 workers; EXPLAIN of the listing),
+dispatch (submitted sagas: submit-to-first-step latency, throughput of 1, 2 and 4 worker
+processes, the load of an idle worker on the database).
 
 Writes ``RESULTS.md`` (machine, headline numbers, every table, EXPLAIN output, how to read),
 ``results.json`` (the raw numbers) and ``throughput.png`` / ``p99.png`` into ``--out``
@@ -57,7 +59,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--mysql-dsn", default=MYSQL)
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds allowed per section (default: 120 quick, 900 full; "
-                             "twice that for recovery)")
+                             "twice that for recovery and dispatch)")
     parser.add_argument("--recovery-mode", choices=["process", "inprocess"], default="process",
                         help="recovery workers as subprocesses (default) or all in this process")
     parser.add_argument("--recovery-backlog", type=int, default=None,

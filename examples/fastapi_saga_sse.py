@@ -4,12 +4,18 @@
   ``start`` (the saga id), one ``step`` per completed step, then ``done`` (the final status) —
   or, when a step failed, one ``compensation`` per compensated step (read from the saga's step
   log) and ``error`` (the error type and message, and the final status).
+- ``POST /orders/submit`` hands the saga to the workers instead (``OrderSaga().submit``, the
+  ``orders`` queue) and answers at once (202) with its id;
+  ``GET /sagas/{saga_id}/events`` then streams its step log as a worker writes it: one ``log``
+  event per entry (steps, failed attempts, compensations), then ``done`` (the final status).
 - ``GET /sagas/{saga_id}`` returns the stored saga: status, context and step history.
 
-The saga runs in a background task detached from the request, fed into the stream through a
-queue: a client that disconnects stops its stream, never its saga, which still reaches a terminal
-state (poll ``GET /sagas/{id}``). A process that dies mid-saga leaves it at its last checkpoint;
-the recovery worker this app runs finishes it after the next start. See docs/sse.md.
+``POST /orders`` runs the saga in a background task detached from the request, fed into the
+stream through a queue: a client that disconnects stops its stream, never its saga, which still
+reaches a terminal state (poll ``GET /sagas/{id}``). A process that dies mid-saga leaves it at
+its last checkpoint. The worker this app runs finishes such sagas, and runs the submitted ones;
+other workers can serve the ``orders`` queue too (``sagakit worker --queue orders``). See
+docs/sse.md.
 
 Sagas are stored with SQLAlchemy, on SQLite by default; set ``SAGAKIT_DATABASE_URL`` for another
 database (e.g. ``postgresql+asyncpg://user@host/db``). Run it with::
@@ -18,6 +24,9 @@ database (e.g. ``postgresql+asyncpg://user@host/db``). Run it with::
     python examples/fastapi_saga_sse.py --port 8000
     curl -N -X POST localhost:8000/orders -H 'content-type: application/json' \\
          -d '{"items": ["book"], "amount": 25.0, "address": "1 Main Street"}'
+    curl -X POST localhost:8000/orders/submit -H 'content-type: application/json' \\
+         -d '{"items": ["book"], "amount": 25.0, "address": "1 Main Street"}'
+    curl -N localhost:8000/sagas/<saga_id>/events
 
 Failures to try: the address ``"Atlantis"`` (shipping fails: payment refunded, stock released),
 an ``amount`` over 10000 (the card is declined), the item ``"unobtainium"`` (out of stock).
@@ -56,8 +65,10 @@ from sagakit import (
 )
 from sagakit.middleware import saga_log_context
 from sagakit.storage.sqlalchemy import SqlAlchemySagaStorage
+from sagakit.submission import SubmittedSaga
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///sagakit_sse.db"
+ORDERS_QUEUE = "orders"
 logger = logging.getLogger("orders")
 
 
@@ -290,6 +301,19 @@ async def stream(saga_id: uuid.UUID, queue: asyncio.Queue[Event | None]) -> Asyn
                         extra={"saga_id": str(saga_id), "saga_name": OrderSaga.name})
 
 
+async def follow(handle: SubmittedSaga) -> AsyncIterator[str]:
+    """A submitted saga's stream: its step log entries as the workers write them (from the
+    first, however late the client comes), then its final status. A client that leaves ends
+    only this stream."""
+    ids = {"saga_id": str(handle.saga_id)}
+    async for entry in handle.steps():
+        yield sse("log", {**ids, "step": entry.step_name, "action": entry.action.value,
+                          "status": entry.status.value, "error_type": entry.error_type,
+                          "details": entry.details, "attempt": entry.attempt})
+    state = await handle.state()
+    yield sse("done", {**ids, "status": state.status.value})
+
+
 # -- the app ------------------------------------------------------------------------------------
 
 
@@ -298,12 +322,15 @@ def create_app(database_url: str | None = None, *, shutdown_timeout: float = 30.
     storage = SqlAlchemySagaStorage.from_url(url)
     services = Services()
     runner = SagaRunner(storage, services)
+    # Runs the sagas submitted to the orders queue, and finishes sagas a crash or a deploy cut
+    # off (never one a live run holds). On PostgreSQL a submit wakes it (and every other worker
+    # serving the queue) at once; elsewhere it polls, from every second up to every 5 s.
+    worker = RecoveryWorker(storage, [OrderSaga], runner.build, queues=[ORDERS_QUEUE],
+                            poll_interval=1.0, max_idle_poll=5.0)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await storage.create_schema()
-        # Finishes sagas a crash or a deploy cut off (never one a live run holds).
-        worker = RecoveryWorker(storage, [OrderSaga], runner.build, poll_interval=5.0)
         recovering = asyncio.create_task(worker.run(install_signal_handlers=False))
         try:
             yield
@@ -324,6 +351,26 @@ def create_app(database_url: str | None = None, *, shutdown_timeout: float = 30.
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                      "Location": f"/sagas/{saga_id}"},
+        )
+
+    @app.post("/orders/submit", status_code=202)
+    async def submit_order(order: OrderRequest) -> dict[str, Any]:
+        handle = await OrderSaga().submit(order.context(), storage=storage, queue=ORDERS_QUEUE)
+        worker.wake()  # this process's worker: no need to wait for its next poll
+        saga_id = handle.saga_id
+        return {"saga_id": str(saga_id), "saga": handle.saga_name, "queue": handle.queue,
+                "order_id": order.order_id, "events": f"/sagas/{saga_id}/events"}
+
+    @app.get("/sagas/{saga_id}/events")
+    async def saga_events(saga_id: uuid.UUID) -> StreamingResponse:
+        try:
+            saga = await storage.get_saga(saga_id)
+        except SagaNotFoundError:
+            raise HTTPException(status_code=404, detail=f"no saga {saga_id}") from None
+        handle = SubmittedSaga(saga_id, saga.name, saga.queue or ORDERS_QUEUE, storage)
+        return StreamingResponse(
+            follow(handle), media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
     @app.get("/sagas/{saga_id}")

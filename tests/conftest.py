@@ -29,6 +29,7 @@ def server_unavailable(what: str, error: BaseException) -> None:
 TABLES = {
     "executions_table": f"saga_executions_t{os.getpid()}",
     "logs_table": f"saga_logs_t{os.getpid()}",
+    "queues_table": f"saga_queues_t{os.getpid()}",
 }
 
 

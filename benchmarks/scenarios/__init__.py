@@ -6,7 +6,7 @@ for, each under its own timeout, and writes one report.
 
 from __future__ import annotations
 
-from scenarios import context, cpu, group, memory, recovery, scale, steps
+from scenarios import context, cpu, dispatch, group, memory, recovery, scale, steps
 
 SECTIONS = {
     "memory": memory,
@@ -16,5 +16,6 @@ SECTIONS = {
     "steps": steps,
     "context": context,
     "recovery": recovery,
+    "dispatch": dispatch,
 }
 """Section name -> module, in report order."""

@@ -38,6 +38,13 @@ class Sizes:
     recovery_workers: tuple[int, ...]
     recovery_concurrency: int
     section_timeout: float
+    dispatch_backlog: int
+    dispatch_workers: tuple[int, ...]
+    dispatch_rounds: int
+    latency_sagas: int
+    latency_rounds: int
+    idle_warmup_s: float
+    idle_window_s: float
 
     def total_for(self, concurrency: int) -> int:
         return max(self.min_sagas, self.rounds * concurrency)
@@ -48,14 +55,16 @@ FULL = Sizes(
     concurrencies=(1, 8, 32, 128, 512), steps=(1, 5, 20, 100), step_budget=1500,
     context_sizes=(100, 10_000, 1_000_000), context_sagas=20, count_sagas=40,
     recovery_backlog=10_000, recovery_workers=(1, 4), recovery_concurrency=8,
-    section_timeout=900.0,
+    section_timeout=900.0, dispatch_backlog=4000, dispatch_workers=(1, 2, 4), dispatch_rounds=3,
+    latency_sagas=150, latency_rounds=3, idle_warmup_s=10.0, idle_window_s=20.0,
 )
 QUICK = Sizes(
     memory_sagas=300, memory_repeats=3, rounds=2, min_sagas=16,
     concurrencies=(1, 8, 32), steps=(1, 5, 20), step_budget=60,
     context_sizes=(100, 10_000, 1_000_000), context_sagas=3, count_sagas=8,
     recovery_backlog=200, recovery_workers=(1, 4), recovery_concurrency=8,
-    section_timeout=120.0,
+    section_timeout=120.0, dispatch_backlog=100, dispatch_workers=(1, 2, 4), dispatch_rounds=1,
+    latency_sagas=15, latency_rounds=1, idle_warmup_s=2.0, idle_window_s=4.0,
 )
 
 # -- the benchmark sagas --------------------------------------------------------------------------
@@ -275,7 +284,8 @@ class Session:
         """Unique table names for one storage, remembered for the final clean-up."""
         self._tables += 1
         base = f"bx{self.run_id}_{self._tables}"
-        tables = {"executions_table": f"{base}e", "logs_table": f"{base}l"}
+        tables = {"executions_table": f"{base}e", "logs_table": f"{base}l",
+                  "queues_table": f"{base}q"}
         self._storage_tables.append((url, tables))
         return tables
 
@@ -381,7 +391,8 @@ async def drop(session: Session, storage: Any) -> None:
     try:
         await storage.drop_schema()
         tables = {"executions_table": storage.tables.executions.name,
-                  "logs_table": storage.tables.logs.name}
+                  "logs_table": storage.tables.logs.name,
+                  "queues_table": storage.tables.queues.name}
         session.dropped(tables)
     finally:
         await storage.close()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import time
 import uuid
 from typing import Any
@@ -30,6 +29,7 @@ from scenarios.common import (
     saga_class,
     table,
 )
+from scenarios.procs import WorkerProcs, count_completed, drain, summarise
 
 TITLE = "Recovery throughput"
 NEEDS = ("postgres", "mariadb")
@@ -37,11 +37,15 @@ LISTING_LIMIT = 32
 TIMEOUT_FACTOR = 2
 
 
-async def make_backlog(storage: Any, count: int) -> float:
-    """Insert ``count`` interrupted sagas; return the seconds it took."""
-    saga = saga_class(5)
+async def make_backlog(storage: Any, count: int, *, saga: Any = None,
+                       context: dict[str, Any] | None = None, status: str = "RUNNING",
+                       queue: str | None = None) -> float:
+    """Insert ``count`` sagas straight into the table, updated an hour ago, no lease, no step
+    log: by default interrupted 5-step sagas (RUNNING in no queue); with ``status="PENDING"``
+    and a ``queue``, sagas as ``submit`` stores them. Return the seconds it took."""
+    saga = saga if saga is not None else saga_class(5)
     t = storage.tables.executions
-    context = new_context().to_dict()
+    context = context if context is not None else new_context().to_dict()
     pg = storage.dialect.is_postgres
     base = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
     if not pg:
@@ -50,10 +54,10 @@ async def make_backlog(storage: Any, count: int) -> float:
     chunk = 2000
     for first in range(0, count, chunk):
         rows = [
-            {"saga_id": uuid.uuid4(), "name": saga.name, "status": "RUNNING",
+            {"saga_id": uuid.uuid4(), "name": saga.name, "status": status,
              "context": context if pg else orjson.dumps(context).decode(), "version": 1,
              "recovery_attempts": 0, "fingerprint": saga.fingerprint, "lease_owner": None,
-             "lease_expires_at": None, "next_attempt_at": None,
+             "lease_expires_at": None, "next_attempt_at": None, "queue": queue,
              "created_at": base + dt.timedelta(microseconds=i),
              "updated_at": base + dt.timedelta(microseconds=i)}
             for i in range(first, min(first + chunk, count))
@@ -74,31 +78,39 @@ async def analyze(storage: Any) -> None:
 
 
 async def explain_listing(storage: Any) -> tuple[str, str]:
-    """(EXPLAIN output, index used) of the query get_sagas_for_recovery sends, captured as sent
-    and explained with the same parameters."""
+    """(EXPLAIN output, index used) of the query get_sagas_for_recovery sends."""
+    return await explain_call(storage, lambda: storage.get_sagas_for_recovery(LISTING_LIMIT),
+                              lambda statement: statement.lstrip().upper().startswith("SELECT"))
+
+
+async def explain_call(storage: Any, call: Any, wanted: Any) -> tuple[str, str]:
+    """(EXPLAIN output, index used) of the last statement on the executions table that
+    ``await call()`` sends and ``wanted(statement)`` accepts, captured as sent and explained
+    with the same parameters (PostgreSQL: EXPLAIN ANALYZE, in a transaction rolled back)."""
     from sqlalchemy import event
 
     captured: list[tuple[str, Any]] = []
     name = storage.tables.executions.name
 
     def capture(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
-        if statement.lstrip().upper().startswith("SELECT") and name in statement:
+        if name in statement and wanted(statement):
             captured.append((statement, parameters))
 
     engine = storage.engine.sync_engine
     event.listen(engine, "before_cursor_execute", capture)
     try:
-        await storage.get_sagas_for_recovery(LISTING_LIMIT)
+        await call()
     finally:
         event.remove(engine, "before_cursor_execute", capture)
     if not captured:
-        return "(the listing query was not seen)", "unknown"
+        return "(the query was not seen)", "unknown"
     statement, parameters = captured[-1]
     prefix = "EXPLAIN (ANALYZE, BUFFERS) " if storage.dialect.is_postgres else "EXPLAIN "
     async with storage.engine.connect() as conn:
         result = await conn.exec_driver_sql(prefix + statement, parameters)
         keys = list(result.keys())
         rows = result.all()
+        await conn.rollback()
     indexes = [str(ix.name) for ix in storage.tables.executions.indexes]
     if storage.dialect.is_postgres:
         plan = "\n".join(str(r[0]) for r in rows)
@@ -170,68 +182,21 @@ async def recover_backlog_procs(session: Session, backend: Backend, tables: dict
                                 storage: Any) -> dict[str, Any]:
     """The same with each worker in its own subprocess (scenarios/recovery_child.py); progress
     is watched by counting COMPLETED rows."""
-    import sys
-    import tempfile
-    from pathlib import Path
-
-    child = Path(__file__).with_name("recovery_child.py")
-    config = json.dumps({"url": backend.url, "tables": tables, "deadline_s": deadline_s + 30,
-                         "concurrency": session.sizes.recovery_concurrency})
-    procs: list[Any] = []
-    files = contextlib.ExitStack()
-    logs = [files.enter_context(tempfile.TemporaryFile()) for _ in range(workers)]  # noqa: SIM115
-    try:
-        for log in logs:
-            procs.append(await asyncio.create_subprocess_exec(
-                sys.executable, str(child), config, stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, stderr=log, limit=2**24))
-        for proc in procs:
-            line = await asyncio.wait_for(proc.stdout.readline(), 60)
-            if line.strip() != b"ready":
-                raise RuntimeError(f"recovery worker process did not start: {line!r}")
-        t0 = time.perf_counter()
-        for proc in procs:
-            proc.stdin.write(b"go\n")
-            await proc.stdin.drain()
-        done = 0
-        while time.perf_counter() - t0 < deadline_s:
-            done = await _count_completed(storage)
-            if done >= backlog or any(p.returncode is not None for p in procs):
-                break
-            await asyncio.sleep(0.1)
-        elapsed = time.perf_counter() - t0
-        reports = []
-        for proc in procs:
-            proc.stdin.write(b"stop\n")
-            await proc.stdin.drain()
-            proc.stdin.close()
-        for proc in procs:
-            line = await asyncio.wait_for(proc.stdout.readline(), 120)
-            reports.append(json.loads(line) if line.strip() else {})
-            await asyncio.wait_for(proc.wait(), 30)
-    finally:
-        for proc in procs:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-        stderr = b""
-        for log in logs:
-            log.seek(0)
-            stderr += log.read()[-2000:]
-        files.close()
-    completed = {sid for r in reports for sid in r.get("completed", ())}
-    errors = sum(r.get("errors", 0) for r in reports)
-    first = next((r["first_error"] for r in reports if r.get("first_error")), None)
-    if first is None and len(reports) < workers:
-        first = stderr.decode(errors="replace")[-300:]
-    cpu = sum(r.get("cpu_s", 0.0) for r in reports)
+    conc = session.sizes.recovery_concurrency
+    config = {"url": backend.url, "tables": tables, "deadline_s": deadline_s + 30,
+              "concurrency": conc, "pool_size": conc + 2, "poll_interval": 0.05}
+    async with WorkerProcs(config, workers) as procs:
+        elapsed, done = await drain(procs, storage, backlog, deadline_s)
+        reports = await procs.stop()
+    total = summarise(reports, procs.stderr, workers)
     return {
-        "workers": workers, "concurrency_each": session.sizes.recovery_concurrency,
-        "backlog": backlog, "recovered": len(completed), "drained": done >= backlog,
-        "elapsed_s": elapsed, "per_s": len(completed) / elapsed if elapsed > 0 else float("nan"),
-        "attempts": sum(r.get("attempts", 0) for r in reports),
-        "busy": sum(r.get("busy", 0) for r in reports), "errors": errors, "first_error": first,
-        "client_cpu_ms_per_saga": 1000 * cpu / max(len(completed), 1),
+        "workers": workers, "concurrency_each": conc,
+        "backlog": backlog, "recovered": total["completed"], "drained": done >= backlog,
+        "elapsed_s": elapsed,
+        "per_s": total["completed"] / elapsed if elapsed > 0 else float("nan"),
+        "attempts": total["attempts"], "busy": total["busy"], "errors": total["errors"],
+        "first_error": total["first_error"],
+        "client_cpu_ms_per_saga": 1000 * total["cpu_s"] / max(total["completed"], 1),
     }
 
 
@@ -258,16 +223,6 @@ async def count_recovery(session: Session, backend: Backend, sagas: int) -> dict
                 "commits": c.transactions / done, "listing_reads_included": 1 / done}
     finally:
         await drop(session, storage)
-
-
-async def _count_completed(storage: Any) -> int:
-    import sqlalchemy as sa
-
-    t = storage.tables.executions
-    async with storage.engine.connect() as conn:
-        return int((await conn.execute(
-            sa.select(sa.func.count()).select_from(t).where(t.c.status == "COMPLETED")
-        )).scalar_one())
 
 
 async def run(session: Session, section: Section) -> None:
@@ -318,7 +273,7 @@ async def run(session: Session, section: Section) -> None:
                     result = await recover_backlog(session, backend, tables, workers, backlog,
                                                    deadline)
                 result["backlog_insert_s"] = insert_s
-                result["completed_rows"] = await _count_completed(storage)
+                result["completed_rows"] = await count_completed(storage)
                 results.append(result)
             await analyze(storage)
             explains["steady"] = await explain_listing(storage)

@@ -156,7 +156,34 @@ def _summary(sections: dict[str, Section]) -> list[str]:
             out.append(f"Recovery on {label} from a backlog of {runs[0]['backlog']}: {parts}. "
                        f"Listing query index: {backlog} with the backlog due, {steady} once "
                        "none is due.")
+    for name, label in (("postgres", "PostgreSQL"), ("mariadb", "MariaDB")):
+        line = _dispatch_line(get("dispatch", name), label, name == "postgres")
+        if line:
+            out.append(line)
     return [f"- {line}" for line in out]
+
+
+def _dispatch_line(data: Any, label: str, target: bool) -> str | None:
+    """Dispatch on one backend: latency with default workers, throughput per worker count,
+    the idle worker's queries per second."""
+    if not data or "idle" not in data:
+        return None
+    latency = data["latency"]["default"]
+    runs = data["throughput"]["runs"]
+    floor = data["floor"]["throughput"]
+    parts = ", ".join(f"{r['per_s']['median']:.0f}/s by {r['workers']}" for r in runs)
+    idle = data["idle"]
+    queries = idle["client"].get("queries", float("nan"))
+    wake = "LISTEN/NOTIFY wake-ups" if idle["wakeups"] else "polling, no wake-ups"
+    text = (f"Dispatch on {label} ({wake}): submit-to-first-step **p50 "
+            f"{latency['p50_ms']['median']:.0f} ms, p99 {latency['p99_ms']['median']:.0f} ms** "
+            f"(default worker settings); throughput {parts} worker processes"
+            + (f" ({runs[0]['per_s']['median'] / floor:.2f}x the floor with 1)" if runs and floor
+               else "")
+            + f"; an idle worker sends **{queries:.2f} queries/s**")
+    if target:
+        text += f" (target < 1: {'met' if queries < 1 else 'NOT met'})"
+    return text + "."
 
 
 # -- charts ---------------------------------------------------------------------------------------

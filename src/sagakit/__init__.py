@@ -31,6 +31,7 @@ from sagakit.fallback import Fallback
 from sagakit.invocation import StepInvocation, current_invocation
 from sagakit.mediator import SagaMap, SagaMediator, bootstrap
 from sagakit.middleware import LoggingMiddleware, Middleware, SagaLogFilter, SagaRun
+from sagakit.queue import QueueSettings
 from sagakit.records import (
     ContextJSON,
     SagaAction,
@@ -45,6 +46,7 @@ from sagakit.saga import Saga
 from sagakit.step import SagaStepHandler, SagaStepResult
 from sagakit.stepoptions import Step
 from sagakit.storage import ISagaStorage, MemorySagaStorage, SagaStorage, SagaStorageRun
+from sagakit.submission import SubmittedSaga, submit
 from sagakit.transaction import SagaTransaction
 from sagakit.worker import RecoveryOutcome, RecoveryWorker
 
@@ -67,6 +69,7 @@ __all__ = [
     "MemorySagaStorage",
     "Middleware",
     "PermanentError",
+    "QueueSettings",
     "RecoveryOptions",
     "RecoveryOutcome",
     "RecoveryWorker",
@@ -106,6 +109,7 @@ __all__ = [
     "Step",
     "StepInvocation",
     "StepTimeoutError",
+    "SubmittedSaga",
     "abort_saga",
     "as_container",
     "bootstrap",
@@ -113,6 +117,7 @@ __all__ = [
     "permanent",
     "recover_saga",
     "resume_saga",
+    "submit",
 ]
 
 

@@ -2,7 +2,8 @@
 
 ``bootstrap(di_container=..., sagas_mapper=..., saga_storage=..., middlewares=[...])`` returns a
 :class:`SagaMediator`; ``mediator.stream(context, saga_id=None)`` runs the saga bound to the
-context's type and yields its step results.
+context's type and yields its step results; ``mediator.submit(context, queue=...)`` hands it to
+workers instead.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from uuid import UUID
 
 from sagakit.container import as_container
 from sagakit.middleware import Middleware
+from sagakit.queue import DEFAULT_QUEUE
 from sagakit.records import SagaStatus
 from sagakit.recovery import recover_saga
 from sagakit.saga import Saga
 from sagakit.step import SagaStepResult
 from sagakit.storage.memory import MemorySagaStorage
 from sagakit.storage.protocol import SagaStorage
+from sagakit.submission import SubmittedSaga, submit
 from sagakit.transaction import check_options
 
 __all__ = ["SagaMap", "SagaMediator", "bootstrap"]
@@ -101,6 +104,21 @@ class SagaMediator:
         async with transaction:
             async for result in transaction:
                 yield result
+
+    async def submit(
+        self,
+        context: Any,
+        *,
+        queue: str = DEFAULT_QUEUE,
+        concurrency_key: str | None = None,
+        priority: int = 0,
+        saga_id: UUID | None = None,
+    ) -> SubmittedSaga:
+        """Hand the saga bound to ``context``'s type to workers (see
+        :func:`sagakit.submission.submit`); returns its handle at once."""
+        saga = self.saga_map.saga_for(context)()
+        return await submit(saga, context, storage=self.storage, queue=queue,
+                            concurrency_key=concurrency_key, priority=priority, saga_id=saga_id)
 
     async def recover(self, saga_id: UUID) -> SagaStatus:
         """Recover one stored saga, finding its definition by its stored name."""

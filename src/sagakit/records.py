@@ -125,6 +125,12 @@ class SagaState:
     """The saga's pivot step completed: from here on it only goes forward."""
     deadline_at: datetime | None = None
     """When the saga's deadline passes (set when it was started with one)."""
+    queue: str | None = None
+    """The queue a submitted saga was handed to (None: started in a process of its own)."""
+    concurrency_key: str | None = None
+    """A submitted saga's concurrency key (see :class:`sagakit.queue.QueueSettings`)."""
+    priority: int = 0
+    """A submitted saga's priority within its queue: higher is claimed first."""
 
 
 class ContextJSON(Mapping[str, Any]):

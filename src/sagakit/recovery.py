@@ -217,6 +217,7 @@ async def _drive(
     mode: str,
     reason: str = "",
     claimed: SagaState | None = None,
+    claimed_at: float | None = None,
 ) -> SagaStatus:
     decode = _decoder(saga, context_builder)
     codec: ContextCodec[Any] = codec_for(saga.context_type or (
@@ -225,7 +226,7 @@ async def _drive(
     with saga_log_context(saga_id, saga.name):
         async with open_run(storage) as run:
             if claimed is not None:  # a worker's claim_due already leased it to this process
-                run.adopt(claimed, options.lease_seconds)
+                run.adopt(claimed, options.lease_seconds, sent=claimed_at)
                 state = claimed
             else:
                 state = await run.claim(

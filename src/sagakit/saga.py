@@ -28,6 +28,7 @@ from sagakit.step import SagaStepHandler, check_option, implements_compensate
 if TYPE_CHECKING:
     from sagakit.middleware import Middleware
     from sagakit.storage.protocol import SagaStorage
+    from sagakit.submission import SubmittedSaga
     from sagakit.transaction import SagaTransaction
 
 __all__ = ["Saga", "StepOptions", "StepSpec"]
@@ -231,6 +232,23 @@ class Saga(Generic[ContextT]):
             lease_seconds=lease_seconds,
             max_recovery_attempts=max_recovery_attempts,
         )
+
+    async def submit(
+        self,
+        context: ContextT,
+        *,
+        storage: SagaStorage,
+        queue: str = "default",
+        concurrency_key: str | None = None,
+        priority: int = 0,
+        saga_id: UUID | None = None,
+    ) -> SubmittedSaga:
+        """Hand this saga to workers: stored PENDING in ``queue`` in one commit; returns its
+        handle at once (see :func:`sagakit.submission.submit` for the checks and errors)."""
+        from sagakit.submission import submit
+
+        return await submit(self, context, storage=storage, queue=queue,
+                            concurrency_key=concurrency_key, priority=priority, saga_id=saga_id)
 
 
 def definition_fingerprint(specs: Sequence[StepSpec]) -> str:

@@ -25,7 +25,8 @@ import dataclasses
 import logging
 import random
 import signal
-from collections.abc import Iterable
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -33,6 +34,7 @@ from sagakit import settings
 from sagakit.exceptions import SagaBusyError, SagaNotFoundError, SagaStorageError
 from sagakit.mediator import SagaMap
 from sagakit.middleware import saga_log_context
+from sagakit.queue import DEFAULT_QUEUE, check_queue_name
 from sagakit.records import SagaState, SagaStatus
 from sagakit.recovery import RecoveryOptions, _drive
 from sagakit.saga import Saga
@@ -68,6 +70,17 @@ class RecoveryWorker:
     ``batch_size`` integers >= 1 (``batch_size`` None: ``concurrency * 4``), ``poll_interval``
     finite seconds > 0, ``stale_after_seconds`` None or finite seconds >= 0,
     ``shutdown_timeout`` finite seconds >= 0.
+
+    Submitted sagas: the worker also serves ``queues`` (default: the ``"default"`` queue; an
+    empty list serves none), claiming their sagas within each queue's limits (see
+    :mod:`sagakit.queue`). Each poll shares the free slots between recovery and the queues,
+    in an order that rotates from poll to poll, so that a flood in one queue does not starve
+    another. While polls find nothing the wait between them grows from ``poll_interval`` to
+    ``max_idle_poll`` (default: five times ``poll_interval``, fifteen times while the storage
+    delivers wake-ups), with jitter; a wake-up from
+    the storage (a submit, a freed slot, a durable wait falling due; PostgreSQL's
+    LISTEN/NOTIFY, or the memory storage) ends the wait at once. A lost wake-up only delays
+    work until the next poll.
     """
 
     def __init__(
@@ -83,6 +96,8 @@ class RecoveryWorker:
         saga_name: str | None = None,
         shutdown_timeout: float = 30.0,
         options: RecoveryOptions | None = None,
+        queues: Sequence[str] | None = (DEFAULT_QUEUE,),
+        max_idle_poll: float | None = None,
     ) -> None:
         self.concurrency = settings.count("concurrency", concurrency)
         self.poll_interval = settings.seconds("poll_interval", poll_interval, exclusive=True)
@@ -91,6 +106,13 @@ class RecoveryWorker:
         self.stale_after_seconds = settings.seconds("stale_after_seconds", stale_after_seconds,
                                                     allow_none=True)
         self.shutdown_timeout = settings.seconds("shutdown_timeout", shutdown_timeout)
+        self._idle_ceiling_default = max_idle_poll is None
+        self.queues: tuple[str, ...] = tuple(
+            check_queue_name(q, "queues") for q in (queues or ()))
+        self.max_idle_poll = settings.seconds(
+            "max_idle_poll", min(5 * self.poll_interval, settings.MAX_SECONDS)
+            if max_idle_poll is None
+            else max_idle_poll, minimum=self.poll_interval)
         self.storage = storage
         self.container = container
         self._sagas = {s.name: s for s in sagas}
@@ -107,8 +129,13 @@ class RecoveryWorker:
         """Polls that failed in a row (the database unreachable, say); 0 when the last one
         worked."""
         self._claim_due_works = True
+        self._queues_work = bool(self.queues)
+        self._turn = 0  # rotates which source (recovery, then each queue) claims first
+        self._idle_polls = 0
+        self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._in_hand: set[UUID] = set()
+        self._claimed_at: dict[UUID, float] = {}  # saga id -> when its claim was sent
 
     def stopping(self) -> bool:
         """True once a shutdown was asked for."""
@@ -131,6 +158,61 @@ class RecoveryWorker:
             return await self._run_listed()
         return list(await asyncio.gather(*(self.recover(s.saga_id, s) for s in claimed)))
 
+    async def _claim_all(self, free: int) -> list[SagaState]:
+        """Share ``free`` slots between recovery and each queue: a first pass gives each source
+        its share, in an order that rotates every poll; a second pass offers what is left to
+        the sources that filled their share."""
+        sources: list[str | None] = [None, *self.queues] if self._queues_work else [None]
+        turn = self._turn % len(sources)
+        self._turn += 1
+        sources = sources[turn:] + sources[:turn]
+        claimed: list[SagaState] = []
+        full: list[str | None] = []
+        for index, source in enumerate(sources):
+            share = -(-(free - len(claimed)) // (len(sources) - index))
+            if share <= 0:
+                break
+            got = await self._claim_from(source, share)
+            claimed += got
+            if len(got) == share:
+                full.append(source)
+        for source in full:
+            left = free - len(claimed)
+            if left <= 0:
+                break
+            claimed += await self._claim_from(source, left)
+        return claimed
+
+    async def _claim_from(self, source: str | None, limit: int) -> list[SagaState]:
+        if source is None:
+            return await self._claim(limit) if self._claims_due() else []
+        if not self._queues_work:
+            return []
+        sent = time.monotonic()
+        try:
+            claimed: list[SagaState] = await self.storage.claim_queued(
+                self.owner, source, limit=limit, lease_seconds=self.options.lease_seconds,
+                max_recovery_attempts=self.options.max_recovery_attempts,
+                saga_names=frozenset(self._sagas),
+            )
+        except (NotImplementedError, AttributeError):
+            logger.warning("%s cannot hold submitted sagas: not serving queues %s",
+                           type(self.storage).__name__, ", ".join(self.queues))
+            self._queues_work = False
+            return []
+        except Exception as error:
+            self._poll_failed(error)
+            return []
+        self._poll_worked()
+        self._note_claims(claimed, sent)
+        return claimed
+
+    def _note_claims(self, claimed: list[SagaState], sent: float) -> None:
+        """Remember when each claim was sent: its run counts the lease from then (the
+        database started it no earlier), not from when the run begins."""
+        for state in claimed:
+            self._claimed_at[state.saga_id] = sent
+
     def _claims_due(self) -> bool:
         return self._claim_due_works and getattr(self.storage, "claim_due", None) is not None
 
@@ -138,6 +220,7 @@ class RecoveryWorker:
         """Claim due sagas; a failing claim (the database briefly unreachable, say) claims
         nothing, so a worker outlives database outages (see :meth:`_poll_failed`)."""
         names = frozenset({self.saga_name} if self.saga_name else self._sagas)
+        sent = time.monotonic()
         try:
             claimed: list[SagaState] = await self.storage.claim_due(
                 self.owner,
@@ -154,6 +237,7 @@ class RecoveryWorker:
             self._poll_failed(error)
             return []
         self._poll_worked()
+        self._note_claims(claimed, sent)
         return claimed
 
     def _poll_failed(self, error: Exception) -> None:
@@ -174,10 +258,14 @@ class RecoveryWorker:
 
     def poll_wait(self) -> float:
         """Seconds to wait before the next poll, when the last one found nothing to do:
-        ``poll_interval``, or while polls fail, twice as long after each failure up to
-        ``max_backoff``, spread by +-20% so workers do not poll in step."""
+        ``poll_interval`` after work, growing by half with each idle poll up to
+        ``max_idle_poll``; while polls fail, twice as long after each failure up to
+        ``max_backoff``. Spread by +-20% so workers do not poll in step."""
         if not self.failed_polls:
-            return self.poll_interval
+            if self._idle_polls <= 1:
+                return self.poll_interval
+            grown = self.poll_interval * 1.5 ** min(self._idle_polls - 1, 60)
+            return min(grown, self.max_idle_poll) * random.uniform(0.8, 1.2)
         wait = min(self.poll_interval * 2.0 ** min(self.failed_polls - 1, 30), self.max_backoff)
         return wait * random.uniform(0.8, 1.2)
 
@@ -217,6 +305,7 @@ class RecoveryWorker:
         return outcome
 
     async def _recover(self, saga_id: UUID, claimed: SagaState | None) -> RecoveryOutcome:
+        claimed_at = self._claimed_at.pop(saga_id, None)
         try:
             state = claimed if claimed is not None else await self._stored(saga_id)
             if state is None:  # a storage without get_saga: only a worker of one saga knows
@@ -233,7 +322,8 @@ class RecoveryWorker:
                                    state.name)
                     return RecoveryOutcome(saga_id, state.status)
             status = await _drive(saga(), saga_id, None, self.container, self.storage,
-                                  self.options, "recover", claimed=claimed)
+                                  self.options, "recover", claimed=claimed,
+                                  claimed_at=claimed_at)
         except (SagaBusyError, SagaNotFoundError) as exc:
             return RecoveryOutcome(saga_id, error=exc, busy=isinstance(exc, SagaBusyError))
         except SagaStorageError as exc:  # an outage: one line, no traceback
@@ -281,23 +371,66 @@ class RecoveryWorker:
         in_flight: set[asyncio.Task[RecoveryOutcome]] = set()
         stopped = asyncio.ensure_future(self._stop.wait())
         try:
-            while not self.stopping():
-                free = self.concurrency - len(in_flight)
-                claimed = await self._claim(free) if free > 0 else []
-                if not self._claims_due():
-                    break
-                for state in claimed:  # a slot is refilled as soon as a saga finishes
-                    in_flight.add(asyncio.create_task(self.recover(state.saga_id, state)))
-                if claimed and len(in_flight) < self.concurrency:
-                    continue  # there may be more due right away
-                timeout = None if len(in_flight) >= self.concurrency else self.poll_wait()
-                done, _ = await asyncio.wait(
-                    {*in_flight, stopped}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                )
-                in_flight -= done
+            async with self._wake_ups():
+                while not self.stopping():
+                    free = self.concurrency - len(in_flight)
+                    self._wake.clear()
+                    claimed = await self._claim_all(free) if free > 0 else []
+                    if not self._claims_due():
+                        break
+                    for state in claimed:  # a slot is refilled as soon as a saga finishes
+                        in_flight.add(asyncio.create_task(self.recover(state.saga_id, state)))
+                    if claimed:
+                        self._idle_polls = 0
+                        if len(in_flight) < self.concurrency:
+                            continue  # there may be more due right away
+                    elif free > 0:
+                        self._idle_polls += 1
+                    timeout = None if len(in_flight) >= self.concurrency else self.poll_wait()
+                    woken = asyncio.ensure_future(self._wake.wait())
+                    try:
+                        done, _ = await asyncio.wait({*in_flight, stopped, woken},
+                                                     timeout=timeout,
+                                                     return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        woken.cancel()
+                    if woken in done:
+                        self._idle_polls = 0
+                    in_flight -= done
         finally:
             stopped.cancel()
             await self._drain(in_flight)
+
+    def wake(self, _: object = None) -> None:
+        """Poll now (a storage's wake-up callback; safe to call from the loop's thread)."""
+        self._wake.set()
+
+    @contextlib.asynccontextmanager
+    async def _wake_ups(self) -> AsyncIterator[None]:
+        """Listen to the storage's wake-ups while the worker runs (where it has them)."""
+        listen = getattr(self.storage, "listen", None)
+        if listen is None:
+            yield
+            return
+        try:
+            listener = listen(self.wake)
+            if listener is None:  # this storage's database has no wake-ups: polling alone
+                yield
+                return
+            await listener.__aenter__()
+        except Exception as error:  # no wake-ups: polling alone still finds everything
+            logger.warning("wake-ups unavailable, polling only: %s", error)
+            yield
+            return
+        ceiling = self.max_idle_poll
+        if self._idle_ceiling_default:
+            # Woken for new work, the worker polls mostly for interrupted sagas: less often.
+            self.max_idle_poll = min(15 * self.poll_interval, settings.MAX_SECONDS)
+        try:
+            yield
+        finally:
+            self.max_idle_poll = ceiling
+            await listener.__aexit__(None, None, None)
 
     async def _drain(self, in_flight: set[asyncio.Task[RecoveryOutcome]]) -> None:
         """Shutting down: sagas in hand stop at their next checkpoint; past the timeout, cancel."""

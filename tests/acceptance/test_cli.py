@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from sagakit import SagaStatus
 from sagakit.cli import EXIT_BUSY, EXIT_DATABASE, EXIT_NOT_FOUND, EXIT_UNFINISHED, EXIT_USAGE
 from sagakit.storage.sqlalchemy import SqlAlchemySagaStorage
 from tests.acceptance.cli_sagas import prepare
+from tests.conftest import POSTGRES_DSN, server_unavailable
 
 pytestmark = pytest.mark.acceptance
 
@@ -520,3 +522,265 @@ def test_a_module_that_fails_to_import_exits_2(tmp_path: Path) -> None:
     (tmp_path / "broken_sagas.py").write_text("raise RuntimeError('boom at import')\n")
     done = sagakit("diagram", "broken_sagas:OrderSaga", env={"PYTHONPATH": str(tmp_path)})
     assert "RuntimeError: boom at import" in error_of(done, EXIT_USAGE)
+
+
+# -- submitted sagas: submit, worker --queue, queues ----------------------------------------------
+
+
+class Queued:
+    """An empty schema for submitted sagas: a SQLite file, or tables of this test process's own
+    on the local PostgreSQL (dropped after the test). ``args`` name the tables."""
+
+    def __init__(self, backend: str, tmp_path: Path) -> None:
+        pid = os.getpid()
+        if backend == "sqlite":
+            self.url = f"sqlite+aiosqlite:///{tmp_path / 'queued.db'}"
+            self.tables: dict[str, Any] = {}
+        else:
+            self.url = POSTGRES_DSN
+            self.tables = {"executions_table": f"cli_sagas_{pid}", "logs_table": f"cli_logs_{pid}",
+                           "queues_table": f"cli_queues_{pid}"}
+        self.args = [arg for name, table in self.tables.items()
+                     for arg in (f"--{name.replace('_', '-')}", table)]
+
+    def storage(self) -> SqlAlchemySagaStorage:
+        return SqlAlchemySagaStorage.from_url(self.url, **self.tables)
+
+    def run(self, *args: str, **options: Any) -> subprocess.CompletedProcess[str]:
+        return sagakit(*args, *self.args, url=self.url, **options)
+
+    def state(self, saga_id: str) -> Any:
+        async def read() -> Any:
+            storage = self.storage()
+            try:
+                return await storage.get_saga(uuid.UUID(saga_id))
+            finally:
+                await storage.close()
+
+        return asyncio.run(read())
+
+    def worker(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "sagakit", "worker", "--saga", ORDER, *self.args,
+             "--poll-interval", "0.2", *args],
+            cwd=ROOT, env={**os.environ, "SAGAKIT_DATABASE_URL": self.url},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def queued(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Queued]:
+    schema = Queued(request.param, tmp_path)
+
+    async def create() -> None:
+        storage = schema.storage()
+        try:
+            await storage.create_schema()
+            await storage.delete_all()
+        except OSError as exc:
+            server_unavailable(request.param, exc)
+        finally:
+            await storage.close()
+
+    async def drop() -> None:
+        storage = schema.storage()
+        try:
+            await storage.drop_schema()
+        finally:
+            await storage.close()
+
+    asyncio.run(create())
+    try:
+        yield schema
+    finally:
+        if request.param != "sqlite":
+            asyncio.run(drop())
+
+
+def stop(worker: subprocess.Popen[str]) -> str:
+    """SIGTERM the worker; its stderr once it exited 0."""
+    try:
+        worker.send_signal(signal.SIGTERM)
+        _, stderr = worker.communicate(timeout=30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert worker.returncode == 0, stderr
+    return stderr
+
+
+CONTEXT = json.dumps({"order_id": "o-7"})
+
+
+def test_submit_stores_the_saga_pending_and_a_worker_serving_its_queue_runs_it(
+    queued: Queued,
+) -> None:
+    saga_id = ok(queued.run("submit", "--saga", ORDER, "--context", CONTEXT, "--queue", "orders",
+                            "--key", "customer-1", "--priority", "5")).strip()
+    state = queued.state(saga_id)
+    assert (state.status, state.queue, state.concurrency_key, state.priority) == (
+        SagaStatus.PENDING, "orders", "customer-1", 5)
+    assert state.context["order_id"] == "o-7"
+    lines = ok(queued.run("list")).splitlines()
+    assert lines[0].split()[:6] == ["ID", "NAME", "STATUS", "QUEUE", "KEY", "PRIORITY"]
+    assert lines[1].split()[:6] == [saga_id, "OrderSaga", "PENDING", "orders", "customer-1", "5"]
+    shown = ok(queued.run("show", saga_id))
+    fields = dict(line.split(None, 1) for line in shown[:shown.index("context:")].splitlines())
+    assert (fields["queue"], fields["key"], fields["priority"]) == ("orders", "customer-1", "5")
+    data = json.loads(ok(queued.run("show", saga_id, "--json")))
+    assert (data["queue"], data["concurrency_key"], data["priority"]) == ("orders", "customer-1", 5)
+
+    worker = queued.worker("--queue", "orders", "--queue", "other")
+    try:
+        # --wait follows a second saga while the worker runs both
+        done = queued.run("submit", "--saga", ORDER, "--context", json.dumps(
+            {"order_id": "o-8", "fail_at": "ShipOrder"}), "--queue", "other", "--wait",
+            "--timeout", "60")
+        out = ok(done).splitlines()
+        assert out[1] == f"{out[0]}  OrderSaga  FAILED"  # compensated: a success, as recover says
+        waited = json.loads(ok(queued.run("submit", "--saga", ORDER, "--context", CONTEXT,
+                                          "--queue", "orders", "--wait", "--json")))
+        assert (waited["queue"], waited["status"], waited["created"]) == (
+            "orders", "COMPLETED", True)
+        deadline = time.monotonic() + 30
+        while queued.state(saga_id).status is not SagaStatus.COMPLETED:
+            assert worker.poll() is None, worker.communicate()
+            assert time.monotonic() < deadline, "the worker did not run the first saga"
+            time.sleep(0.1)
+    finally:
+        stderr = stop(worker)
+    assert "queues orders, other" in stderr
+    assert queued.state(saga_id).context["trail"] == ["ReserveStock", "ChargeCard", "ShipOrder",
+                                                      "NotifyCustomer"]
+    assert queued.state(out[0]).status is SagaStatus.FAILED
+
+
+def test_a_worker_serves_only_its_queues(queued: Queued) -> None:
+    elsewhere = ok(queued.run("submit", "--saga", ORDER, "--context", CONTEXT, "--queue",
+                              "elsewhere")).strip()
+    default = ok(queued.run("submit", "--saga", ORDER, "--context", CONTEXT)).strip()
+    worker = queued.worker()  # the default queue only
+    try:
+        deadline = time.monotonic() + 30
+        while queued.state(default).status is not SagaStatus.COMPLETED:
+            assert worker.poll() is None, worker.communicate()
+            assert time.monotonic() < deadline, "the worker did not run the saga"
+            time.sleep(0.1)
+    finally:
+        stderr = stop(worker)
+    assert "queues default," in stderr
+    assert queued.state(elsewhere).status is SagaStatus.PENDING
+
+
+def test_submit_wait_gives_up_after_its_timeout_and_the_saga_stays(queued: Queued) -> None:
+    done = queued.run("submit", "--saga", ORDER, "--context", CONTEXT, "--wait", "--timeout",
+                      "0.3")
+    line = error_of(done, EXIT_UNFINISHED)
+    saga_id = done.stdout.strip()
+    assert f"saga {saga_id} is still PENDING after 0.3 s" in line
+    assert queued.state(saga_id).status is SagaStatus.PENDING
+
+
+def test_submit_with_an_id_is_idempotent(queued: Queued) -> None:
+    saga_id = str(uuid.uuid4())
+    first = queued.run("submit", "--saga", ORDER, "--context", CONTEXT, "--id", saga_id)
+    assert ok(first).strip() == saga_id
+    again = queued.run("submit", "--saga", ORDER, "--context", json.dumps({"order_id": "x"}),
+                       "--id", saga_id, "--queue", "other")
+    assert ok(again).strip() == saga_id
+    assert "already submitted: nothing written" in again.stderr
+    state = queued.state(saga_id)
+    assert (state.queue, state.context["order_id"]) == ("default", "o-7")
+    other = error_of(queued.run("submit", "--saga", REFUND, "--context", CONTEXT, "--id",
+                                saga_id), EXIT_USAGE)
+    assert "bad --id" in other
+    assert "is a 'OrderSaga' saga" in other
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--context", CONTEXT], "no saga definition given"),
+        (["--saga", ORDER, "--context", "{oops"], "bad --context: not valid JSON"),
+        (["--saga", ORDER, "--context", "[1]"], "bad --context: expected a JSON object"),
+        (["--saga", ORDER, "--context", '{"order_id": "o", "colour": "red"}'],
+         "bad --context for saga 'OrderSaga'"),
+        (["--saga", ORDER, "--context", "{}"], "bad --context for saga 'OrderSaga'"),
+        (["--saga", ORDER, "--context", CONTEXT, "--queue", "no spaces"], "--queue must be"),
+        (["--saga", ORDER, "--context", CONTEXT, "--key", ""], "--key must be"),
+        (["--saga", ORDER, "--context", CONTEXT, "--priority", str(2**31)], "--priority must"),
+        (["--saga", ORDER, "--context", CONTEXT, "--id", "12345"], "bad saga id '12345'"),
+        (["--saga", ORDER, "--context", CONTEXT, "--timeout", "5"], "--timeout needs --wait"),
+        (["--saga", ORDER, "--context", CONTEXT, "--wait", "--timeout", "0"], "--timeout must"),
+        (["--saga", "tests.acceptance.cli_sagas:Missing", "--context", CONTEXT],
+         "has no attribute 'Missing'"),
+    ],
+)
+def test_submit_refuses_bad_input_and_writes_nothing(
+    db: Db, args: list[str], expected: str
+) -> None:
+    done = sagakit("submit", *args, url=db.url)
+    assert done.returncode == EXIT_USAGE, (done.stdout, done.stderr)
+    assert expected in done.stderr.strip().splitlines()[-1]
+    assert len(json.loads(ok(sagakit("list", "--json", url=db.url)))) == 4
+
+
+def test_queues_set_list_and_delete(queued: Queued) -> None:
+    assert ok(queued.run("queues")).strip() == "no queues: none configured, no saga submitted"
+    line = ok(queued.run("queues", "set", "orders", "--concurrency", "2", "--key-concurrency",
+                         "1", "--rate", "5", "--burst", "10"))
+    assert line.strip() == "queue orders: concurrency 2, key concurrency 1, rate 5/s, burst 10"
+    ok(queued.run("queues", "set", "slow", "--rate", "0.5"))
+    ok(queued.run("submit", "--saga", ORDER, "--context", CONTEXT, "--queue", "orders"))
+    ok(queued.run("submit", "--saga", ORDER, "--context", CONTEXT))
+    lines = ok(queued.run("queues")).splitlines()
+    assert lines[0].split() == ["QUEUE", "CONCURRENCY", "PER-KEY", "RATE", "BURST", "PENDING",
+                                "RUNNING", "WAITING", "COMPENSATING", "PARKED", "COMPLETED",
+                                "FAILED"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
+    assert rows == {
+        "default": ["-", "-", "-", "-", "1", "0", "0", "0", "0", "0", "0"],  # not configured
+        "orders": ["2", "1", "5", "10", "1", "0", "0", "0", "0", "0", "0"],
+        "slow": ["-", "-", "0.5", "1", "0", "0", "0", "0", "0", "0", "0"],  # burst max(1, rate)
+    }
+    listed = json.loads(ok(queued.run("queues", "--json")))
+    assert listed[1] == {"name": "orders", "configured": True, "concurrency": 2,
+                         "key_concurrency": 1, "rate": 5.0, "burst": 10.0,
+                         "counts": {"PENDING": 1}}
+    assert (listed[0]["name"], listed[0]["configured"]) == ("default", False)
+    # set replaces every limit: what is not given is no limit
+    ok(queued.run("queues", "set", "orders", "--concurrency", "3"))
+    assert json.loads(ok(queued.run("queues", "--json")))[1]["key_concurrency"] is None
+    assert "limits deleted" in ok(queued.run("queues", "delete", "orders"))
+    assert "no queue 'orders' is configured" in error_of(queued.run("queues", "delete", "orders"),
+                                                         EXIT_NOT_FOUND)
+    names = [q["name"] for q in json.loads(ok(queued.run("queues", "--json")))]
+    assert names == ["default", "orders", "slow"]  # orders still holds a saga
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["queues", "set", "orders", "--concurrency", "0"], "--concurrency"),
+        (["queues", "set", "orders", "--key-concurrency", "-1"], "--key-concurrency"),
+        (["queues", "set", "orders", "--concurrency", "many"], "--concurrency"),
+        (["queues", "set", "orders", "--rate", "nan"], "--rate"),
+        (["queues", "set", "orders", "--rate", "0"], "--rate"),
+        (["queues", "set", "orders", "--rate", "1", "--burst", "0.5"], "--burst"),
+        (["queues", "set", "orders", "--burst", "3"], "--burst needs --rate"),
+        (["queues", "set", "no spaces"], "queue name must be"),
+        (["queues", "delete", "x" * 65], "queue name must be"),
+        (["worker", "--saga", ORDER, "--queue", "a/b"], "--queue must be"),
+        (["worker", "--saga", ORDER, "--max-idle-poll", "0"], "--max-idle-poll"),
+        (["worker", "--saga", ORDER, "--poll-interval", "2", "--max-idle-poll", "1"],
+         "--max-idle-poll (1) must be at least --poll-interval (2)"),
+    ],
+)
+def test_bad_queue_options_are_usage_errors_naming_the_option(
+    db: Db, args: list[str], flag: str
+) -> None:
+    done = sagakit(*args, url=db.url)
+    assert done.returncode == EXIT_USAGE, (done.stdout, done.stderr)
+    assert flag in done.stderr.strip().splitlines()[-1]
+    assert json.loads(ok(sagakit("queues", "--json", url=db.url))) == []

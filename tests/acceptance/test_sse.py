@@ -217,3 +217,77 @@ def test_a_client_that_disconnects_mid_saga_does_not_stop_the_saga(client, serve
     ]
     # The server still answers streams after that.
     assert [name for name, _ in post_order(client)][-1] == "done"
+
+
+# -- submit mode: the app's worker runs the saga, the client follows its step log ---------------
+
+
+def submit_order(client: httpx.Client, **changes: Any) -> str:
+    response = client.post("/orders/submit", json={**ORDER, **changes})
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert (body["saga"], body["queue"]) == ("OrderSaga", "orders")
+    assert body["events"] == f"/sagas/{body['saga_id']}/events"
+    return str(body["saga_id"])
+
+
+def follow(client: httpx.Client, saga_id: str) -> list[tuple[str, dict[str, Any]]]:
+    with client.stream("GET", f"/sagas/{saga_id}/events") as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        return list(events(response))
+
+
+def entries(stream: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, str, str]]:
+    assert [name for name, _ in stream[:-1]] == ["log"] * (len(stream) - 1)
+    return [(d["step"], d["action"], d["status"]) for _, d in stream[:-1]]
+
+
+def test_a_submitted_order_answers_at_once_and_streams_its_step_log(client):
+    saga_id = submit_order(client)
+    stream = follow(client, saga_id)
+    assert {data["saga_id"] for _, data in stream} == {saga_id}
+    assert entries(stream) == [
+        ("ReserveInventory", "act", "COMPLETED"),
+        ("ChargePayment", "act", "COMPLETED"),
+        ("ShipOrder", "act", "COMPLETED"),
+    ]
+    assert stream[-1] == ("done", {"saga_id": saga_id, "status": "COMPLETED"})
+    body = client.get(f"/sagas/{saga_id}").json()
+    assert body["status"] == "COMPLETED"
+    assert body["context"]["shipment_id"].startswith("shipment-")
+
+
+def test_a_submitted_order_that_fails_streams_its_compensations(client):
+    saga_id = submit_order(client, address="Atlantis")
+    stream = follow(client, saga_id)
+    assert entries(stream) == [
+        ("ReserveInventory", "act", "COMPLETED"),
+        ("ChargePayment", "act", "COMPLETED"),
+        ("ShipOrder", "act", "FAILED"),
+        ("ChargePayment", "compensate", "COMPENSATED"),
+        ("ReserveInventory", "compensate", "COMPENSATED"),
+    ]
+    failed = stream[2][1]
+    assert failed["error_type"].endswith("RuntimeError")
+    assert "cannot ship to 'Atlantis'" in failed["details"]
+    assert stream[-1] == ("done", {"saga_id": saga_id, "status": "FAILED"})
+
+
+def test_a_client_that_leaves_stops_nothing_and_a_late_one_gets_the_whole_log(client):
+    saga_id = submit_order(client, payment_delay=1.0)
+    with client.stream("GET", f"/sagas/{saga_id}/events") as response:
+        name, first = next(events(response))
+        assert (name, first["step"], first["action"]) == ("log", "ReserveInventory", "act")
+    assert wait_until_terminal(client, saga_id)["status"] == "COMPLETED"
+    stream = follow(client, saga_id)  # after the end: every entry, then done
+    assert [step for step, _, _ in entries(stream)] == [
+        "ReserveInventory", "ChargePayment", "ShipOrder"]
+    assert stream[-1][1]["status"] == "COMPLETED"
+
+
+def test_submit_mode_refuses_bad_requests_and_unknown_sagas(client):
+    assert client.get("/sagas/3f1c1a8e-0000-4000-8000-000000000000/events").status_code == 404
+    assert client.get("/sagas/not-a-uuid/events").status_code == 422
+    response = client.post("/orders/submit", json={"items": [], "amount": 1, "address": "x"})
+    assert response.status_code == 422

@@ -9,7 +9,8 @@ SQLAlchemy's events: those are counted by an asyncpg query logger attached to ev
 checkout. They are single statements outside any transaction block (autocommit), so each is one
 server transaction. The type introspection asyncpg runs by itself, once per connection, the
 first time a statement uses a type it has not met yet (``typeinfo_tree`` and the ``jit``
-setting around it), is not counted.
+setting around it), is not counted; nor are the BEGIN and COMMIT asyncpg sends for a
+SQLAlchemy transaction (SQLAlchemy's events count that transaction).
 
 On MySQL/MariaDB the storage's hot path also goes through the driver's own cursor, so there
 every command is counted on the wire instead (the driver's ``_execute_command``) and
@@ -124,7 +125,9 @@ class SqlCounter:
     def _on_driver_query(self, record: Any) -> None:
         if any(marker in record.query for marker in _ASYNCPG_INTROSPECTION):
             return
-        text = record.query.lstrip().split(None, 1)[0].upper()
+        text = record.query.lstrip().split(None, 1)[0].upper().rstrip(";")
+        if text in {"BEGIN", "COMMIT", "ROLLBACK"}:
+            return  # SQLAlchemy's own transaction, counted by its events
         self.counts.param_bytes += param_bytes(record.args)
         self.counts.statements += 1
         self.counts.transactions += 1

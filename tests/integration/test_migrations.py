@@ -18,18 +18,20 @@ from alembic.migration import MigrationContext
 
 from sagakit.exceptions import SagaStorageError
 from sagakit.migrations import upgrade
+from sagakit.queue import QueueSettings
 from sagakit.records import SagaStatus, SagaStepStatus
 from sagakit.storage.schema import SagaTables
 from sagakit.storage.sqlalchemy import SqlAlchemySagaStorage
 
 pytestmark = pytest.mark.integration
 
-HEAD = "0002"
+HEAD = "0003"
 
 
 def _names() -> dict[str, str]:
     prefix = f"mig_{uuid.uuid4().hex[:8]}"
-    return {"executions_table": f"{prefix}_ex", "logs_table": f"{prefix}_logs"}
+    return {"executions_table": f"{prefix}_ex", "logs_table": f"{prefix}_logs",
+            "queues_table": f"{prefix}_queues"}
 
 
 @pytest.fixture
@@ -63,9 +65,11 @@ async def _revision(engine: Any, names: dict[str, str]) -> str:
             f"SELECT version_num FROM {names['executions_table']}_alembic"))).scalar())
 
 
-async def _recoverable_index(engine: Any, executions: str) -> str | None:
-    """The definition of the partial index of recoverable sagas, with the table's name taken
-    out (None where the dialect has no partial indexes)."""
+async def _recoverable_index(engine: Any, executions: str, index: str = "recoverable"
+                             ) -> str | None:
+    """The definition of a partial index (the one of recoverable sagas unless ``index`` names
+    another), with the table's name taken out (None where the dialect has no partial
+    indexes)."""
     dialect = engine.dialect.name
     if dialect == "postgresql":
         query = "SELECT indexdef FROM pg_indexes WHERE indexname = :name"
@@ -75,18 +79,17 @@ async def _recoverable_index(engine: Any, executions: str) -> str | None:
         return None
     async with engine.connect() as conn:
         found = (await conn.execute(sa.text(query),
-                                    {"name": f"ix_{executions}_recoverable"})).scalar()
+                                    {"name": f"ix_{executions}_{index}"})).scalar()
     assert found is not None
     return " ".join(str(found).replace(executions, "T").replace('"', "").split())
 
 
 async def test_migrations_match_the_declared_schema(sql_storage: Any) -> None:
-    prefix = f"mig_{uuid.uuid4().hex[:8]}"
-    names = {"executions_table": f"{prefix}_ex", "logs_table": f"{prefix}_logs"}
+    names = _names()
     engine = sql_storage.engine
     await upgrade(engine, **names)
     declared = SagaTables(**names)
-    ours = {declared.executions.name, declared.logs.name}
+    ours = {declared.executions.name, declared.logs.name, declared.queues.name}
 
     def diff(connection: Any) -> list[Any]:
         context = MigrationContext.configure(
@@ -113,11 +116,12 @@ async def test_migrations_match_the_declared_schema(sql_storage: Any) -> None:
     finally:
         async with engine.begin() as conn:
             await conn.run_sync(declared.metadata.drop_all)
-            await conn.execute(sa.text(f"DROP TABLE IF EXISTS {prefix}_ex_alembic"))
+            await conn.execute(sa.text(f"DROP TABLE IF EXISTS {names['executions_table']}_alembic"))
 
 
+@pytest.mark.parametrize("index", ["recoverable", "queued"])
 async def test_the_migrated_partial_index_is_the_declared_one(
-    sql_storage: Any, names: dict[str, str]
+    sql_storage: Any, names: dict[str, str], index: str
 ) -> None:
     """compare_metadata does not compare index predicates: compare the definitions."""
     engine = sql_storage.engine
@@ -126,10 +130,12 @@ async def test_the_migrated_partial_index_is_the_declared_one(
     try:
         async with engine.begin() as conn:
             await conn.run_sync(declared.create_missing)
-        migrated = await _recoverable_index(engine, names["executions_table"])
-        assert migrated == await _recoverable_index(engine, declared.executions.name)
-        if migrated is not None:
-            assert "WAITING" in migrated
+        migrated = await _recoverable_index(engine, names["executions_table"], index)
+        assert migrated == await _recoverable_index(engine, declared.executions.name, index)
+        expected = {"recoverable": ["WAITING", "queue IS NULL"],
+                    "queued": ["priority DESC", "queue IS NOT NULL"]}[index]
+        for part in expected if migrated is not None else []:
+            assert part in migrated
     finally:
         async with engine.begin() as conn:
             await conn.run_sync(declared.metadata.drop_all)
@@ -149,7 +155,8 @@ async def test_a_database_at_0001_with_a_saga_is_upgraded(
     async with storage.create_run() as run:  # the hot path's writes, straight to the driver
         with pytest.raises(SagaStorageError, match="migrations"):
             await run.start(uuid.uuid4(), "New", {}, fingerprint=None, lease_seconds=30)
-    with pytest.raises(SagaStorageError, match=r"lacks the columns past_pivot, deadline_at"):
+    with pytest.raises(SagaStorageError, match=r"lacks the columns past_pivot, deadline_at, "
+                       r"queue, concurrency_key, priority"):
         await storage.create_schema()
 
     await upgrade(engine, **names)
@@ -201,13 +208,15 @@ async def test_the_downgrade_to_0001_reverses_0002(
 
 
 async def _schema(engine: Any, names: dict[str, str]) -> dict[str, Any]:
-    """Each table's columns (name, type, nullable) and index names."""
+    """Each table's columns (name, type, nullable) and index names (None for a missing
+    table)."""
     def read(conn: sa.Connection) -> dict[str, Any]:
         inspector = sa.inspect(conn)
         return {
             table: ([(c["name"], str(c["type"]), c["nullable"])
                      for c in inspector.get_columns(table)],
                     sorted(str(ix["name"]) for ix in inspector.get_indexes(table)))
+            if inspector.has_table(table) else None
             for table in names.values()
         }
 
@@ -234,6 +243,64 @@ async def _saga_at_0001(engine: Any, names: dict[str, str]) -> uuid.UUID:
     return saga_id
 
 
+async def test_a_database_at_0002_with_a_saga_is_upgraded(
+    sql_storage: Any, names: dict[str, str]
+) -> None:
+    engine = sql_storage.engine
+    await upgrade(engine, "0002", **names)
+    saga_id = await _saga_at_0001(engine, names)  # what 0001 wrote is valid at 0002 too
+    storage = SqlAlchemySagaStorage(engine, **names)
+
+    # The new code on the old tables: a clear error naming the migrations to run.
+    with pytest.raises(SagaStorageError, match="migrations"):
+        await storage.get_saga(saga_id)
+    with pytest.raises(SagaStorageError, match="migrations"):
+        await storage.claim_queued("w", "orders", limit=5, lease_seconds=30)
+    with pytest.raises(SagaStorageError, match="migrations"):
+        await storage.get_queues()
+    with pytest.raises(SagaStorageError,
+                       match=r"lacks the columns queue, concurrency_key, priority:"):
+        await storage.create_schema()
+
+    await upgrade(engine, **names)
+    assert await _revision(engine, names) == HEAD
+    state = await storage.get_saga(saga_id)
+    assert (state.status, state.context, state.version) == (SagaStatus.RUNNING, {"n": 1}, 2)
+    assert (state.queue, state.concurrency_key, state.priority) == (None, None, 0)
+    await storage.create_schema()  # complete now: nothing to do, nothing refused
+
+    # The old saga is still recovery's; queues work beside it.
+    submitted = uuid.uuid4()
+    assert await storage.submit(submitted, "New", {"m": 1}, queue="orders", priority=3)
+    [claimed] = await storage.claim_due("w", limit=5, lease_seconds=30)
+    assert claimed.saga_id == saga_id
+    await storage.set_queue(QueueSettings("orders", concurrency=1))
+    [queued] = await storage.claim_queued("w", "orders", limit=5, lease_seconds=30)
+    assert (queued.saga_id, queued.queue, queued.priority) == (submitted, "orders", 3)
+    assert await storage.queue_counts() == {"orders": {SagaStatus.RUNNING: 1}}
+
+
+async def test_the_downgrade_to_0002_reverses_0003(
+    sql_storage: Any, names: dict[str, str]
+) -> None:
+    engine = sql_storage.engine
+    await upgrade(engine, "0002", **names)
+    before = await _schema(engine, names)
+    assert before[names["queues_table"]] is None
+    index_before = await _recoverable_index(engine, names["executions_table"])
+    await upgrade(engine, **names)
+    storage = SqlAlchemySagaStorage(engine, **names)
+    await storage.set_queue(QueueSettings("orders", concurrency=2))
+    assert await storage.submit(uuid.uuid4(), "New", {}, queue="orders")
+    assert await _schema(engine, names) != before
+    await _downgrade(engine, "0002", names)
+    assert await _revision(engine, names) == "0002"
+    assert await _schema(engine, names) == before
+    assert await _recoverable_index(engine, names["executions_table"]) == index_before
+    await upgrade(engine, **names)  # and up again
+    assert await _revision(engine, names) == HEAD
+
+
 async def test_upgrade_twice_is_a_no_op(sql_storage: Any, names: dict[str, str]) -> None:
     await upgrade(sql_storage.engine, **names)
     await upgrade(sql_storage.engine, **names)
@@ -252,7 +319,7 @@ def test_the_alembic_command_line_runs_the_migrations(tmp_path: Any) -> None:
     )
     done = subprocess.run(
         [sys.executable, "-m", "alembic", "-c", str(ini), "-x", "executions_table=cli_ex",
-         "-x", "logs_table=cli_logs", "upgrade", "head"],
+         "-x", "logs_table=cli_logs", "-x", "queues_table=cli_queues", "upgrade", "head"],
         capture_output=True, text=True, check=False,
     )
     assert done.returncode == 0, done.stderr
@@ -260,4 +327,4 @@ def test_the_alembic_command_line_runs_the_migrations(tmp_path: Any) -> None:
 
     with sqlite3.connect(db) as conn:
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert {"cli_ex", "cli_logs", "cli_ex_alembic"} <= tables
+    assert {"cli_ex", "cli_logs", "cli_queues", "cli_ex_alembic"} <= tables

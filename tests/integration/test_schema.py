@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from sagakit import SagaStatus
 from sagakit.migrations import upgrade
+from sagakit.queue import QueueSettings
 from sagakit.storage.schema import MAX_IDENTIFIER_LENGTH, SagaTables
 from sagakit.storage.sqlalchemy import SqlAlchemySagaStorage
 from tests.conftest import MYSQL_DSN, POSTGRES_DSN
@@ -30,9 +31,11 @@ def _name(prefix: str, length: int) -> str:
 
 
 def _longest() -> dict[str, str]:
-    # ix_<executions>_status_updated and ix_<logs>_saga_id are the longest derived names
+    # ix_<executions>_status_updated and ix_<logs>_saga_id are the longest derived names; the
+    # queues table has no index of its own
     return {"executions_table": _name("e", MAX_IDENTIFIER_LENGTH - len("ix__status_updated")),
-            "logs_table": _name("l", MAX_IDENTIFIER_LENGTH - len("ix__saga_id"))}
+            "logs_table": _name("l", MAX_IDENTIFIER_LENGTH - len("ix__saga_id")),
+            "queues_table": _name("q", MAX_IDENTIFIER_LENGTH)}
 
 
 def _expected(storage: SqlAlchemySagaStorage) -> dict[str, set[str]]:
@@ -76,7 +79,8 @@ async def _ddl_during(storage: SqlAlchemySagaStorage, action: Callable[[], Any])
 @pytest.fixture
 async def fresh(sql_storage: SqlAlchemySagaStorage) -> AsyncIterator[SqlAlchemySagaStorage]:
     """A storage on the backend's engine with tables of its own (dropped afterwards)."""
-    names = {"executions_table": _name("cs", 24), "logs_table": _name("cl", 24)}
+    names = {"executions_table": _name("cs", 24), "logs_table": _name("cl", 24),
+             "queues_table": _name("cq", 24)}
     storage = SqlAlchemySagaStorage(sql_storage.engine, **names)
     try:
         yield storage
@@ -105,6 +109,9 @@ async def test_the_longest_accepted_names_work_end_to_end(sql_storage: Any) -> N
         state = await storage.get_saga(transaction.saga_id)
         assert state.status is SagaStatus.COMPLETED
         assert len(await storage.get_step_history(transaction.saga_id)) == len(OrderSaga.steps)
+        assert len(names["queues_table"]) == MAX_IDENTIFIER_LENGTH
+        await storage.set_queue(QueueSettings("orders", concurrency=1))
+        assert await storage.get_queues() == [QueueSettings("orders", concurrency=1)]
     finally:
         await storage.drop_schema()
         await storage.close()
@@ -139,9 +146,22 @@ async def test_one_character_more_is_refused_before_any_connection(
         await engine.dispose()
 
 
-def test_the_two_tables_need_different_names() -> None:
-    with pytest.raises(ValueError, match="need different names"):
+def test_the_tables_need_different_names() -> None:
+    with pytest.raises(ValueError, match="executions_table and logs_table are both 'same'"):
         SagaTables("same", "same")
+    with pytest.raises(ValueError, match="logs_table and queues_table are both 'same'"):
+        SagaTables("ex", "same", queues_table="same")
+    with pytest.raises(ValueError, match="executions_table and queues_table are both 'ex'"):
+        SqlAlchemySagaStorage.from_url("sqlite+aiosqlite:///never.db", executions_table="ex",
+                                       queues_table="ex")
+
+
+@pytest.mark.parametrize("name", ["q" * 64, "1queue", "saga-queues", ""])
+def test_a_queues_table_name_that_is_no_identifier_is_refused(name: str) -> None:
+    with pytest.raises(ValueError, match="invalid table name"):
+        SagaTables(queues_table=name)
+    with pytest.raises(ValueError, match="invalid table name"):
+        SqlAlchemySagaStorage.from_url("sqlite+aiosqlite:///never.db", queues_table=name)
 
 
 # -- create_schema completes what is missing ----------------------------------------------------

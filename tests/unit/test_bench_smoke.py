@@ -25,7 +25,8 @@ def test_quick_memory_run_writes_the_report(tmp_path: Path) -> None:
     assert "µs per step" in report
     assert "## Machine" in report
     assert "## How to read" in report
-    for absent in ("## Client CPU", "## Recovery throughput"):  # --only memory
+    for absent in ("## Client CPU", "## Recovery throughput",
+                   "## Dispatch"):  # --only memory
         assert absent not in report
 
     raw = json.loads((tmp_path / "results.json").read_text())

@@ -146,3 +146,26 @@ async def test_a_run_whose_renewal_stalls_past_its_lease_starts_no_more_step_cod
     assert state.status is SagaStatus.COMPENSATING  # left for recovery, nothing recorded
     assert [e.step_name for e in await storage.get_step_history(saga_id)] == [
         "StepA", "StepB", "StepC"]
+
+
+async def test_an_adopted_lease_counts_from_when_the_claim_was_sent() -> None:
+    """A worker's claim may wait (for a queue's lock, for the other claims of its poll) before
+    the run adopts it: the run must not believe its lease lasts longer than the stored one."""
+    import time
+
+    storage = MemorySagaStorage()
+    saga_id = uuid.uuid4()
+    await storage.create_saga(saga_id, ThreeStepSaga.name, {})
+    sent = time.monotonic()
+    [state] = await storage.claim_due("w", limit=1, lease_seconds=10.0)
+    await asyncio.sleep(0.05)  # time passes before the run adopts it
+    async with storage.create_run() as run:
+        run.adopt(state, 10.0, sent=sent)
+        assert run.lease_until == sent + 10.0
+        late = uuid.uuid4()
+        await storage.create_saga(late, ThreeStepSaga.name, {})
+    async with storage.create_run() as other:
+        [again] = await storage.claim_due("w2", limit=1, lease_seconds=10.0)
+        before = time.monotonic()
+        other.adopt(again, 10.0)  # without ``sent``: from now
+        assert other.lease_until >= before + 10.0

@@ -23,6 +23,7 @@ PUBLIC = [
     "MemorySagaStorage",
     "Middleware",
     "PermanentError",
+    "QueueSettings",
     "RecoveryOptions",
     "RecoveryOutcome",
     "RecoveryWorker",
@@ -62,6 +63,7 @@ PUBLIC = [
     "Step",
     "StepInvocation",
     "StepTimeoutError",
+    "SubmittedSaga",
     "abort_saga",
     "as_container",
     "bootstrap",
@@ -69,6 +71,7 @@ PUBLIC = [
     "permanent",
     "recover_saga",
     "resume_saga",
+    "submit",
 ]
 
 

@@ -1,8 +1,9 @@
 """Alembic migrations for sagakit's tables, and a helper to run them.
 
 Run them from code (``await upgrade(engine)``) or point your own Alembic environment at
-``script_location = sagakit:migrations``. Table names default to ``saga_executions`` and
-``saga_logs``; pass others as ``executions_table``/``logs_table`` (validated identifiers).
+``script_location = sagakit:migrations``. Table names default to ``saga_executions``,
+``saga_logs`` and ``saga_queues``; pass others as ``executions_table``/``logs_table``/
+``queues_table`` (validated identifiers).
 Needs the ``migrations`` extra (``pip install 'sagakit[migrations]'``).
 """
 
@@ -21,6 +22,7 @@ async def upgrade(
     *,
     executions_table: str = "saga_executions",
     logs_table: str = "saga_logs",
+    queues_table: str = "saga_queues",
 ) -> None:
     """Migrate the database behind ``engine`` to ``revision`` (default: the newest). Table
     names are checked as :class:`~sagakit.storage.schema.SagaTables` checks them (ValueError)
@@ -30,12 +32,14 @@ async def upgrade(
 
     from sagakit.storage.schema import SagaTables
 
-    SagaTables(executions_table, logs_table)  # the names, checked before anything is written
+    # the names, checked before anything is written
+    SagaTables(executions_table, logs_table, queues_table=queues_table)
     config = Config()
     config.set_main_option("script_location", "sagakit:migrations")
     config.set_main_option("version_table", f"{executions_table}_alembic")
     config.attributes["executions_table"] = executions_table
     config.attributes["logs_table"] = logs_table
+    config.attributes["queues_table"] = queues_table
 
     def run(connection: Any) -> None:
         config.attributes["connection"] = connection

@@ -4,7 +4,7 @@ Two ways in: ``sagakit.migrations.upgrade(engine)`` hands a connection over thro
 ``config.attributes["connection"]``; the ``alembic`` command line (an ``alembic.ini`` with
 ``script_location = sagakit:migrations`` and an async ``sqlalchemy.url``) gets an engine built
 from the URL. Table names come from ``config.attributes`` or the ``-x executions_table=...`` /
-``-x logs_table=...`` command-line arguments.
+``-x logs_table=...`` / ``-x queues_table=...`` command-line arguments.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """What differs between SQLite, PostgreSQL and MySQL/MariaDB in SQLAlchemy statements: time and
-JSON binding. (The driver-level hot paths are in :mod:`sagakit.storage.postgres` and
+JSON binding, upserts. (The driver-level hot paths are in :mod:`sagakit.storage.postgres` and
 :mod:`sagakit.storage.mysql`.)
 
 Lease times come from the database server's clock on PostgreSQL and MySQL/MariaDB, so workers on
@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from sagakit.storage.schema import SagaTables
 
@@ -36,6 +36,17 @@ class Dialect:
         else:
             self.context_in = sa.bindparam("ctx", type_=sa.Text())
             self.context_out = t.c.context
+
+    def upsert(self, table: sa.Table, values: dict[str, Any], replace: list[str]) -> Any:
+        """An INSERT of ``values`` that, when a row with the same primary key exists, sets
+        that row's ``replace`` columns to the values given instead (one statement, atomic)."""
+        if self.is_mysql:
+            mine = mysql.insert(table).values(**values)
+            return mine.on_duplicate_key_update({c: mine.inserted[c] for c in replace})
+        insert = (postgresql.insert if self.is_postgres else sqlite.insert)(table).values(**values)
+        return insert.on_conflict_do_update(
+            index_elements=list(table.primary_key.columns),
+            set_={c: insert.excluded[c] for c in replace})
 
     # -- time ---------------------------------------------------------------------------------
 

@@ -36,7 +36,9 @@ from sagakit.exceptions import (
 )
 from sagakit.storage.schema import UPGRADE_HINT
 
-__all__ = ["Fault", "PoolExhausted", "classify", "reconnectable", "storage_error"]
+__all__ = [
+    "Fault", "PoolExhausted", "classify", "lock_conflict", "reconnectable", "storage_error",
+]
 
 
 class Fault(enum.Enum):
@@ -152,6 +154,8 @@ def storage_error(
     reason = _describe(error)
     if _missing_column(error):
         reason += f"; the tables lack a column this sagakit writes: {UPGRADE_HINT}"
+    elif _missing_table(error):
+        reason += f"; a table this sagakit uses is missing (create_schema() makes it): {UPGRADE_HINT}"
     if fault is Fault.UNAVAILABLE:
         kind: type[SagaStorageError] = SagaStorageUnavailableError
         message = f"{what}the database is unavailable while {doing} ({reason})"
@@ -183,6 +187,28 @@ def _missing_column(error: BaseException) -> bool:
                                     or "has no column named" in str(current)):
             return True
     return False
+
+
+def _missing_table(error: BaseException) -> bool:
+    """Whether the database refused a statement naming a table that does not exist (the
+    queues table, before the migration adding it): SQLSTATE 42P01, MySQL/MariaDB 1146, SQLite
+    "no such table"."""
+    for current in _chain(error):
+        if getattr(current, "sqlstate", None) == "42P01" or _mysql_number(current) == 1146:
+            return True
+        if _is_sqlite(current) and "no such table" in str(current):
+            return True
+    return False
+
+
+def lock_conflict(error: sa_exc.DBAPIError) -> bool:
+    """A deadlock or lock wait timeout (MySQL/MariaDB 1213/1205, PostgreSQL 40P01/55P03)."""
+    orig = error.orig
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if code in ("40P01", "55P03"):
+        return True
+    args: Any = getattr(orig, "args", ())
+    return bool(args) and args[0] in (1213, 1205)
 
 
 def _mysql_number(error: BaseException) -> int | None:

@@ -25,6 +25,7 @@ from sagakit.exceptions import (
     SagaNotFoundError,
     SagaSerializationError,
 )
+from sagakit.queue import QueueSettings
 from sagakit.records import (
     RECOVERABLE_STATUSES,
     TERMINAL_STATUSES,
@@ -33,6 +34,8 @@ from sagakit.records import (
     SagaStatus,
     context_json,
 )
+from sagakit.storage.listener import parse_wake
+from sagakit.storage.memoryqueues import MemoryQueues
 from sagakit.storage.run import (
     BufferedRun,
     Checkpoint,
@@ -61,6 +64,9 @@ class _Row:
     next_attempt_at: float | None = None
     past_pivot: bool = False
     deadline_at: float | None = None
+    queue: str | None = None
+    concurrency_key: str | None = None
+    priority: int = 0
     sequence: int = 0  # insertion order, for "newest first" among equal timestamps
 
     def state(self) -> SagaState:
@@ -79,7 +85,15 @@ class _Row:
             next_attempt_at=None if self.next_attempt_at is None else _dt(self.next_attempt_at),
             past_pivot=self.past_pivot,
             deadline_at=None if self.deadline_at is None else _dt(self.deadline_at),
+            queue=self.queue,
+            concurrency_key=self.concurrency_key,
+            priority=self.priority,
         )
+
+    def running(self, now: float) -> bool:
+        """RUNNING or COMPENSATING under a live lease (what a queue's limits count)."""
+        return ((self.status is SagaStatus.RUNNING or self.status is SagaStatus.COMPENSATING)
+                and self.lease_owner is not None and (self.lease_expires_at or 0.0) > now)
 
 
 def _dt(ts: float) -> datetime:
@@ -98,7 +112,7 @@ def _dump(saga_id: UUID, context: Mapping[str, Any]) -> bytes:
     return data
 
 
-class MemorySagaStorage(RunBackedStorage):
+class MemorySagaStorage(MemoryQueues, RunBackedStorage):
     """Sagas kept in this process's memory. ``clock`` (seconds since the epoch) drives lease
     expiry and timestamps; tests pass a fake one."""
 
@@ -108,6 +122,15 @@ class MemorySagaStorage(RunBackedStorage):
         self._rows: dict[int, _Row] = {}
         self._logs: dict[int, list[tuple[PendingEntry, float]]] = {}
         self._sequence = 0  # insertion order, for "newest first" among equal timestamps
+        # Queue name -> (its limits, rate-limit tokens left, when they were counted).
+        self._queues: dict[str, tuple[QueueSettings, float | None, float | None]] = {}
+        self._listeners: list[Callable[[str], object]] = []
+
+    def _dump_context(self, saga_id: UUID, context: Mapping[str, Any]) -> bytes:
+        return _dump(saga_id, context)
+
+    def _mark_claimed(self, row: _Row, now: float, *, count_attempt: bool) -> None:
+        _claimed(row, now, count_attempt=count_attempt)
 
     def _new_run(self) -> _MemoryRun:
         return _MemoryRun(self)
@@ -148,6 +171,7 @@ class MemorySagaStorage(RunBackedStorage):
             row
             for row in self._rows.values()
             if row.status in RECOVERABLE_STATUSES
+            and row.queue is None
             and row.recovery_attempts <= max_recovery_attempts
             and (row.lease_owner is None or (row.lease_expires_at or 0.0) <= now)
             and (row.next_attempt_at is None or row.next_attempt_at <= now)
@@ -251,6 +275,8 @@ class MemorySagaStorage(RunBackedStorage):
             row.updated_at = now
             if cp.releases_lease:
                 row.lease_owner = row.lease_expires_at = None
+                if cp.wake is not None and self._listeners:  # a slot or a wait for workers
+                    self._notify(*parse_wake(cp.wake))
             elif cp.lease_seconds is not None:
                 row.lease_expires_at = now + cp.lease_seconds
         if cp.entries:  # kept as (entry, time); SagaLogEntry records are built when read

@@ -9,6 +9,7 @@ from typing import Any
 from uuid import UUID
 
 from sagakit.storage.faults import Fault, classify
+from sagakit.storage.listener import channel_for
 from sagakit.storage.pool import LeasedStart, PoolLease
 from sagakit.storage.run import Checkpoint
 from sagakit.storage.schema import SagaTables
@@ -36,6 +37,12 @@ class PgWriter:
 
     def __init__(self, tables: SagaTables) -> None:
         self.checkpoint_sql = _checkpoint_sql(tables)
+        # The same, also sending a wake-up (a submitted saga's release, a durable wait): the
+        # notification goes out with the commit, and only if the fence matched.
+        self.checkpoint_wake_sql = self.checkpoint_sql.replace(
+            "SELECT version FROM u",
+            "SELECT u.version FROM u CROSS JOIN LATERAL "
+            f"(SELECT pg_notify('{channel_for(tables.executions.name)}', $20::text)) AS n")
         self.insert_sql = _insert_sql(tables)
         self.batch_sql = _batch_sql(tables)
 
@@ -43,14 +50,16 @@ class PgWriter:
         """Write one update checkpoint; return the new version, or None when the fence did not
         match (nothing written; the caller finds out why)."""
         entries = cp.entries
+        wake = () if cp.wake is None else (cp.wake,)
         version = await _call(
-            lease, "fetchval", self.checkpoint_sql, cp.saga_id, text is not None, text,
+            lease, "fetchval", self.checkpoint_sql if cp.wake is None else self.checkpoint_wake_sql,
+            cp.saga_id, text is not None, text,
             None if cp.status is None else cp.status.value, cp.reset_attempts,
             cp.releases_lease, cp.lease_seconds, cp.fence_version, cp.expected_version,
             cp.fence_owner, [e.step_name for e in entries], [e.action.value for e in entries],
             [e.status.value for e in entries], [e.details for e in entries],
             [e.error_type for e in entries], [e.attempt for e in entries],
-            cp.wait_seconds, cp.clear_wait, cp.past_pivot,
+            cp.wait_seconds, cp.clear_wait, cp.past_pivot, *wake,
         )
         return None if version is None else int(version)
 

@@ -23,6 +23,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol, runtime_checkable
 from uuid import UUID
 
+from sagakit.queue import QueueSettings
 from sagakit.records import SagaLogEntry, SagaState, SagaStatus, SagaStepStatus
 
 __all__ = ["ISagaStorage", "LeasedRun", "SagaStorage", "SagaStorageRun"]
@@ -167,8 +168,10 @@ class LeasedRun(SagaStorageRun, Protocol):
     async def reset_recovery_attempts(self, saga_id: UUID) -> None:
         """Buffer setting the recovery attempt count back to 0 (an explicit resume)."""
 
-    def adopt(self, state: SagaState, lease_seconds: float) -> None:
-        """Carry on under a lease taken by ``claim_due`` for this process."""
+    def adopt(self, state: SagaState, lease_seconds: float, *,
+              sent: float | None = None) -> None:
+        """Carry on under a lease taken by ``claim_due`` or ``claim_queued`` for this process,
+        counting the lease from ``sent`` (``time.monotonic()`` when the claim was sent)."""
 
 
 @runtime_checkable
@@ -223,7 +226,8 @@ class SagaStorage(Protocol):
         stale_after_seconds: float | None = None,
         saga_name: str | None = None,
     ) -> list[UUID]:
-        """Ids of PENDING, RUNNING, COMPENSATING or WAITING sagas whose lease is free or
+        """Ids of PENDING, RUNNING, COMPENSATING or WAITING sagas not submitted to a queue
+        (``SagaState.queue`` None; see ``claim_queued``) whose lease is free or
         expired, whose ``next_attempt_at`` (if set) has passed, and which have had at most
         ``max_recovery_attempts`` recovery attempts (the next claim of one that has had exactly
         that many parks it), least recently updated first. With ``stale_after_seconds``, only
@@ -257,6 +261,65 @@ class SagaStorage(Protocol):
         worker claims at the same moment go to one of them, never to both (``SKIP LOCKED`` where
         the database does that well). Optional: a worker falls back to listing and claiming one
         by one when it is missing or raises NotImplementedError (as this stub does)."""
+        raise NotImplementedError
+
+    # -- submitted sagas and queues (optional: NotImplementedError where a storage has none) --
+
+    async def submit(
+        self,
+        saga_id: UUID,
+        name: str,
+        context: Mapping[str, Any],
+        *,
+        queue: str,
+        concurrency_key: str | None = None,
+        priority: int = 0,
+        fingerprint: str | None = None,
+        deadline_seconds: float | None = None,
+    ) -> bool:
+        """Create the saga PENDING in ``queue``, unleased, in one commit, for a worker to claim
+        (``deadline_at`` = now + ``deadline_seconds`` when given). False, with nothing written,
+        when the id exists. Sagas submitted here are never listed by
+        ``get_sagas_for_recovery`` or claimed by ``claim_due``: only ``claim_queued`` of their
+        queue takes them, within the queue's limits."""
+        raise NotImplementedError
+
+    async def claim_queued(
+        self,
+        owner: str,
+        queue: str,
+        *,
+        limit: int,
+        lease_seconds: float,
+        max_recovery_attempts: int = 5,
+        saga_names: frozenset[str] | None = None,
+    ) -> list[SagaState]:
+        """Claim, in one atomic step, up to ``limit`` of ``queue``'s due sagas (PENDING,
+        interrupted RUNNING or COMPENSATING, due WAITING; lease free or expired;
+        ``next_attempt_at`` passed; at most ``max_recovery_attempts`` recovery attempts),
+        highest priority first, then oldest first, within the queue's limits (see
+        :class:`sagakit.queue.QueueSettings`): running = RUNNING or COMPENSATING under a live
+        lease. Each claimed saga is leased to ``owner`` and becomes RUNNING; a PENDING or
+        WAITING one counts no recovery attempt, an interrupted one counts one. Workers claiming
+        at the same moment never exceed a limit together and never get the same saga."""
+        raise NotImplementedError
+
+    async def set_queue(self, settings: QueueSettings) -> None:
+        """Create or replace a queue's limits (they apply to the next claim)."""
+        raise NotImplementedError
+
+    async def get_queues(self) -> list[QueueSettings]:
+        """Every configured queue, by name."""
+        raise NotImplementedError
+
+    async def delete_queue(self, name: str) -> bool:
+        """Forget a queue's limits (its sagas stay; the queue is then unlimited). False if it
+        had none."""
+        raise NotImplementedError
+
+    async def queue_counts(self) -> dict[str, dict[SagaStatus, int]]:
+        """Per queue holding sagas: how many are in each status (RUNNING counts those under
+        a live lease and interrupted ones alike)."""
         raise NotImplementedError
 
     async def increment_recovery_attempts(

@@ -31,7 +31,7 @@ from sagakit.records import (
 from sagakit.storage.dialect import Dialect
 from sagakit.storage.pool import LeasedStart
 from sagakit.storage.run import Checkpoint, wrong_saga
-from sagakit.storage.schema import RECOVERABLE_SQL
+from sagakit.storage.schema import RECOVERABLE_SQL, RECOVERY_SQL
 
 __all__ = ["Queries", "row_to_state"]
 
@@ -60,6 +60,9 @@ def row_to_state(row: Any) -> SagaState:
         next_attempt_at=Dialect.aware(m["next_attempt_at"]),
         past_pivot=bool(m["past_pivot"]),
         deadline_at=Dialect.aware(m["deadline_at"]),
+        queue=m["queue"],
+        concurrency_key=m["concurrency_key"],
+        priority=m["priority"],
     )
 
 
@@ -196,7 +199,7 @@ class Queries:
         # index deadlocks against concurrent checkpoints); the UPDATE, by primary key, re-checks
         # that each is still free, so of two workers that read the same candidates each saga
         # goes to one. SQLite: BEGIN IMMEDIATE already serialises claimers.
-        update, mine = self._cached(("claim ids",), self._claim_by_ids)
+        update, mine = self.claim_by_ids(queued=False)
         params["ids"] = ids
         if d.is_sqlite:
             rows = (await conn.execute(update.returning(*self.columns), params)).all()
@@ -206,8 +209,9 @@ class Queries:
         return [row_to_state(r) for r in rows]
 
     def _claim_values(self, inc: Any) -> list[tuple[Any, Any]]:
-        """What a claim writes: the lease, one more version, ``inc`` more recovery attempts
-        (none for a WAITING saga), and RUNNING for a PENDING or WAITING saga. In this order:
+        """What a claim writes: the lease, one more version, ``inc`` (an int or a SQL
+        expression) more recovery attempts (none for a WAITING saga), and RUNNING for a PENDING
+        or WAITING saga. In this order:
         MySQL/MariaDB assign left to right, each assignment seeing the ones before it, so the
         attempt count must read the status before it changes."""
         t, d = self.t, self.d
@@ -223,18 +227,26 @@ class Queries:
                  SagaStatus.RUNNING.value), else_=t.c.status)),
         ]
 
-    def _claim_by_ids(self) -> tuple[Any, Any]:
-        """The claim of candidates read beforehand (MySQL/MariaDB, SQLite): the UPDATE of those
-        still due, by primary key, and the SELECT of the rows it leased to ``owner``."""
+    def claim_by_ids(self, *, queued: bool) -> tuple[Any, Any]:
+        """The claim of candidates read beforehand: the UPDATE of those still due, by primary
+        key (``:ids``, ``:owner``, ``:max_attempts`` and the lease's time parameters), and the
+        SELECT of the rows it leased to ``owner``. A claim of queued sagas (``queued``) counts
+        no recovery attempt for a PENDING saga either: it is the saga's first run."""
+        update, mine = self._cached(("claim ids", queued),
+                                    lambda: self._build_claim_by_ids(queued))
+        return update, mine
+
+    def _build_claim_by_ids(self, queued: bool) -> tuple[Any, Any]:
         t, d = self.t, self.d
         ids = sa.bindparam("ids", expanding=True, type_=sa.Uuid())
+        inc: Any = sa.case((t.c.status == SagaStatus.PENDING.value, 0), else_=1) if queued else 1
         update = sa.update(t).where(
             t.c.saga_id.in_(ids),
             sa.text(RECOVERABLE_SQL),
             t.c.recovery_attempts <= sa.bindparam("max_attempts", type_=sa.Integer()),
             sa.or_(t.c.lease_owner.is_(None), t.c.lease_expires_at <= d.now()),
             sa.or_(t.c.next_attempt_at.is_(None), t.c.next_attempt_at <= d.now()),
-        ).ordered_values(*self._claim_values(1))
+        ).ordered_values(*self._claim_values(inc))
         mine = sa.select(*self.columns).where(t.c.saga_id.in_(ids),
                                               t.c.lease_owner == sa.bindparam("owner"))
         return update, mine
@@ -249,10 +261,10 @@ class Queries:
         return stmt
 
     def _due(self, stale: bool, names: frozenset[str] | None) -> Any:
-        """The recovery scan: the ids of up to ``:limit`` due sagas, least recently updated
-        first (``:max_attempts``, and ``:stale_at`` with ``stale``, are parameters too).
-        PostgreSQL and SQLite read them from the partial index of recoverable sagas, in its
-        order. MySQL/MariaDB have no partial indexes: there one branch per recoverable status
+        """The recovery scan: the ids of up to ``:limit`` due sagas in no queue, least recently
+        updated first (``:max_attempts``, and ``:stale_at`` with ``stale``, are parameters too).
+        PostgreSQL and SQLite read them from the partial index of recoverable sagas in no queue,
+        in its order. MySQL/MariaDB have no partial indexes: there one branch per recoverable status
         reads the (status, updated_at) index in its order (InnoDB keys it by saga_id last) and
         stops at the limit, and the branches are merged; a single ``status IN`` query would
         sort every due saga on each call (a backlog of 10 000 costs milliseconds per claim)."""
@@ -272,10 +284,11 @@ class Queries:
             conditions.append(t.c.updated_at <= d.now_plus("stale"))
         if not d.is_mysql:
             return (sa.select(t.c.saga_id)
-                    .where(sa.text(RECOVERABLE_SQL), *conditions)  # the partial index's predicate
+                    .where(sa.text(RECOVERY_SQL), *conditions)  # the partial index's predicate
                     .order_by(t.c.updated_at, t.c.saga_id).limit(limit))
         branches = [
-            sa.select(t.c.saga_id, t.c.updated_at).where(t.c.status == status, *conditions)
+            sa.select(t.c.saga_id, t.c.updated_at)
+            .where(t.c.status == status, t.c.queue.is_(None), *conditions)
             .order_by(t.c.updated_at, t.c.saga_id).limit(limit)
             for status in _RECOVERABLE
         ]

@@ -36,6 +36,7 @@ from sagakit.records import (
     SagaStatus,
     SagaStepStatus,
 )
+from sagakit.storage.listener import wake_payload
 
 __all__ = [
     "MAX_DETAILS", "BufferedRun", "Checkpoint", "PendingEntry", "RunBackedStorage",
@@ -126,7 +127,8 @@ class Checkpoint:
     applies only if the row still has that owner and version. ``expected_version`` comes from
     ``update_context(current_version=...)``. ``lease_seconds`` extends the lease (None: leave
     it); ``releases_lease`` (kept by :class:`BufferedRun` as the status is set) says the
-    checkpoint releases it: a terminal, PARKED or WAITING status does.
+    checkpoint releases it: a terminal, PARKED or WAITING status does. ``wake``: a wake-up to
+    send with the write (see :mod:`sagakit.storage.listener`), where the storage has them.
 
     Forward recovery: ``wait_seconds`` sets ``next_attempt_at`` to the database's now plus that
     many seconds (a releasing wait also writes WAITING);
@@ -148,6 +150,7 @@ class Checkpoint:
     clear_wait: bool = False
     past_pivot: bool = False
     releases_lease: bool = False
+    wake: str | None = None
 
 
 class BufferedRun(abc.ABC):
@@ -166,6 +169,7 @@ class BufferedRun(abc.ABC):
         """time.monotonic() until which this run's lease surely holds: a lease-extending write
         acknowledged, plus the lease, counted from when the write was sent."""
         self.fencing_token = 0
+        self.queue: str | None = None  # the queue of the saga whose lease this run took
         """The saga's version when this run took its lease (``start``: 1 for a new saga;
         ``claim``/``adopt``: the version the claim wrote). Every takeover is a claim and every
         claim writes a new version, so a later run's token is larger; this run's checkpoints
@@ -277,6 +281,9 @@ class BufferedRun(abc.ABC):
                 pending.fence_owner = self.owner
                 if not releases:
                     pending.lease_seconds = self.lease_seconds
+                elif self.queue is not None or pending.wait_seconds is not None:
+                    # a submitted saga's slot frees, or a durable wait begins: wake workers
+                    pending.wake = wake_payload(self.queue, pending.wait_seconds or 0.0)
         sent = time.monotonic()
         try:
             version = await self._write(pending)
@@ -300,21 +307,26 @@ class BufferedRun(abc.ABC):
             self.lease_until = sent + self.lease_seconds
         self.last_commit = time.monotonic()
 
-    def _took_lease(self, state: SagaState, lease_seconds: float) -> None:
+    def _took_lease(self, state: SagaState, lease_seconds: float,
+                    sent: float | None = None) -> None:
         self.last_commit = time.monotonic()
-        self.lease_until = self.last_commit + lease_seconds
+        self.lease_until = (self.last_commit if sent is None else sent) + lease_seconds
         self.saga_id = state.saga_id
         self.version = self.fencing_token = state.version
         self.lease_seconds = lease_seconds
         self.holds_lease = state.lease_owner == self.owner
+        self.queue = state.queue
 
-    def adopt(self, state: SagaState, lease_seconds: float) -> None:
-        """Carry on under a lease already taken for this process by ``claim_due``: the run
-        takes the lease's owner id, and fences its commits with it."""
+    def adopt(self, state: SagaState, lease_seconds: float, *,
+              sent: float | None = None) -> None:
+        """Carry on under a lease already taken for this process by ``claim_due`` or
+        ``claim_queued``: the run takes the lease's owner id, and fences its commits with it.
+        ``sent``: when (``time.monotonic()``) the claim was sent; the lease is counted from
+        then, never later than the database started it (default: now)."""
         if state.lease_owner is None:
             raise SagaError("adopt() needs a leased saga", saga_id=state.saga_id)
         self.owner = state.lease_owner
-        self._took_lease(state, lease_seconds)
+        self._took_lease(state, lease_seconds, sent)
 
     # -- backend primitives -------------------------------------------------------------------
 

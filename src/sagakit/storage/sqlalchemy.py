@@ -49,7 +49,7 @@ from sagakit import settings
 from sagakit.exceptions import SagaError, SagaNotFoundError, SagaSerializationError
 from sagakit.records import SagaLogEntry, SagaState, SagaStatus, context_json
 from sagakit.storage.dialect import Dialect
-from sagakit.storage.faults import reconnectable, storage_error
+from sagakit.storage.faults import lock_conflict, reconnectable, storage_error
 from sagakit.storage.group_commit import GroupCommitter
 from sagakit.storage.mysql import MySqlWriter
 from sagakit.storage.pool import START, WORK, Connections, LeasedStart, PoolLease
@@ -57,6 +57,7 @@ from sagakit.storage.postgres import PgWriter
 from sagakit.storage.queries import Queries, row_to_state
 from sagakit.storage.run import Checkpoint, RunBackedStorage, refuse_nul
 from sagakit.storage.schema import SagaTables
+from sagakit.storage.sqlqueues import QueueQueries, SqlQueues
 from sagakit.storage.sqlrun import SqlRun
 
 __all__ = ["SqlAlchemySagaStorage"]
@@ -68,13 +69,17 @@ DEFAULT_ACQUIRE_TIMEOUT = 120.0
 _EXTRAS = {"asyncpg": "postgres", "asyncmy": "mysql", "aiomysql": "aiomysql", "aiosqlite": ""}
 
 
-class SqlAlchemySagaStorage(RunBackedStorage):
-    """Sagas in two SQL tables (see :mod:`sagakit.storage.schema`).
+class SqlAlchemySagaStorage(SqlQueues, RunBackedStorage):
+    """Sagas in SQL tables (see :mod:`sagakit.storage.schema`); queued sagas and queue limits
+    as :mod:`sagakit.storage.sqlqueues` describes.
 
     Takes an ``AsyncEngine`` or an ``async_sessionmaker`` bound to one. ``max_context_bytes``
     bounds a context's JSON size: a larger one raises SagaSerializationError before anything is
     written. On SQLite the storage switches the engine's connections to WAL mode and makes write
     transactions ``BEGIN IMMEDIATE``, so concurrent sagas queue instead of failing.
+
+    ``executions_table``, ``logs_table``, ``queues_table``: the tables' names (validated, see
+    :class:`~sagakit.storage.schema.SagaTables`).
 
     ``acquire_timeout``: how long a call may wait for a pooled connection when every one is in
     use (seconds, 120 by default) before it fails with ``SagaStorageUnavailableError``, nothing
@@ -91,12 +96,14 @@ class SqlAlchemySagaStorage(RunBackedStorage):
         max_context_bytes: int = DEFAULT_MAX_CONTEXT_BYTES,
         group_commit: bool = False,
         acquire_timeout: float = DEFAULT_ACQUIRE_TIMEOUT,
+        queues_table: str = "saga_queues",
         _owns_engine: bool = False,
     ) -> None:
         self.engine = _engine_of(engine_or_sessionmaker)
-        self.tables = SagaTables(executions_table, logs_table)
+        self.tables = SagaTables(executions_table, logs_table, queues_table=queues_table)
         self.dialect = Dialect(self.engine.dialect.name, self.tables)
         self.queries = Queries(self.dialect)
+        self.queue_queries = QueueQueries(self.queries)
         self.max_context_bytes = settings.count("max_context_bytes", max_context_bytes)
         self._owns_engine = _owns_engine
         self.connections = Connections(
@@ -123,13 +130,14 @@ class SqlAlchemySagaStorage(RunBackedStorage):
         max_context_bytes: int = DEFAULT_MAX_CONTEXT_BYTES,
         group_commit: bool = False,
         acquire_timeout: float = DEFAULT_ACQUIRE_TIMEOUT,
+        queues_table: str = "saga_queues",
         **engine_options: Any,
     ) -> SqlAlchemySagaStorage:
         """Build the storage and its own engine from a database URL, e.g.
         ``sqlite+aiosqlite:///sagas.db`` or ``postgresql+asyncpg://user@host/db``.
         Raises ImportError naming the extra to install when the driver is missing."""
         # validate names and numbers before building anything
-        SagaTables(executions_table, logs_table)
+        SagaTables(executions_table, logs_table, queues_table=queues_table)
         settings.count("max_context_bytes", max_context_bytes)
         settings.seconds("acquire_timeout", acquire_timeout, exclusive=True)
         # Every connection this storage uses ends its transaction itself (commit, rollback or
@@ -144,7 +152,8 @@ class SqlAlchemySagaStorage(RunBackedStorage):
             raise ImportError(f"the {driver!r} database driver is not installed: {hint}") from error
         return cls(engine, executions_table=executions_table, logs_table=logs_table,
                    max_context_bytes=max_context_bytes, group_commit=group_commit,
-                   acquire_timeout=acquire_timeout, _owns_engine=True)
+                   acquire_timeout=acquire_timeout, queues_table=queues_table,
+                   _owns_engine=True)
 
     async def create_schema(self) -> None:
         """Create the tables and indexes that do not exist (idempotent): completes a schema
@@ -160,10 +169,11 @@ class SqlAlchemySagaStorage(RunBackedStorage):
             mode="transaction")
 
     async def delete_all(self) -> None:
-        """Delete every saga and log entry (tests)."""
+        """Delete every saga, log entry and queue setting (tests)."""
         async def delete(conn: AsyncConnection) -> None:
             await conn.execute(self.tables.logs.delete())
             await conn.execute(self.tables.executions.delete())
+            await conn.execute(self.tables.queues.delete())
 
         await self.connections.call("deleting every saga", delete, mode="transaction")
 
@@ -386,7 +396,7 @@ class SqlAlchemySagaStorage(RunBackedStorage):
                     conn, owner, limit, lease_seconds, max_recovery_attempts, saga_names,
                     stale_after_seconds)
             except exc.OperationalError as error:
-                if not _is_lock_conflict(error):
+                if not lock_conflict(error):
                     raise
                 # InnoDB may pick the claim as a deadlock victim against concurrent checkpoints
                 # (its locks on the secondary index); the transaction was rolled back, nothing
@@ -441,16 +451,6 @@ class SqlAlchemySagaStorage(RunBackedStorage):
 def _known_version(cp: Checkpoint) -> int | None:
     """The version a checkpoint expects its saga to have (None: an unfenced write)."""
     return cp.fence_version if cp.fence_version is not None else cp.expected_version
-
-
-def _is_lock_conflict(error: exc.DBAPIError) -> bool:
-    """A deadlock or lock wait timeout (MySQL/MariaDB 1213/1205, PostgreSQL 40P01/55P03)."""
-    orig = error.orig
-    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-    if code in ("40P01", "55P03"):
-        return True
-    args: Any = getattr(orig, "args", ())
-    return bool(args) and args[0] in (1213, 1205)
 
 
 def _engine_of(obj: AsyncEngine | async_sessionmaker[Any]) -> AsyncEngine:

@@ -38,7 +38,10 @@ class SqlRun(BufferedRun):
         if self._pinned is not None or cp.create_name is not None:
             return await self._write_slowly(cp, text)
         if s.group_commit is not None:
-            return await s.group_commit.submit(cp, text)
+            version = await s.group_commit.submit(cp, text)
+            if cp.wake is not None:  # a batch sends none: one statement more (PostgreSQL)
+                await s.notify(cp.wake)
+            return version
         return await s.write_one(cp, text)
 
     async def _write_slowly(self, cp: Checkpoint, text: str | None) -> int:
