@@ -26,7 +26,7 @@ import logging
 import random
 import signal
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -186,32 +186,21 @@ class RecoveryWorker:
     async def _claim_from(self, source: str | None, limit: int) -> list[SagaState]:
         if source is None:
             return await self._claim(limit) if self._claims_due() else []
-        if not self._queues_work:
+        claim_queued = getattr(self.storage, "claim_queued", None) if self._queues_work else None
+        if claim_queued is None:  # a storage of the seed's protocol: no submitted sagas
+            self._no_queues()
             return []
-        sent = time.monotonic()
-        try:
-            claimed: list[SagaState] = await self.storage.claim_queued(
-                self.owner, source, limit=limit, lease_seconds=self.options.lease_seconds,
-                max_recovery_attempts=self.options.max_recovery_attempts,
-                saga_names=frozenset(self._sagas),
-            )
-        except (NotImplementedError, AttributeError):
+        return await self._claiming(claim_queued(
+            self.owner, source, limit=limit, lease_seconds=self.options.lease_seconds,
+            max_recovery_attempts=self.options.max_recovery_attempts,
+            saga_names=frozenset(self._sagas),
+        ), queued=True)
+
+    def _no_queues(self) -> None:
+        if self._queues_work:
             logger.warning("%s cannot hold submitted sagas: not serving queues %s",
                            type(self.storage).__name__, ", ".join(self.queues))
             self._queues_work = False
-            return []
-        except Exception as error:
-            self._poll_failed(error)
-            return []
-        self._poll_worked()
-        self._note_claims(claimed, sent)
-        return claimed
-
-    def _note_claims(self, claimed: list[SagaState], sent: float) -> None:
-        """Remember when each claim was sent: its run counts the lease from then (the
-        database started it no earlier), not from when the run begins."""
-        for state in claimed:
-            self._claimed_at[state.saga_id] = sent
 
     def _claims_due(self) -> bool:
         return self._claim_due_works and getattr(self.storage, "claim_due", None) is not None
@@ -220,24 +209,36 @@ class RecoveryWorker:
         """Claim due sagas; a failing claim (the database briefly unreachable, say) claims
         nothing, so a worker outlives database outages (see :meth:`_poll_failed`)."""
         names = frozenset({self.saga_name} if self.saga_name else self._sagas)
+        return await self._claiming(self.storage.claim_due(
+            self.owner,
+            limit=limit,
+            lease_seconds=self.options.lease_seconds,
+            max_recovery_attempts=self.options.max_recovery_attempts,
+            saga_names=names & frozenset(self._sagas),
+            stale_after_seconds=self.stale_after_seconds,
+        ), queued=False)
+
+    async def _claiming(self, claim: Awaitable[list[SagaState]], *,
+                        queued: bool) -> list[SagaState]:
+        """Await one claim: a storage without that kind of claim (NotImplementedError) is not
+        asked again; a failure claims nothing (see :meth:`_poll_failed`). Each saga claimed
+        is noted with when the claim was sent: its run counts the lease from then (the
+        database started it no earlier), not from when the run begins."""
         sent = time.monotonic()
         try:
-            claimed: list[SagaState] = await self.storage.claim_due(
-                self.owner,
-                limit=limit,
-                lease_seconds=self.options.lease_seconds,
-                max_recovery_attempts=self.options.max_recovery_attempts,
-                saga_names=names & frozenset(self._sagas),
-                stale_after_seconds=self.stale_after_seconds,
-            )
+            claimed = await claim
         except NotImplementedError:  # e.g. the protocol's stub, inherited
-            self._claim_due_works = False
+            if queued:
+                self._no_queues()
+            else:
+                self._claim_due_works = False
             return []
         except Exception as error:
             self._poll_failed(error)
             return []
         self._poll_worked()
-        self._note_claims(claimed, sent)
+        for state in claimed:
+            self._claimed_at[state.saga_id] = sent
         return claimed
 
     def _poll_failed(self, error: Exception) -> None:

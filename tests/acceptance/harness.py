@@ -39,21 +39,14 @@ What one run does:
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import contextlib
 import dataclasses
 import json
-import os
-import random
-import shutil
 import signal
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -69,22 +62,18 @@ from tests.acceptance.checker import (
     crash_points,
     expected_status,
 )
-from tests.acceptance.eventlog import EventLog, TableNames, epoch
+from tests.acceptance.eventlog import TableNames, epoch
+from tests.acceptance.procs import FINAL, Proc, ProcessHarness, RunConfig, RunReport, RunStuck
 from tests.acceptance.scenarios import make_plan
 
-REPO = Path(__file__).resolve().parents[2]
-FINAL = ("COMPLETED", "FAILED", "PARKED")
-
-
-class HarnessStuck(AssertionError):
-    """Some sagas did not reach a final status in time."""
+HarnessStuck = RunStuck
 
 
 @dataclasses.dataclass
-class HarnessConfig:
-    backend: str = "sqlite"
-    url: str | None = None
-    sagas: int = 24
+class HarnessConfig(RunConfig):
+    """One crash-injection run (see the module's docstring); the options by the same names set
+    them by hand."""
+
     workers: int = 2
     concurrency: int = 4
     batch: int = 6
@@ -105,31 +94,20 @@ class HarnessConfig:
     that sagakit then compensates the earlier steps before that one (I3.reverse-order-*)."""
     forward_share: float = 0.5
     """The share of ForwardSaga among the sagas planned after the coverage ones."""
-    seed: int | None = None
-    timeout: float = 120.0
-    keep: bool = False
-    verbose: bool = False
 
 
 @dataclasses.dataclass
-class Report:
-    backend: str
-    seed: int
-    sagas: int
-    statuses: dict[str, int]
+class Report(RunReport):
+    """What a crash-injection run saw: the statuses the plan configured, the kills at crash
+    points (``kills_self``) and by the harness, the crash points per category."""
+
     configured: dict[str, int]
-    processes: int
     kills_self: int
     kills_parent: int
     crash_points: dict[str, int]
-    checks: dict[str, int]
-    violations: list[str]
-    duration: float
-    events: int
-    unexpected_exits: list[str]
     most_attempts: int = 0
-    graceful_stops: int = 0
     """The most recovery attempts any saga not meant to park needed (SIGKILLs count)."""
+    graceful_stops: int = 0
     group_commit: bool = False
     definitions: dict[str, int] = dataclasses.field(default_factory=dict)
 
@@ -138,16 +116,8 @@ class Report:
         return self.kills_self + self.kills_parent
 
     @property
-    def total_checks(self) -> int:
-        return sum(self.checks.values())
-
-    @property
     def total_crash_points(self) -> int:
         return sum(self.crash_points.values())
-
-    @property
-    def ok(self) -> bool:
-        return not self.violations and not self.unexpected_exits
 
     def render(self) -> str:
         points = ", ".join(f"{c} {self.crash_points.get(c, 0)}" for c in CATEGORIES)
@@ -174,59 +144,29 @@ class Report:
             f"  violations       {len(self.violations)}",
             f"  duration         {self.duration:.1f}s",
         ]
-        lines += [f"    {v}" for v in self.violations[:50]]
-        if len(self.violations) > 50:
-            lines.append(f"    ... {len(self.violations) - 50} more")
-        if self.unexpected_exits:
-            lines.append(f"  unexpected process exits {len(self.unexpected_exits)}")
-            lines += [f"    {u}" for u in self.unexpected_exits[:20]]
-        return "\n".join(lines)
+        return "\n".join(lines + self._problems(violations=50, exits=20))
 
 
-# -- processes -----------------------------------------------------------------------------------
-
-@dataclasses.dataclass(eq=False)
-class Proc:
-    label: str
-    kind: str
-    process: asyncio.subprocess.Process
-    started: float
-    ids: list[str]
-    output: Path
-    waiter: asyncio.Task[int]
-    killed_by_parent: bool = False
-    terminated: bool = False
+def _open_storage(url: str, prefix: str) -> SqlAlchemySagaStorage:
+    names = TableNames.for_prefix(prefix)
+    return SqlAlchemySagaStorage.from_url(
+        url, executions_table=names.executions, logs_table=names.logs)
 
 
-class Harness:
+class Harness(ProcessHarness[HarnessConfig]):
     def __init__(self, config: HarnessConfig) -> None:
-        self.config = config
-        self.seed = config.seed if config.seed is not None else random.randrange(1 << 30)
-        self.rng = random.Random(self.seed)
-        self.workdir = Path(tempfile.mkdtemp(prefix="sagakit-harness-"))
-        self.prefix = f"hx{os.getpid()}_{uuid.uuid4().hex[:6]}"
-        self.names = TableNames.for_prefix(self.prefix)
-        self.url = config.url or _default_url(config.backend, self.workdir)
-        self.storage = SqlAlchemySagaStorage.from_url(
-            self.url, executions_table=self.names.executions, logs_table=self.names.logs)
-        self._reader = self.storage.engine.execution_options(isolation_level="AUTOCOMMIT")
-        self.events = EventLog(self.url, self.names, "harness")
+        super().__init__(config, name="harness", tag="hx", open_storage=_open_storage)
         self.plan: dict[str, dict[str, Any]] = {}
-        self.procs: set[Proc] = set()
-        self.started = 0
         self.kills_parent = 0
         self.graceful_stops = 0
-        self.unexpected: list[str] = []
         self.queue: list[list[str]] = []
-        self.stopping = False
 
     # -- lifecycle
 
     async def run(self) -> Report:
         t0 = time.monotonic()
         try:
-            await self.storage.create_schema()
-            await self.events.create()
+            await self._create_tables()
             self.plan = make_plan(self.config, self.rng)
             (self.workdir / "plan.json").write_text(json.dumps(self.plan))
             ids = list(self.plan)
@@ -247,45 +187,17 @@ class Harness:
         finally:
             await self._cleanup()
 
-    async def _cleanup(self) -> None:
-        for proc in list(self.procs):  # only after an error: normally all are gone
-            with contextlib.suppress(ProcessLookupError):
-                proc.process.kill()
-            await proc.waiter
-        if not self.config.keep:
-            with contextlib.suppress(Exception):
-                await self.storage.drop_schema()
-            with contextlib.suppress(Exception):
-                await self.events.drop()
-        await self.storage.close()
-        await self.events.close()
-        if self.config.keep:
-            print(f"kept: tables {self.prefix}_*, process output in {self.workdir}",
-                  file=sys.stderr)
-        else:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    async def _spawn(self, kind: str, ids: list[str] | None = None) -> Proc:
-        self.started += 1
-        label = f"{'r' if kind == 'saga' else 'w'}{self.started}"
+    async def _start(self, kind: str, ids: list[str] | None = None) -> Proc:
         c = self.config
-        cmd = [sys.executable, "-m", "tests.acceptance.runner", kind, "--url", self.url,
-               "--prefix", self.prefix, "--label", label, "--lease", str(c.lease),
-               "--max-attempts", str(c.max_attempts), "--retry", str(c.retry)]
+        options = ["--lease", str(c.lease), "--max-attempts", str(c.max_attempts),
+                   "--retry", str(c.retry)]
         if c.group_commit:
-            cmd.append("--group-commit")
+            options.append("--group-commit")
         if kind == "saga":
-            cmd += ["--plan", str(self.workdir / "plan.json"), "--ids", ",".join(ids or [])]
+            options += ["--plan", str(self.workdir / "plan.json"), "--ids", ",".join(ids or [])]
         else:
-            cmd += ["--concurrency", str(c.concurrency), "--poll", "0.1"]
-        output = self.workdir / f"{label}.log"
-        with output.open("wb") as out:
-            process = await asyncio.create_subprocess_exec(
-                *cmd, cwd=REPO, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out)
-        proc = Proc(label, kind, process, time.monotonic(), list(ids or []), output,
-                    asyncio.ensure_future(process.wait()))
-        self.procs.add(proc)
-        return proc
+            options += ["--concurrency", str(c.concurrency), "--poll", "0.1"]
+        return await self._spawn(kind, ["tests.acceptance.runner", kind], options, ids)
 
     def _live(self, kind: str) -> list[Proc]:
         return [p for p in self.procs if p.kind == kind and not p.terminated]
@@ -297,34 +209,25 @@ class Harness:
         next_poll = 0.0
         while True:
             while self.queue and len(self._live("saga")) < c.runners:
-                await self._spawn("saga", self.queue.pop(0))
+                await self._start("saga", self.queue.pop(0))
             while len(self._live("worker")) < c.workers:
-                await self._spawn("worker")
-            waiters = {p.waiter: p for p in self.procs}
-            done, _ = await asyncio.wait(waiters, timeout=0.05,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                await self._exited(waiters[task])
+                await self._start("worker")
+            await self._wait_exits()
             now = time.monotonic()
             if self.kills_parent + self.graceful_stops < c.random_kills and now >= next_kill:
                 next_kill = now + self.rng.uniform(*c.kill_every)
                 candidates = [p for p in self.procs if now - p.started > 0.4 and not p.terminated
                               and not p.killed_by_parent and p.process.returncode is None]
                 candidates.sort(key=lambda p: p.label)
-                ready = [p for p in candidates
-                         if p.kind == "worker" and b" ready" in p.output.read_bytes()]
+                ready = [p for p in candidates if p.kind == "worker" and p.ready()]
                 graceful = bool(ready) and self.rng.random() < c.term_share
                 if candidates:
                     victim = self.rng.choice(ready if graceful else candidates)
                     if graceful:
-                        victim.terminated, sig = True, signal.SIGTERM
                         self.graceful_stops += 1
                     else:
-                        victim.killed_by_parent, sig = True, signal.SIGKILL
                         self.kills_parent += 1
-                    with contextlib.suppress(ProcessLookupError):
-                        victim.process.send_signal(sig)
-                    self._say(f"harness sends {sig.name} to {victim.label}")
+                    self._signal(victim, signal.SIGTERM if graceful else signal.SIGKILL)
             if now >= next_poll and not self.queue and not self._live("saga"):
                 next_poll = now + 0.2
                 statuses = await self._statuses()
@@ -334,7 +237,6 @@ class Harness:
                 raise HarnessStuck(await self._stuck_report())
 
     async def _exited(self, proc: Proc) -> None:
-        self.procs.discard(proc)
         rc = proc.process.returncode
         if proc.killed_by_parent:
             outcome = "killed-by-parent"
@@ -344,33 +246,13 @@ class Harness:
             outcome = f"terminated returncode={rc}"
         else:
             outcome = f"returncode={rc}"
-        await self.events.record(None, None, None, "exit", outcome=outcome, label=proc.label,
-                                 pid=proc.process.pid)
-        self._say(f"{proc.label} ({proc.kind}) exited: {outcome}")
-        expected = outcome.startswith("killed") or (rc == 0 and (
-            proc.kind == "saga" or self.stopping or proc.terminated))
-        if not expected:
-            tail = proc.output.read_text(errors="replace")[-2000:]
-            self.unexpected.append(f"{proc.label} ({proc.kind}) {outcome}: ...{tail}")
+        await self._record_exit(proc, outcome, expected=outcome.startswith("killed") or (
+            rc == 0 and (proc.kind == "saga" or self.stopping or proc.terminated)))
         if proc.kind == "saga" and outcome != "returncode=0":
             existing = await self._statuses(proc.ids)
             missing = [i for i in proc.ids if i not in existing]
             if missing:
                 self.queue.insert(0, missing)
-
-    async def _stop_all(self) -> None:
-        self.stopping = True
-        for proc in list(self.procs):
-            with contextlib.suppress(ProcessLookupError):
-                proc.process.send_signal(signal.SIGTERM)
-        for proc in list(self.procs):
-            try:
-                await asyncio.wait_for(asyncio.shield(proc.waiter), 20)
-            except TimeoutError:
-                self.unexpected.append(f"{proc.label} did not stop on SIGTERM within 20s")
-                proc.process.kill()
-                await proc.waiter
-            await self._exited(proc)
 
     # -- reading back
 
@@ -386,9 +268,7 @@ class Harness:
     async def _stuck_report(self) -> str:
         statuses = await self._statuses()
         stuck = [i for i in self.plan if statuses.get(i) not in FINAL]
-        lines = [f"{len(stuck)} of {len(self.plan)} sagas did not reach COMPLETED/FAILED/PARKED "
-                 f"within {self.config.timeout:.0f}s (backend {self.config.backend}, seed "
-                 f"{self.seed}):"]
+        lines = [self._stuck_header(len(stuck), len(self.plan)) + "):"]
         events = [Event.from_row(r) for r in await self.events.all_events()]
         for sid in stuck[:20]:
             try:
@@ -437,22 +317,6 @@ class Harness:
         }
         return findings, data
 
-    def _say(self, text: str) -> None:
-        if self.config.verbose:
-            print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-
-def _default_url(backend: str, workdir: Path) -> str:
-    if backend == "sqlite":
-        return f"sqlite+aiosqlite:///{workdir}/harness.db"
-    from tests.conftest import MYSQL_DSN, POSTGRES_DSN
-
-    if backend == "postgres":
-        return POSTGRES_DSN
-    if backend == "mysql":
-        return MYSQL_DSN
-    raise ValueError(f"unknown backend {backend!r} (sqlite, postgres, mysql)")
-
 
 async def run_harness(config: HarnessConfig) -> Report:
     return await Harness(config).run()
@@ -460,11 +324,7 @@ async def run_harness(config: HarnessConfig) -> Report:
 
 def main(argv: list[str] | None = None) -> int:
     d = HarnessConfig()
-    p = argparse.ArgumentParser(prog="python -m tests.acceptance.harness",
-                                description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("--backend", choices=("sqlite", "postgres", "mysql"), default=d.backend)
-    p.add_argument("--url", help="database URL (default: a temp SQLite file, or the test DSNs)")
-    p.add_argument("--sagas", type=int, default=d.sagas)
+    p = HarnessConfig.parser("python -m tests.acceptance.harness", __doc__)
     p.add_argument("--workers", type=int, default=d.workers, help="recovery worker processes")
     p.add_argument("--concurrency", type=int, default=d.concurrency,
                    help="sagas each recovery worker runs at once")
@@ -482,10 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="some compensations fail through all retries of one recovery run")
     p.add_argument("--forward-share", type=float, default=d.forward_share,
                    help="share of ForwardSaga among the randomly planned sagas")
-    p.add_argument("--seed", type=int)
     p.add_argument("--timeout", type=float, default=None, help="seconds (default scales)")
-    p.add_argument("--keep", action="store_true", help="keep the tables and process logs")
-    p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
     config = HarnessConfig(
         backend=a.backend, url=a.url, sagas=a.sagas, workers=a.workers,
@@ -497,9 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout=a.timeout if a.timeout is not None else 60 + 2.0 * a.sagas,
         keep=a.keep, verbose=a.verbose,
     )
-    report = asyncio.run(run_harness(config))
-    print(report.render())
-    return 0 if report.ok else 1
+    return Harness(config).run_by_hand()
 
 
 if __name__ == "__main__":

@@ -28,42 +28,33 @@ What one run does:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
-import os
 import random
-import shutil
 import signal
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
-from pathlib import Path
 
 import sqlalchemy as sa
 
 from tests.acceptance.checker import Event
-from tests.acceptance.eventlog import EventLog, TableNames
-from tests.acceptance.harness import REPO, Proc, _default_url
+from tests.acceptance.procs import FINAL, Proc, ProcessHarness, RunConfig, RunReport, RunStuck
 from tests.acceptance.queue_checker import Planned, QueueFindings, check_queue_run, summary
 from tests.acceptance.queue_runner import QUEUES, QueueContext, QueuedSaga, open_storage
 
 __all__ = ["QueueReport", "QueueRunConfig", "QueueRunStuck", "make_plan", "run_queue_harness"]
 
-FINAL = ("COMPLETED", "FAILED", "PARKED")
-
-
-class QueueRunStuck(AssertionError):
-    """Some sagas did not reach a final status in time."""
+QueueRunStuck = RunStuck
 
 
 @dataclasses.dataclass
-class QueueRunConfig:
-    backend: str = "sqlite"
-    url: str | None = None
+class QueueRunConfig(RunConfig):
+    """One queue-workers run (see the module's docstring): ``kills`` SIGKILLs of a ready worker,
+    one every ``kill_every`` seconds; ``submitters`` submits at a time; acts of ~``step_ms``."""
+
     sagas: int = 300
     workers: int = 4
     concurrency: int = 8
@@ -73,39 +64,22 @@ class QueueRunConfig:
     kill_every: tuple[float, float] = (0.5, 1.0)
     step_ms: int = 6
     submitters: int = 8
-    seed: int | None = None
     timeout: float = 300.0
-    keep: bool = False
-    verbose: bool = False
 
 
 @dataclasses.dataclass
-class QueueReport:
-    backend: str
-    seed: int
-    sagas: int
+class QueueReport(RunReport):
+    """What a queue-workers run saw: sagas per queue, kills (``killed_in_step`` of them cut
+    ``cut_steps`` acts off), the most sagas at once per queue and key (``peaks``), acts ended
+    by an error."""
+
     queues: dict[str, int]
-    statuses: dict[str, int]
-    processes: int
     kills: int
     killed_in_step: int
     cut_steps: int
-    checks: dict[str, int]
-    violations: list[str]
     peaks: list[str]
     errored_steps: list[str]
-    unexpected_exits: list[str]
-    events: int
     submit_seconds: float
-    duration: float
-
-    @property
-    def total_checks(self) -> int:
-        return sum(self.checks.values())
-
-    @property
-    def ok(self) -> bool:
-        return not self.violations and not self.unexpected_exits
 
     def render(self) -> str:
         lines = [
@@ -123,14 +97,8 @@ class QueueReport:
             f"  violations       {len(self.violations)}",
             f"  duration         {self.duration:.1f}s (submitting {self.submit_seconds:.1f}s)",
         ]
-        lines += [f"    {v}" for v in self.violations[:30]]
-        if len(self.violations) > 30:
-            lines.append(f"    ... {len(self.violations) - 30} more")
-        lines += [f"  errored act: {e}" for e in self.errored_steps[:10]]
-        if self.unexpected_exits:
-            lines.append(f"  unexpected process exits {len(self.unexpected_exits)}")
-            lines += [f"    {u}" for u in self.unexpected_exits[:10]]
-        return "\n".join(lines)
+        errored = [f"  errored act: {e}" for e in self.errored_steps[:10]]
+        return "\n".join(lines + self._problems(violations=30, exits=10, notes=errored))
 
 
 def make_plan(sagas: int, rng: random.Random) -> dict[str, Planned]:
@@ -152,30 +120,17 @@ def make_plan(sagas: int, rng: random.Random) -> dict[str, Planned]:
     return plan
 
 
-class QueueHarness:
+class QueueHarness(ProcessHarness[QueueRunConfig]):
     def __init__(self, config: QueueRunConfig) -> None:
-        self.config = config
-        self.seed = config.seed if config.seed is not None else random.randrange(1 << 30)
-        self.rng = random.Random(self.seed)
-        self.workdir = Path(tempfile.mkdtemp(prefix="sagakit-queues-"))
-        self.prefix = f"qx{os.getpid()}_{uuid.uuid4().hex[:6]}"
-        self.url = config.url or _default_url(config.backend, self.workdir)
-        self.storage = open_storage(self.url, self.prefix)
-        self._reader = self.storage.engine.execution_options(isolation_level="AUTOCOMMIT")
-        self.events = EventLog(self.url, TableNames.for_prefix(self.prefix), "harness")
+        super().__init__(config, name="queues", tag="qx", open_storage=open_storage)
         self.plan = make_plan(config.sagas, self.rng)
-        self.procs: set[Proc] = set()
-        self.started = 0
         self.kills = 0
-        self.unexpected: list[str] = []
-        self.stopping = False
         self.submit_seconds = 0.0
 
     async def run(self) -> QueueReport:
         t0 = time.monotonic()
         try:
-            await self.storage.create_schema()
-            await self.events.create()
+            await self._create_tables()
             for queue in QUEUES:
                 await self.storage.set_queue(queue)
             submitting = asyncio.ensure_future(self._submit_all())
@@ -200,24 +155,6 @@ class QueueHarness:
         finally:
             await self._cleanup()
 
-    async def _cleanup(self) -> None:
-        for proc in list(self.procs):  # only after an error: normally all are gone
-            with contextlib.suppress(ProcessLookupError):
-                proc.process.kill()
-            await proc.waiter
-        if not self.config.keep:
-            with contextlib.suppress(Exception):
-                await self.storage.drop_schema()
-            with contextlib.suppress(Exception):
-                await self.events.drop()
-        await self.storage.close()
-        await self.events.close()
-        if self.config.keep:
-            print(f"kept: tables {self.prefix}_*, process output in {self.workdir}",
-                  file=sys.stderr)
-        else:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
     # -- processes
 
     async def _submit_all(self) -> None:
@@ -237,20 +174,10 @@ class QueueHarness:
         self.submit_seconds = time.monotonic() - t0
         self._say(f"submitted {len(self.plan)} sagas in {self.submit_seconds:.1f}s")
 
-    async def _spawn(self) -> Proc:
-        self.started += 1
-        label, c = f"w{self.started}", self.config
-        cmd = [sys.executable, "-m", "tests.acceptance.queue_runner", "--url", self.url,
-               "--prefix", self.prefix, "--label", label, "--lease", str(c.lease),
-               "--concurrency", str(c.concurrency), "--poll", str(c.poll)]
-        output = self.workdir / f"{label}.log"
-        with output.open("wb") as out:
-            process = await asyncio.create_subprocess_exec(
-                *cmd, cwd=REPO, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out)
-        proc = Proc(label, "worker", process, time.monotonic(), [], output,
-                    asyncio.ensure_future(process.wait()))
-        self.procs.add(proc)
-        return proc
+    async def _start(self) -> Proc:
+        c = self.config
+        return await self._spawn("worker", ["tests.acceptance.queue_runner"], [
+            "--lease", str(c.lease), "--concurrency", str(c.concurrency), "--poll", str(c.poll)])
 
     async def _drive(self, submitting: asyncio.Future[None], deadline: float) -> None:
         c = self.config
@@ -258,12 +185,8 @@ class QueueHarness:
         next_poll = 0.0
         while True:
             while len(self.procs) < c.workers:
-                await self._spawn()
-            waiters = {p.waiter: p for p in self.procs}
-            done, _ = await asyncio.wait(waiters, timeout=0.05,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                await self._exited(waiters[task])
+                await self._start()
+            await self._wait_exits()
             if submitting.done():
                 submitting.result()  # a failed submit fails the run
             now = time.monotonic()
@@ -281,40 +204,17 @@ class QueueHarness:
     def _kill_one(self, now: float) -> None:
         ready = sorted((p for p in self.procs if now - p.started > 0.3
                         and not p.killed_by_parent and p.process.returncode is None
-                        and b" ready" in p.output.read_bytes()), key=lambda p: p.label)
+                        and p.ready()), key=lambda p: p.label)
         if not ready:
             return
-        victim = self.rng.choice(ready)
-        victim.killed_by_parent = True
         self.kills += 1
-        with contextlib.suppress(ProcessLookupError):
-            victim.process.send_signal(signal.SIGKILL)
-        self._say(f"SIGKILL {victim.label}")
+        self._signal(self.rng.choice(ready), signal.SIGKILL)
 
     async def _exited(self, proc: Proc) -> None:
-        self.procs.discard(proc)
         rc = proc.process.returncode
         outcome = "killed-by-parent" if proc.killed_by_parent else f"returncode={rc}"
-        await self.events.record(None, None, None, "exit", outcome=outcome, label=proc.label,
-                                 pid=proc.process.pid)
-        self._say(f"{proc.label} exited: {outcome}")
-        if not proc.killed_by_parent and not (self.stopping and rc == 0):
-            tail = proc.output.read_text(errors="replace")[-2000:]
-            self.unexpected.append(f"{proc.label} {outcome}: ...{tail}")
-
-    async def _stop_all(self) -> None:
-        self.stopping = True
-        for proc in list(self.procs):
-            with contextlib.suppress(ProcessLookupError):
-                proc.process.send_signal(signal.SIGTERM)
-        for proc in list(self.procs):
-            try:
-                await asyncio.wait_for(asyncio.shield(proc.waiter), 20)
-            except TimeoutError:
-                self.unexpected.append(f"{proc.label} did not stop on SIGTERM within 20s")
-                proc.process.kill()
-                await proc.waiter
-            await self._exited(proc)
+        await self._record_exit(proc, outcome, expected=proc.killed_by_parent or (
+            self.stopping and rc == 0))
 
     # -- reading back
 
@@ -333,11 +233,10 @@ class QueueHarness:
                 t.c.lease_expires_at, t.c.recovery_attempts, t.c.next_attempt_at))).all()
         stored = {str(r.saga_id): r for r in rows}
         stuck = [i for i in self.plan if i not in stored or stored[i].status not in FINAL]
-        lines = [f"{len(stuck)} of {len(self.plan)} sagas did not reach COMPLETED/FAILED/PARKED "
-                 f"within {self.config.timeout:.0f}s (backend {self.config.backend}, seed "
-                 f"{self.seed}, {self.kills} kills); stored: "
-                 + ", ".join(f"{k} {v}" for k, v in sorted(
-                     Counter(r.status for r in rows).items())),
+        stored_counts = sorted(Counter(r.status for r in rows).items())
+        lines = [self._stuck_header(len(stuck), len(self.plan))
+                 + f", {self.kills} kills); stored: "
+                 + ", ".join(f"{k} {v}" for k, v in stored_counts),
                  f"queue counts: {await self.storage.queue_counts()}"]
         events = [Event.from_row(r) for r in await self.events.all_events()]
         for sid in stuck[:20]:
@@ -370,10 +269,6 @@ class QueueHarness:
         findings = check_queue_run(self.plan, QUEUES, statuses, logs, events)
         return findings, dict(Counter(statuses.values())), len(events)
 
-    def _say(self, text: str) -> None:
-        if self.config.verbose:
-            print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
 
 async def run_queue_harness(config: QueueRunConfig) -> QueueReport:
     return await QueueHarness(config).run()
@@ -381,11 +276,7 @@ async def run_queue_harness(config: QueueRunConfig) -> QueueReport:
 
 def main(argv: list[str] | None = None) -> int:
     d = QueueRunConfig()
-    p = argparse.ArgumentParser(prog="python -m tests.acceptance.queue_harness",
-                                description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("--backend", choices=("sqlite", "postgres", "mysql"), default=d.backend)
-    p.add_argument("--url", help="database URL (default: a temp SQLite file, or the test DSNs)")
-    p.add_argument("--sagas", type=int, default=d.sagas)
+    p = QueueRunConfig.parser("python -m tests.acceptance.queue_harness", __doc__)
     p.add_argument("--workers", type=int, default=d.workers)
     p.add_argument("--concurrency", type=int, default=d.concurrency,
                    help="sagas each worker runs at once")
@@ -395,19 +286,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kill-every", type=float, nargs=2, default=d.kill_every,
                    metavar=("MIN", "MAX"))
     p.add_argument("--step-ms", type=int, default=d.step_ms)
-    p.add_argument("--seed", type=int)
     p.add_argument("--timeout", type=float, default=d.timeout)
-    p.add_argument("--keep", action="store_true", help="keep the tables and process logs")
-    p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
     config = QueueRunConfig(
         backend=a.backend, url=a.url, sagas=a.sagas, workers=a.workers,
         concurrency=a.concurrency, lease=a.lease, poll=a.poll, kills=a.kills,
         kill_every=tuple(a.kill_every), step_ms=a.step_ms, seed=a.seed, timeout=a.timeout,
         keep=a.keep, verbose=a.verbose)
-    report = asyncio.run(run_queue_harness(config))
-    print(report.render())
-    return 0 if report.ok else 1
+    return QueueHarness(config).run_by_hand()
 
 
 if __name__ == "__main__":

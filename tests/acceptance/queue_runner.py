@@ -28,10 +28,7 @@ import contextlib
 import contextvars
 import dataclasses
 import itertools
-import logging
-import os
 import random
-import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -49,6 +46,7 @@ from sagakit import (
 from sagakit.queue import QueueSettings
 from sagakit.storage.sqlalchemy import SqlAlchemySagaStorage
 from tests.acceptance.eventlog import EventLog, TableNames
+from tests.acceptance.procs import add_child_arguments, serve, start_child
 
 __all__ = ["QUEUES", "STEP_NAMES", "QueueContext", "QueuedSaga", "RunMarker", "open_storage"]
 
@@ -183,35 +181,16 @@ async def run_worker(args: argparse.Namespace) -> int:
     worker = RecoveryWorker(storage, [QueuedSaga], concurrency=args.concurrency,
                             poll_interval=args.poll, options=options, shutdown_timeout=10.0,
                             queues=[q.name for q in QUEUES])
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.stop)
-    print(f"worker {args.label} ready", flush=True)
-    try:
-        await worker.run(install_signal_handlers=False)
-    finally:
-        await storage.close()
-        await _LOG.close()
-    done = [o for o in worker.outcomes if o.status is not None]
-    print(f"worker {args.label} stopped after {len(done)} runs", flush=True)
-    return 0
+    return await serve(worker, args.label, (storage, _LOG), "runs")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.acceptance.queue_runner")
-    p.add_argument("--url", required=True)
-    p.add_argument("--prefix", required=True)
-    p.add_argument("--label", required=True)
-    p.add_argument("--lease", type=float, default=2.0)
-    p.add_argument("--max-attempts", type=int, default=50)
+    add_child_arguments(p, lease=2.0, max_attempts=50)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--poll", type=float, default=0.05)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format=f"%(asctime)s {args.label} %(name)s %(levelname)s %(message)s")
-    sabotage = os.environ.get("SAGAKIT_QUEUE_SABOTAGE")
-    if sabotage:
-        _sabotage(sabotage)
+    start_child(args, "SAGAKIT_QUEUE_SABOTAGE", _sabotage)
     return asyncio.run(run_worker(args))
 
 

@@ -20,10 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
-import os
 import random
-import signal
 import sys
 import uuid
 from pathlib import Path
@@ -43,6 +40,7 @@ from tests.acceptance.crashsaga import (
     install,
 )
 from tests.acceptance.eventlog import EventLog, TableNames
+from tests.acceptance.procs import add_child_arguments, serve, start_child
 
 
 def _storage(args: argparse.Namespace) -> SqlAlchemySagaStorage:
@@ -98,18 +96,7 @@ async def run_worker(args: argparse.Namespace) -> int:
     )
     worker = RecoveryWorker(storage, DEFINITIONS.values(), concurrency=args.concurrency,
                             poll_interval=args.poll, options=options, shutdown_timeout=10.0)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):  # what run() installs, before saying "ready"
-        loop.add_signal_handler(sig, worker.stop)
-    print(f"worker {args.label} ready", flush=True)
-    try:
-        await worker.run(install_signal_handlers=False)
-    finally:
-        await storage.close()
-        await events.close()
-    done = [o for o in worker.outcomes if o.status is not None]
-    print(f"worker {args.label} stopped after {len(done)} recoveries", flush=True)
-    return 0
+    return await serve(worker, args.label, (storage, events), "recoveries")
 
 
 def _sabotage(kind: str) -> None:
@@ -192,11 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("saga", "worker"):
         p = sub.add_parser(name)
-        p.add_argument("--url", required=True)
-        p.add_argument("--prefix", required=True)
-        p.add_argument("--label", required=True)
-        p.add_argument("--lease", type=float, default=1.0)
-        p.add_argument("--max-attempts", type=int, default=20)
+        add_child_arguments(p, lease=1.0, max_attempts=20)
         p.add_argument("--retry", type=int, default=3)
         p.add_argument("--group-commit", action="store_true")
     sub.choices["saga"].add_argument("--plan", required=True)
@@ -205,13 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.choices["worker"].add_argument("--concurrency", type=int, default=4)
     sub.choices["worker"].add_argument("--poll", type=float, default=0.1)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format=f"%(asctime)s {args.label} %(name)s %(levelname)s %(message)s")
     if args.command == "saga":
         args.plan_data = json.loads(Path(args.plan).read_text())
-    sabotage = os.environ.get("SAGAKIT_HARNESS_SABOTAGE")
-    if sabotage:
-        _sabotage(sabotage)
+    start_child(args, "SAGAKIT_HARNESS_SABOTAGE", _sabotage)
     runner = run_sagas if args.command == "saga" else run_worker
     return asyncio.run(runner(args))
 

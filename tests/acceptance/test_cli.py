@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -369,6 +369,30 @@ def test_abort_a_parked_saga(db: Db) -> None:
 # -- worker -------------------------------------------------------------------------------------
 
 
+def wait_for(worker: subprocess.Popen[str], done: Callable[[], bool], what: str,
+             pause: float = 0.1) -> None:
+    """Check ``done`` every ``pause`` seconds until it holds; fails, saying ``what`` did not
+    happen, after 30 s, or with the worker's output if it exits first."""
+    deadline = time.monotonic() + 30
+    while not done():
+        assert worker.poll() is None, worker.communicate()
+        assert time.monotonic() < deadline, what
+        time.sleep(pause)
+
+
+def stop(worker: subprocess.Popen[str], timeout: float = 30) -> str:
+    """SIGTERM the worker; its stderr once it exited 0 (within ``timeout`` seconds)."""
+    try:
+        worker.send_signal(signal.SIGTERM)
+        _, stderr = worker.communicate(timeout=timeout)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert worker.returncode == 0, stderr
+    return stderr
+
+
 def test_worker_recovers_and_stops_cleanly_on_sigterm(db: Db) -> None:
     env = {**os.environ, "SAGAKIT_DATABASE_URL": db.url}
     worker = subprocess.Popen(
@@ -376,18 +400,10 @@ def test_worker_recovers_and_stops_cleanly_on_sigterm(db: Db) -> None:
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        deadline = time.monotonic() + 30
-        while db.state("crashed") is not SagaStatus.COMPLETED:
-            assert worker.poll() is None, worker.communicate()
-            assert time.monotonic() < deadline, "the worker did not recover the saga"
-            time.sleep(0.2)
-        worker.send_signal(signal.SIGTERM)
-        _, stderr = worker.communicate(timeout=30)
+        wait_for(worker, lambda: db.state("crashed") is SagaStatus.COMPLETED,
+                 "the worker did not recover the saga", pause=0.2)
     finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait()
-    assert worker.returncode == 0, stderr
+        stderr = stop(worker)
     assert "worker started" in stderr
     assert f"saga {db['crashed']} (OrderSaga): recovered to COMPLETED" in stderr
     assert "worker stopped" in stderr
@@ -409,18 +425,9 @@ def test_sigterm_while_the_worker_starts_up_exits_cleanly(db: Db, tmp_path: Path
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        deadline = time.monotonic() + 30
-        while not marker.exists():
-            assert worker.poll() is None, worker.communicate()
-            assert time.monotonic() < deadline, "the worker never started importing"
-            time.sleep(0.05)
-        worker.send_signal(signal.SIGTERM)
-        _, stderr = worker.communicate(timeout=20)
+        wait_for(worker, marker.exists, "the worker never started importing", pause=0.05)
     finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait()
-    assert worker.returncode == 0, stderr
+        stderr = stop(worker, timeout=20)
     assert "Traceback" not in stderr
     assert db.state("crashed") is SagaStatus.RUNNING  # it took no saga
 
@@ -597,19 +604,6 @@ def queued(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Queued]:
             asyncio.run(drop())
 
 
-def stop(worker: subprocess.Popen[str]) -> str:
-    """SIGTERM the worker; its stderr once it exited 0."""
-    try:
-        worker.send_signal(signal.SIGTERM)
-        _, stderr = worker.communicate(timeout=30)
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait()
-    assert worker.returncode == 0, stderr
-    return stderr
-
-
 CONTEXT = json.dumps({"order_id": "o-7"})
 
 
@@ -643,11 +637,8 @@ def test_submit_stores_the_saga_pending_and_a_worker_serving_its_queue_runs_it(
                                           "--queue", "orders", "--wait", "--json")))
         assert (waited["queue"], waited["status"], waited["created"]) == (
             "orders", "COMPLETED", True)
-        deadline = time.monotonic() + 30
-        while queued.state(saga_id).status is not SagaStatus.COMPLETED:
-            assert worker.poll() is None, worker.communicate()
-            assert time.monotonic() < deadline, "the worker did not run the first saga"
-            time.sleep(0.1)
+        wait_for(worker, lambda: queued.state(saga_id).status is SagaStatus.COMPLETED,
+                 "the worker did not run the first saga")
     finally:
         stderr = stop(worker)
     assert "queues orders, other" in stderr
@@ -662,11 +653,8 @@ def test_a_worker_serves_only_its_queues(queued: Queued) -> None:
     default = ok(queued.run("submit", "--saga", ORDER, "--context", CONTEXT)).strip()
     worker = queued.worker()  # the default queue only
     try:
-        deadline = time.monotonic() + 30
-        while queued.state(default).status is not SagaStatus.COMPLETED:
-            assert worker.poll() is None, worker.communicate()
-            assert time.monotonic() < deadline, "the worker did not run the saga"
-            time.sleep(0.1)
+        wait_for(worker, lambda: queued.state(default).status is SagaStatus.COMPLETED,
+                 "the worker did not run the saga")
     finally:
         stderr = stop(worker)
     assert "queues default," in stderr

@@ -296,28 +296,40 @@ async def test_claimers_on_separate_engines_share_one_rate_limit(
     assert len(await _running(sql_storage)) == 5
 
 
+class Wakes:
+    """A listener's callback: the queues it was called with, in order, and an event set by
+    every call."""
+
+    def __init__(self) -> None:
+        self.heard: list[str] = []
+        self.got = asyncio.Event()
+
+    def __call__(self, queue: str) -> None:
+        self.heard.append(queue)
+        self.got.set()
+
+    async def wait(self, seconds: float) -> None:
+        """Until a call comes (TimeoutError after ``seconds``); then clears the event."""
+        await asyncio.wait_for(self.got.wait(), seconds)
+        self.got.clear()
+
+    async def next(self) -> str:
+        """The queue of the first call not yet taken, once one came (10 s at most)."""
+        await self.wait(10)
+        return self.heard.pop(0)
+
+
 async def test_postgres_workers_are_woken_by_submit_release_and_due_wait() -> None:
     """A listening worker's callback hears a submit, the release of a submitted saga's lease
     and a durable wait falling due (LISTEN/NOTIFY on PostgreSQL)."""
     storage = SqlAlchemySagaStorage.from_url(POSTGRES_DSN, **TABLES)
-    heard: list[str] = []
-    got = asyncio.Event()
-
-    def callback(queue: str) -> None:
-        heard.append(queue)
-        got.set()
-
-    async def next_wake() -> str:
-        await asyncio.wait_for(got.wait(), 10)
-        got.clear()
-        return heard.pop(0)
-
+    wakes = Wakes()
     try:
         await storage.create_schema()
-        async with storage.listen(callback):
+        async with storage.listen(wakes):
             saga_id = uuid.uuid4()
             assert await storage.submit(saga_id, "order", {"n": 0}, queue="wake-q")
-            assert await next_wake() == "wake-q"
+            assert await wakes.next() == "wake-q"
             [state] = await storage.claim_queued("w", "wake-q", limit=1, lease_seconds=30.0)
             async with storage.create_run() as run:
                 run.adopt(state, 30.0)
@@ -325,7 +337,7 @@ async def test_postgres_workers_are_woken_by_submit_release_and_due_wait() -> No
                                    attempt=1)
                 await run.wait(saga_id, 0.2, release=True)
                 await run.commit()
-            assert await next_wake() == "wake-q"  # heard 0.2 s later: the wait is due
+            assert await wakes.next() == "wake-q"  # heard 0.2 s later: the wait is due
     finally:
         await storage.delete_all()
         await storage.close()
@@ -359,16 +371,10 @@ async def test_a_dropped_listen_session_is_reopened_and_the_worker_told_to_poll(
     listener reconnects, calls back once ("poll now": whatever came meanwhile), and later
     notifications arrive again."""
     storage = SqlAlchemySagaStorage.from_url(POSTGRES_DSN, **TABLES)
-    heard: list[str] = []
-    got = asyncio.Event()
-
-    def callback(queue: str) -> None:
-        heard.append(queue)
-        got.set()
-
+    wakes = Wakes()
     try:
         await storage.create_schema()
-        listener = storage.listen(callback)
+        listener = storage.listen(wakes)
         assert listener is not None
         async with listener:
             async with storage.engine.connect() as conn:
@@ -378,12 +384,11 @@ async def test_a_dropped_listen_session_is_reopened_and_the_worker_told_to_poll(
                     {"listen": f"LISTEN %{storage.tables.executions.name}_wake%"})).all()
                 await conn.commit()
             assert killed, "no LISTEN session found"
-            await asyncio.wait_for(got.wait(), 20)  # the reconnect's "poll now"
-            assert heard == [""]
-            got.clear()
+            await wakes.wait(20)  # the reconnect's "poll now"
+            assert wakes.heard == [""]
             assert await storage.submit(uuid.uuid4(), "order", {}, queue="after-drop")
-            await asyncio.wait_for(got.wait(), 10)
-            assert heard[-1] == "after-drop"
+            await wakes.wait(10)
+            assert wakes.heard[-1] == "after-drop"
     finally:
         await storage.delete_all()
         await storage.close()
