@@ -392,3 +392,19 @@ async def test_a_dropped_listen_session_is_reopened_and_the_worker_told_to_poll(
     finally:
         await storage.delete_all()
         await storage.close()
+
+
+async def test_a_listen_session_that_cannot_open_raises_sagakits_error() -> None:
+    from sagakit.exceptions import SagaStorageUnavailableError
+
+    storage = SqlAlchemySagaStorage.from_url(
+        "postgresql+asyncpg://postgres@127.0.0.1:1/test", **TABLES)  # nothing listens there
+    try:
+        listener = storage.listen(lambda queue: None)
+        assert listener is not None
+        with pytest.raises(SagaStorageUnavailableError, match="wake-up session") as caught:
+            async with listener:
+                pass
+        assert isinstance(caught.value.__cause__, OSError)
+    finally:
+        await storage.close()

@@ -20,6 +20,8 @@ import random
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from sagakit.exceptions import SagaStorageUnavailableError
+
 __all__ = ["channel_for", "listening", "parse_wake", "wake_payload"]
 
 logger = logging.getLogger("sagakit.storage")
@@ -53,7 +55,8 @@ async def listening(
 ) -> AsyncIterator[None]:
     """LISTEN on ``channel`` through connections from ``connect()`` (an awaitable asyncpg
     connection) while inside, calling ``callback(queue)`` per notification. The first connection
-    is opened before the body runs: its error (the database down) is raised to the caller."""
+    is opened before the body runs: its failure (the database down) raises
+    SagaStorageUnavailableError, the driver's error as its cause."""
     loop = asyncio.get_running_loop()
     lost = asyncio.Event()
     timers: set[asyncio.TimerHandle] = set()
@@ -74,7 +77,12 @@ async def listening(
         await conn.add_listener(channel, notified)
         return conn
 
-    conn = await open_session()
+    try:
+        conn = await open_session()
+    except Exception as error:
+        raise SagaStorageUnavailableError(
+            f"cannot open the wake-up session (LISTEN {channel}): "
+            f"{type(error).__name__}: {error}") from error
 
     async def keep_up() -> None:
         nonlocal conn
