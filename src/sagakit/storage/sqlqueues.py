@@ -102,12 +102,18 @@ class QueueQueries:
         self._spend = sa.update(q).where(q.c.name == name).values(
             tokens=sa.bindparam("tokens", type_=sa.Double()),
             refilled_at=sa.bindparam("at", type_=q.c.refilled_at.type))
-        self._submit = sa.insert(t).values(
+        self._submit: Any = sa.insert(t).values(
             saga_id=sa.bindparam("sid", type_=sa.Uuid()), name=sa.bindparam("name"),
             status=SagaStatus.PENDING.value, context=d.context_in, version=1,
             recovery_attempts=0, fingerprint=sa.bindparam("fingerprint"), created_at=d.now(),
             updated_at=d.now(), deadline_at=d.now_plus("deadline"), queue=name,
             concurrency_key=sa.bindparam("key"), priority=sa.bindparam("priority"))
+        if d.is_postgres:
+            # The insert and its wake-up in one statement: the NOTIFY goes out with the commit,
+            # and only when a row was inserted (a row back: created).
+            inserted = self._submit.returning(t.c.saga_id).cte("inserted")
+            self._submit = sa.select(inserted.c.saga_id, sa.func.pg_notify(
+                channel_for(t.name), sa.bindparam("wake", type_=sa.String()))).select_from(inserted)
         self._upsert = d.upsert(
             q, {"name": name, **{c: sa.bindparam(c, type_=q.c[c].type) for c in _LIMITS},
                 "updated_at": d.now()}, [*_LIMITS, "updated_at"])
@@ -127,6 +133,8 @@ class QueueQueries:
         params = {"sid": saga_id, "name": name, "ctx": text, "fingerprint": fingerprint,
                   "q": queue, "key": key, "priority": priority,
                   **self.d.time_params(deadline=deadline)}
+        if self.d.is_postgres:
+            params["wake"] = wake_payload(queue)
         try:
             await conn.execute(self._submit, params)
         except exc.IntegrityError:
@@ -283,8 +291,6 @@ class SqlQueues:
             "submitting a saga", lambda conn: self.queue_queries.submit(
                 conn, saga_id, name, text, queue, concurrency_key, priority, fingerprint,
                 deadline_seconds), mode="write", saga_id=saga_id)
-        if created:
-            await self.notify(wake_payload(queue))
         return created
 
     async def claim_queued(
