@@ -9,6 +9,8 @@ import asyncio
 from typing import Any
 from uuid import UUID
 
+import pytest
+
 from sagakit.queue import QueueSettings
 from sagakit.records import SagaAction, SagaStatus, SagaStepStatus
 from tests.contract.support import (
@@ -261,3 +263,13 @@ async def test_queue_counts_by_status(storage: Any) -> None:
         Q: {SagaStatus.PENDING: 2, SagaStatus.COMPLETED: 1},
         "emails": {SagaStatus.PENDING: 1},
     }
+
+
+async def test_bad_submit_options_are_refused_before_anything_is_written(storage: Any) -> None:
+    for options, option in (({"queue": "no spaces"}, "queue"),
+                            ({"queue": Q, "concurrency_key": ""}, "concurrency_key"),
+                            ({"queue": Q, "priority": 2**31}, "priority")):
+        saga_id = new_id()
+        with pytest.raises(ValueError, match=option):
+            await storage.submit(saga_id, NAME, {"n": 0}, **options)
+        assert await storage.queue_counts() == {}

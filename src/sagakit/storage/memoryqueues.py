@@ -15,7 +15,14 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 from uuid import UUID
 
-from sagakit.queue import QueueSettings, pick, refill
+from sagakit.queue import (
+    QueueSettings,
+    check_key,
+    check_priority,
+    check_queue_name,
+    pick,
+    refill,
+)
 from sagakit.records import RECOVERABLE_STATUSES, SagaState, SagaStatus
 
 __all__ = ["MemoryQueues"]
@@ -67,6 +74,9 @@ class MemoryQueues:
         fingerprint: str | None = None,
         deadline_seconds: float | None = None,
     ) -> bool:
+        check_queue_name(queue)  # refused before anything is written, as the SQL storage does
+        check_key(concurrency_key)
+        check_priority(priority)
         data = self._dump_context(saga_id, context)
         if saga_id.int in self._rows:
             return False
