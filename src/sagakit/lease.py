@@ -33,6 +33,7 @@ from uuid import UUID
 from sagakit.exceptions import SagaLeaseLostError, SagaStorageError
 from sagakit.invocation import StepInvocation
 from sagakit.records import SagaAction
+from sagakit.storage.liveness import LIVE_MARK, Held, held_by
 from sagakit.storage.protocol import LeasedRun
 
 __all__ = ["LeaseKeeper"]
@@ -59,7 +60,7 @@ class LeaseKeeper:
     when the lease is found lost or possibly run out is cancelled, with the reason kept in
     ``cut_off`` until the engine takes it back (:meth:`step_cut_off`)."""
 
-    __slots__ = ("_failed_renewals", "_renewal", "_sweeper", "cut_off", "interval",
+    __slots__ = ("_failed_renewals", "_held", "_renewal", "_sweeper", "cut_off", "interval",
                  "lease_seconds", "loop", "lost", "run", "step_task")
 
     def __init__(self, run: LeasedRun, lease_seconds: float) -> None:
@@ -73,17 +74,44 @@ class LeaseKeeper:
         self._sweeper: _Sweeper | None = None
         self._renewal: asyncio.Task[None] | None = None
         self._failed_renewals = 0
+        self._held: Held | None = None
 
     async def __aenter__(self) -> LeaseKeeper:
         self.loop = loop = asyncio.get_running_loop()
         if getattr(self.run, "holds_lease", False):
             self._sweeper = _Sweeper.join(self, loop)
+            owner: str | None = getattr(self.run, "owner", None)
+            if owner is not None and owner[:1] == LIVE_MARK:
+                self._watch_session(owner)
         return self
+
+    def _watch_session(self, owner: str) -> None:
+        """A run under a live owner id stops as soon as that owner's liveness session is lost
+        (see :mod:`sagakit.storage.liveness`); one already lost stops before its first step."""
+        held = held_by(owner)
+        if held is None:
+            self.lost = SagaLeaseLostError(
+                f"saga {getattr(self.run, 'saga_id', None)}: the liveness session of {owner} "
+                "is gone: another worker may take the saga over now",
+                saga_id=getattr(self.run, "saga_id", None))
+        else:
+            held.keepers.add(self)
+            self._held = held
+
+    def lose(self, reason: SagaLeaseLostError) -> None:
+        """The lease is to be taken as lost now (its owner's liveness session is gone): no
+        step starts any more, and the step in flight is cancelled."""
+        if self.lost is None:
+            self.lost = reason
+            self._cut_off(reason)
 
     async def __aexit__(self, *exc_info: object) -> None:
         if self._sweeper is not None:
             self._sweeper.keepers.discard(self)
             self._sweeper = None
+        if self._held is not None:
+            self._held.keepers.discard(self)
+            self._held = None
         renewal = self._renewal
         if renewal is not None and not renewal.done():
             renewal.cancel()

@@ -38,6 +38,7 @@ from sagakit.queue import DEFAULT_QUEUE, check_queue_name
 from sagakit.records import SagaState, SagaStatus
 from sagakit.recovery import RecoveryOptions, _drive
 from sagakit.saga import Saga
+from sagakit.storage.liveness import Liveness
 from sagakit.storage.protocol import SagaStorage
 from sagakit.storage.run import new_owner_id
 
@@ -81,6 +82,13 @@ class RecoveryWorker:
     the storage (a submit, a freed slot, a durable wait falling due; PostgreSQL's
     LISTEN/NOTIFY, or the memory storage) ends the wait at once. A lost wake-up only delays
     work until the next poll.
+
+    Failover: with ``liveness`` (the default, where the storage has liveness sessions) the
+    worker holds one while it runs and claims under its live owner id (see
+    :mod:`sagakit.storage.liveness`): should the worker die, any other worker takes its sagas
+    over at its next poll instead of after their leases. For that, an idle worker polls at
+    least every ``failover_poll`` seconds (never more often than ``poll_interval``); a worker
+    that polls less often, or runs without liveness, still takes over at lease expiry.
     """
 
     def __init__(
@@ -98,6 +106,8 @@ class RecoveryWorker:
         options: RecoveryOptions | None = None,
         queues: Sequence[str] | None = (DEFAULT_QUEUE,),
         max_idle_poll: float | None = None,
+        liveness: bool = True,
+        failover_poll: float = 1.0,
     ) -> None:
         self.concurrency = settings.count("concurrency", concurrency)
         self.poll_interval = settings.seconds("poll_interval", poll_interval, exclusive=True)
@@ -113,6 +123,10 @@ class RecoveryWorker:
             "max_idle_poll", min(5 * self.poll_interval, settings.MAX_SECONDS)
             if max_idle_poll is None
             else max_idle_poll, minimum=self.poll_interval)
+        self.failover_poll = settings.seconds("failover_poll", failover_poll, exclusive=True)
+        self.liveness: Liveness | None = None
+        """The liveness session while the worker runs with one (None otherwise)."""
+        self._use_liveness = liveness
         self.storage = storage
         self.container = container
         self._sagas = {s.name: s for s in sagas}
@@ -122,7 +136,8 @@ class RecoveryWorker:
         self.outcomes: list[RecoveryOutcome] = []
         """Every attempt this worker made, in order (handy for tests and operators)."""
         self.owner = new_owner_id()
-        """The lease owner id of the sagas this worker claims."""
+        """The lease owner id the worker claims under now (a live one while its liveness
+        session holds: it changes when the session is lost and opened again)."""
         self.max_backoff = max(30.0, self.poll_interval)
         """The longest wait between polls while the database keeps failing (seconds)."""
         self.failed_polls = 0
@@ -265,8 +280,11 @@ class RecoveryWorker:
         if not self.failed_polls:
             if self._idle_polls <= 1:
                 return self.poll_interval
+            ceiling = self.max_idle_poll
+            if self.liveness is not None and self.liveness.live:  # dead owners are seen by polls
+                ceiling = min(ceiling, max(self.poll_interval, self.failover_poll))
             grown = self.poll_interval * 1.5 ** min(self._idle_polls - 1, 60)
-            return min(grown, self.max_idle_poll) * random.uniform(0.8, 1.2)
+            return min(grown, ceiling) * random.uniform(0.8, 1.2)
         wait = min(self.poll_interval * 2.0 ** min(self.failed_polls - 1, 30), self.max_backoff)
         return wait * random.uniform(0.8, 1.2)
 
@@ -364,7 +382,8 @@ class RecoveryWorker:
 
     async def _loop(self) -> None:
         if self._claims_due():
-            await self._claim_loop()
+            async with self._live():
+                await self._claim_loop()
         if not self._claims_due():  # no claim_due, or it turned out to raise NotImplementedError
             await self._poll_loop()
 
@@ -405,6 +424,26 @@ class RecoveryWorker:
     def wake(self, _: object = None) -> None:
         """Poll now (a storage's wake-up callback; safe to call from the loop's thread)."""
         self._wake.set()
+
+    @contextlib.asynccontextmanager
+    async def _live(self) -> AsyncIterator[None]:
+        """Hold a liveness session while the worker runs (where the storage has them)."""
+        make = getattr(self.storage, "liveness", None) if self._use_liveness else None
+        if make is None:
+            yield
+            return
+        liveness: Liveness = make()
+        liveness.on_change = self._owner_changed
+        async with liveness:
+            self.liveness = liveness
+            self.owner = liveness.owner
+            try:
+                yield
+            finally:
+                self.liveness = None
+
+    def _owner_changed(self, owner: str) -> None:
+        self.owner = owner
 
     @contextlib.asynccontextmanager
     async def _wake_ups(self) -> AsyncIterator[None]:

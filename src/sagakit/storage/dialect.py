@@ -1,5 +1,5 @@
 """What differs between SQLite, PostgreSQL and MySQL/MariaDB in SQLAlchemy statements: time and
-JSON binding, upserts. (The driver-level hot paths are in :mod:`sagakit.storage.postgres` and
+JSON binding, upserts, the liveness of a lease's owner. (The driver-level hot paths are in :mod:`sagakit.storage.postgres` and
 :mod:`sagakit.storage.mysql`.)
 
 Lease times come from the database server's clock on PostgreSQL and MySQL/MariaDB, so workers on
@@ -9,6 +9,7 @@ clock is the database's clock.
 
 from __future__ import annotations
 
+import zlib
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -83,6 +84,47 @@ class Dialect:
         else:
             params.update(seconds)
         return params
+
+    # -- leases -------------------------------------------------------------------------------
+
+    @property
+    def lock_space(self) -> int:
+        """The first key of PostgreSQL's liveness advisory locks: one per executions table."""
+        return zlib.crc32(self.tables.executions.name.encode()) & 0x7FFFFFFF
+
+    def owner_dead(self, owner: Any) -> Any:
+        """True where ``owner`` is a live owner id whose liveness session is gone (see
+        :mod:`sagakit.storage.liveness`): its advisory lock (PostgreSQL) or named lock
+        (MySQL/MariaDB) is free, or its process is gone (SQLite's ``sagakit_owner_dead``
+        function, registered on each connection)."""
+        live = owner.like("~%")
+        if self.is_postgres:
+            locks: Any = (sa.select(sa.literal_column("objid")).select_from(sa.table("pg_locks"))
+                     .where(sa.text(f"locktype = 'advisory' AND classid = {self.lock_space} "
+                                    "AND objsubid = 2")))
+            return sa.and_(live, sa.cast(sa.func.hashtext(owner), postgresql.OID)
+                           .not_in(locks.scalar_subquery()))
+        if self.is_mysql:
+            return sa.and_(live, sa.func.coalesce(sa.func.is_free_lock(
+                sa.func.concat("sagakit:", sa.func.md5(owner))), 0) == 1)
+        return sa.and_(live, sa.func.sagakit_owner_dead(owner) == 1)
+
+    def lease_free(self, table: sa.Table) -> Any:
+        """True where the row's lease may be taken by the claimer ``:owner``: none, run out,
+        or held by another owner who is dead. (A claimer's own leases are never judged dead:
+        its session may have died a moment ago without its knowing yet, and its runs of those
+        sagas still be going; they stop when it notices.)"""
+        c = table.c
+        return sa.or_(c.lease_owner.is_(None), c.lease_expires_at <= self.now(),
+                      sa.and_(c.lease_owner != sa.bindparam("owner", type_=sa.String()),
+                              self.owner_dead(c.lease_owner)))
+
+    def lease_held(self, table: sa.Table) -> Any:
+        """True where the row's lease is held by a run still alive (the negation of
+        :meth:`lease_free`)."""
+        c = table.c
+        return sa.and_(c.lease_owner.is_not(None), c.lease_expires_at > self.now(),
+                       sa.not_(self.owner_dead(c.lease_owner)))
 
     @staticmethod
     def aware(value: datetime | None) -> datetime | None:

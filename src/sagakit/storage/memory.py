@@ -35,6 +35,7 @@ from sagakit.records import (
     context_json,
 )
 from sagakit.storage.listener import parse_wake
+from sagakit.storage.liveness import Liveness, owner_is_dead
 from sagakit.storage.memoryqueues import MemoryQueues
 from sagakit.storage.run import (
     BufferedRun,
@@ -93,7 +94,13 @@ class _Row:
     def running(self, now: float) -> bool:
         """RUNNING or COMPENSATING under a live lease (what a queue's limits count)."""
         return ((self.status is SagaStatus.RUNNING or self.status is SagaStatus.COMPENSATING)
-                and self.lease_owner is not None and (self.lease_expires_at or 0.0) > now)
+                and not self.lease_free(now))
+
+    def lease_free(self, now: float, claimer: str = "") -> bool:
+        """Whether ``claimer`` may take the lease: none, run out, or another owner's whose
+        liveness session is closed (see :meth:`sagakit.storage.dialect.Dialect.lease_free`)."""
+        return (self.lease_owner is None or (self.lease_expires_at or 0.0) <= now
+                or (self.lease_owner != claimer and owner_is_dead(self.lease_owner)))
 
 
 def _dt(ts: float) -> datetime:
@@ -173,7 +180,7 @@ class MemorySagaStorage(MemoryQueues, RunBackedStorage):
             if row.status in RECOVERABLE_STATUSES
             and row.queue is None
             and row.recovery_attempts <= max_recovery_attempts
-            and (row.lease_owner is None or (row.lease_expires_at or 0.0) <= now)
+            and row.lease_free(now)
             and (row.next_attempt_at is None or row.next_attempt_at <= now)
             and (saga_name is None or row.name == saga_name)
             and (stale_after_seconds is None or row.updated_at <= now - stale_after_seconds)
@@ -198,7 +205,8 @@ class MemorySagaStorage(MemoryQueues, RunBackedStorage):
         now = self.clock()
         for saga_id in due:
             row = self._rows[saga_id.int]
-            if saga_names is not None and row.name not in saga_names:
+            if ((saga_names is not None and row.name not in saga_names)
+                    or not row.lease_free(now, owner)):
                 continue
             row.lease_owner, row.lease_expires_at = owner, now + lease_seconds
             _claimed(row, now, count_attempt=True)
@@ -234,6 +242,11 @@ class MemorySagaStorage(MemoryQueues, RunBackedStorage):
             row.status = SagaStatus(new_status)
         row.version += 1
         row.updated_at = self.clock()
+
+    def liveness(self) -> Liveness:
+        """A worker's liveness (see :mod:`sagakit.storage.liveness`): sagas claimed under its
+        owner id are free for others once it is closed, whatever their lease says."""
+        return Liveness()
 
     async def set_recovery_attempts(self, saga_id: UUID, attempts: int) -> None:
         row = self._row(saga_id)
@@ -317,11 +330,7 @@ class MemorySagaStorage(MemoryQueues, RunBackedStorage):
         now = self.clock()
         if row.status in TERMINAL_STATUSES or (row.status is SagaStatus.PARKED and not allow_parked):
             return row.state()
-        if (
-            row.lease_owner is not None
-            and row.lease_owner != run.owner
-            and (row.lease_expires_at or 0.0) > now
-        ):
+        if row.lease_owner != run.owner and not row.lease_free(now):
             raise SagaBusyError(
                 f"saga {saga_id} is being run by {row.lease_owner}", saga_id=saga_id, saga_name=row.name
             )

@@ -115,7 +115,7 @@ class MemoryQueues:
             (row for row in mine
              if row.status in RECOVERABLE_STATUSES
              and row.recovery_attempts <= max_recovery_attempts
-             and (row.lease_owner is None or (row.lease_expires_at or 0.0) <= now)
+             and row.lease_free(now, owner)
              and (row.next_attempt_at is None or row.next_attempt_at <= now)
              and (saga_names is None or row.name in saga_names)),
             key=lambda r: (-r.priority, r.created_at, r.sequence))

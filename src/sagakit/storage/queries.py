@@ -132,8 +132,7 @@ class Queries:
                 t.c.status.in_(_CLAIMABLE[allow_parked]),
                 sa.or_(sa.bindparam("expected_name", type_=sa.String()).is_(None),
                        t.c.name == sa.bindparam("expected_name", type_=sa.String())),
-                sa.or_(t.c.lease_owner.is_(None), t.c.lease_owner == owner,
-                       t.c.lease_expires_at <= d.now()),
+                sa.or_(t.c.lease_owner == owner, d.lease_free(t)),
             )
             .ordered_values(*self._claim_values(sa.bindparam("inc", type_=sa.Integer())))
         )
@@ -170,7 +169,7 @@ class Queries:
     ) -> list[UUID]:
         names = None if saga_name is None else frozenset({saga_name})
         stmt = self._due(stale_after is not None, names)
-        params = {"limit": limit, "max_attempts": max_attempts,
+        params = {"limit": limit, "max_attempts": max_attempts, "owner": "",
                   **self.d.time_params(stale=None if stale_after is None else -stale_after)}
         return [r[0] for r in (await conn.execute(stmt, params)).all()]
 
@@ -244,7 +243,7 @@ class Queries:
             t.c.saga_id.in_(ids),
             sa.text(RECOVERABLE_SQL),
             t.c.recovery_attempts <= sa.bindparam("max_attempts", type_=sa.Integer()),
-            sa.or_(t.c.lease_owner.is_(None), t.c.lease_expires_at <= d.now()),
+            d.lease_free(t),
             sa.or_(t.c.next_attempt_at.is_(None), t.c.next_attempt_at <= d.now()),
         ).ordered_values(*self._claim_values(inc))
         mine = sa.select(*self.columns).where(t.c.saga_id.in_(ids),
@@ -275,7 +274,7 @@ class Queries:
         limit = sa.bindparam("limit", type_=sa.Integer())
         conditions = [
             t.c.recovery_attempts <= sa.bindparam("max_attempts", type_=sa.Integer()),
-            sa.or_(t.c.lease_owner.is_(None), t.c.lease_expires_at <= d.now()),
+            d.lease_free(t),
             sa.or_(t.c.next_attempt_at.is_(None), t.c.next_attempt_at <= d.now()),
         ]
         if names is not None:

@@ -51,12 +51,14 @@ from sagakit.records import SagaLogEntry, SagaState, SagaStatus, context_json
 from sagakit.storage.dialect import Dialect
 from sagakit.storage.faults import lock_conflict, reconnectable, storage_error
 from sagakit.storage.group_commit import GroupCommitter
+from sagakit.storage.liveness import Liveness
 from sagakit.storage.mysql import MySqlWriter
 from sagakit.storage.pool import START, WORK, Connections, LeasedStart, PoolLease
 from sagakit.storage.postgres import PgWriter
 from sagakit.storage.queries import Queries, row_to_state
 from sagakit.storage.run import Checkpoint, RunBackedStorage, refuse_nul
 from sagakit.storage.schema import SagaTables
+from sagakit.storage.sqlliveness import SqlSessions, register_sqlite_function
 from sagakit.storage.sqlqueues import QueueQueries, SqlQueues
 from sagakit.storage.sqlrun import SqlRun
 
@@ -117,6 +119,7 @@ class SqlAlchemySagaStorage(SqlQueues, RunBackedStorage):
             self.writer = PgWriter(self.tables)
         elif self.dialect.is_mysql and self.engine.dialect.driver in ("asyncmy", "aiomysql"):
             self.writer = MySqlWriter(self.tables)
+        self._sessions = None if self.dialect.is_sqlite else SqlSessions(self.engine, self.dialect)
         if self.dialect.is_sqlite:
             _configure_sqlite(self.engine)
 
@@ -181,8 +184,16 @@ class SqlAlchemySagaStorage(SqlQueues, RunBackedStorage):
         """Dispose of the engine if this storage created it (``from_url``)."""
         if self.group_commit is not None:
             await self.group_commit.close()
+        if self._sessions is not None:
+            await self._sessions.dispose()
         if self._owns_engine:
             await self.engine.dispose()
+
+    def liveness(self) -> Liveness:
+        """A worker's liveness session (see :mod:`sagakit.storage.liveness`): on PostgreSQL
+        and MySQL/MariaDB one connection outside the pool, holding a lock named after the
+        worker's owner id; on SQLite the worker's process itself."""
+        return Liveness(self._sessions)
 
     def _new_run(self) -> SqlRun:
         return SqlRun(self)
@@ -478,6 +489,7 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
+        register_sqlite_function(dbapi_connection)
 
     @event.listens_for(sync_engine, "begin")
     def _on_begin(conn: Any) -> None:

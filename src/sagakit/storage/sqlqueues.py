@@ -96,8 +96,7 @@ class QueueQueries:
             self._settings = self._settings.with_for_update()
         self._running = (
             sa.select(t.c.concurrency_key, sa.func.count())
-            .where(t.c.queue == name, t.c.status.in_(_RUNNING), t.c.lease_owner.is_not(None),
-                   t.c.lease_expires_at > d.now())
+            .where(t.c.queue == name, t.c.status.in_(_RUNNING), d.lease_held(t))
             .group_by(t.c.concurrency_key))
         self._spend = sa.update(q).where(q.c.name == name).values(
             tokens=sa.bindparam("tokens", type_=sa.Double()),
@@ -173,7 +172,8 @@ class QueueQueries:
         keyed = turn.limits is not None and turn.limits.key_concurrency is not None
         read = min(max(4 * slots, _KEYED_READ[0]), _KEYED_READ[1]) if keyed else slots
         candidates = (await conn.execute(self._candidates_for(names), {
-            "q": queue, "limit": read, "max_attempts": max_attempts, **time})).all()
+            "q": queue, "limit": read, "max_attempts": max_attempts, "owner": owner,
+            **time})).all()
         ids = pick(turn.limits, [(c[0], c[1]) for c in candidates], want=limit,
                    running=turn.running, running_by_key=turn.by_key, tokens=turn.tokens)
         if not ids:
@@ -231,7 +231,7 @@ class QueueQueries:
         conditions = [
             t.c.queue == sa.bindparam("q", type_=t.c.queue.type),
             t.c.recovery_attempts <= sa.bindparam("max_attempts", type_=sa.Integer()),
-            sa.or_(t.c.lease_owner.is_(None), t.c.lease_expires_at <= d.now()),
+            d.lease_free(t),
             sa.or_(t.c.next_attempt_at.is_(None), t.c.next_attempt_at <= d.now()),
         ]
         if names is not None:

@@ -1,0 +1,73 @@
+"""The SQL storage's liveness sessions (see :mod:`sagakit.storage.liveness`).
+
+PostgreSQL and MySQL/MariaDB: one connection per session, opened outside the storage's pool
+(an engine of its own without a pool, on the same URL), in autocommit (an idle session holds
+no transaction open), holding the owner's lock for as long as it lives. SQLite: no connection;
+the test of a lease's owner is the ``sagakit_owner_dead`` SQL function, registered on each of
+the storage's connections (:func:`register_sqlite_function`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
+
+from sagakit.storage.dialect import Dialect
+from sagakit.storage.liveness import owner_is_dead
+
+__all__ = ["SqlSessions", "register_sqlite_function"]
+
+_PING = sa.text("SELECT 1")
+
+
+class SqlSessions:
+    """Liveness sessions of one SQL storage (PostgreSQL or MySQL/MariaDB)."""
+
+    def __init__(self, engine: AsyncEngine, dialect: Dialect) -> None:
+        self._url = engine.url
+        self._dialect = dialect
+        self._engine: AsyncEngine | None = None
+        if dialect.is_postgres:
+            self._lock = sa.text(
+                f"SELECT pg_try_advisory_lock({dialect.lock_space}, hashtext(:owner))")
+        else:
+            self._lock = sa.text("SELECT GET_LOCK(CONCAT('sagakit:', MD5(:owner)), 0)")
+
+    async def open(self, owner: str) -> AsyncConnection | None:
+        if self._engine is None:
+            self._engine = create_async_engine(self._url, poolclass=NullPool)
+        conn = await self._engine.connect()
+        try:
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            got = (await conn.execute(self._lock, {"owner": owner})).scalar()
+        except BaseException:
+            await conn.close()
+            raise
+        if not got:
+            await conn.close()
+            return None
+        return conn
+
+    async def ping(self, session: Any) -> None:
+        await session.execute(_PING)
+
+    async def close(self, session: Any) -> None:
+        try:
+            await session.close()
+        except Exception:
+            await session.invalidate()
+
+    async def dispose(self) -> None:
+        """Dispose of the sessions' engine (the storage closing)."""
+        if self._engine is not None:
+            await self._engine.dispose()
+            self._engine = None
+
+
+def register_sqlite_function(dbapi_connection: Any) -> None:
+    """Make ``sagakit_owner_dead(owner)`` (1 or 0) known on one SQLite connection."""
+    dbapi_connection.create_function(
+        "sagakit_owner_dead", 1, lambda owner: int(owner_is_dead(owner)))
