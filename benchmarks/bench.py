@@ -10,9 +10,12 @@ Run (servers as in tests/conftest.py, or SAGAKIT_POSTGRES_DSN / SAGAKIT_MYSQL_DS
 Sections: memory (framework cost), cpu (client CPU per saga vs the floor), group (group commit
 at 32 concurrent sagas), scale (throughput and p99 at 1..512 concurrent sagas), steps (cost per
 step at 1..100 steps), context (cost as the context grows; an unchanged context is not
-rewritten), recovery (sagas recovered per second by 1 and 4 workers; EXPLAIN of the listing),
+rewritten), recovery (sagas recovered per second by 1, 2 and 4 worker processes, no-op steps and
+steps awaiting a remote call's latency, where the time goes; EXPLAIN of the listing and the claim),
 dispatch (submitted sagas: submit-to-first-step latency, throughput of 1, 2 and 4 worker
-processes, the load of an idle worker on the database).
+processes, the load of an idle worker on the database), failover (SIGKILL of a worker to its
+saga resumed by another, with and without liveness, on SQLite, PostgreSQL and MariaDB; the
+connections a worker holds).
 
 Writes ``RESULTS.md`` (machine, headline numbers, every table, EXPLAIN output, how to read),
 ``results.json`` (the raw numbers) and ``throughput.png`` / ``p99.png`` into ``--out``
@@ -39,8 +42,9 @@ from scenarios.common import FULL, QUICK, Backend, Section, Session  # noqa: E40
 
 PG = os.environ.get("SAGAKIT_POSTGRES_DSN", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 MYSQL = os.environ.get("SAGAKIT_MYSQL_DSN", "mysql+asyncmy://root@127.0.0.1:3306/test")
-MEMORY_PART = {"steps", "context"}
-"""Sections that still measure the memory storage when no database is reachable."""
+MEMORY_PART = {"steps", "context", "failover"}
+"""Sections that still measure something (the memory storage, a SQLite file) when no database
+server is reachable."""
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -6,7 +6,7 @@ for, each under its own timeout, and writes one report.
 
 from __future__ import annotations
 
-from scenarios import context, cpu, dispatch, group, memory, recovery, scale, steps
+from scenarios import context, cpu, dispatch, failover, group, memory, recovery, scale, steps
 
 SECTIONS = {
     "memory": memory,
@@ -17,5 +17,6 @@ SECTIONS = {
     "context": context,
     "recovery": recovery,
     "dispatch": dispatch,
+    "failover": failover,
 }
 """Section name -> module, in report order."""

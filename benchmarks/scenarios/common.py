@@ -45,6 +45,10 @@ class Sizes:
     latency_rounds: int
     idle_warmup_s: float
     idle_window_s: float
+    recovery_rounds: int = 1
+    recovery_io_backlog: int = 100
+    failover_trials: int = 5
+    failover_lease_trials: int = 2
 
     def total_for(self, concurrency: int) -> int:
         return max(self.min_sagas, self.rounds * concurrency)
@@ -54,15 +58,16 @@ FULL = Sizes(
     memory_sagas=3000, memory_repeats=5, rounds=8, min_sagas=1024,
     concurrencies=(1, 8, 32, 128, 512), steps=(1, 5, 20, 100), step_budget=1500,
     context_sizes=(100, 10_000, 1_000_000), context_sagas=20, count_sagas=40,
-    recovery_backlog=10_000, recovery_workers=(1, 4), recovery_concurrency=8,
+    recovery_backlog=10_000, recovery_workers=(1, 2, 4), recovery_concurrency=8,
     section_timeout=900.0, dispatch_backlog=4000, dispatch_workers=(1, 2, 4), dispatch_rounds=3,
     latency_sagas=150, latency_rounds=3, idle_warmup_s=10.0, idle_window_s=20.0,
+    recovery_rounds=2, recovery_io_backlog=3000, failover_trials=30, failover_lease_trials=8,
 )
 QUICK = Sizes(
     memory_sagas=300, memory_repeats=3, rounds=2, min_sagas=16,
     concurrencies=(1, 8, 32), steps=(1, 5, 20), step_budget=60,
     context_sizes=(100, 10_000, 1_000_000), context_sagas=3, count_sagas=8,
-    recovery_backlog=200, recovery_workers=(1, 4), recovery_concurrency=8,
+    recovery_backlog=200, recovery_workers=(1, 2, 4), recovery_concurrency=8,
     section_timeout=120.0, dispatch_backlog=100, dispatch_workers=(1, 2, 4), dispatch_rounds=1,
     latency_sagas=15, latency_rounds=1, idle_warmup_s=2.0, idle_window_s=4.0,
 )
@@ -97,17 +102,33 @@ class Keep(SagaStepHandler[BenchContext, None]):
         return None
 
 
-_SAGAS: dict[tuple[int, bool], type[Saga[BenchContext]]] = {}
+class Sleepy(Touch):
+    """A step that awaits ``sleep_s`` (a remote call's latency, no CPU), then changes the
+    context."""
+
+    sleep_s = 0.0
+
+    async def act(self, context: BenchContext) -> None:
+        await asyncio.sleep(self.sleep_s)
+        context.counter += 1
 
 
-def saga_class(steps: int = 5, touch: bool = True) -> type[Saga[BenchContext]]:
-    """A saga of ``steps`` no-op steps (``touch``: each changes the context), built once."""
-    key = (steps, touch)
+_SAGAS: dict[tuple[int, bool, int], type[Saga[BenchContext]]] = {}
+
+
+def saga_class(steps: int = 5, touch: bool = True,
+               sleep_ms: int = 0) -> type[Saga[BenchContext]]:
+    """A saga of ``steps`` no-op steps (``touch``: each changes the context; ``sleep_ms``:
+    each first awaits that many milliseconds, and changes the context), built once per
+    process under a name and fingerprint that every process builds alike."""
+    key = (steps, touch, sleep_ms)
     cls = _SAGAS.get(key)
     if cls is None:
-        base = Touch if touch else Keep
-        kind = "Touch" if touch else "Keep"
-        step_types = [type(f"{kind}{steps}S{i}", (base,), {}) for i in range(steps)]
+        base: type[SagaStepHandler[BenchContext, None]] = (
+            Sleepy if sleep_ms else Touch if touch else Keep)
+        kind = f"Sleep{sleep_ms}ms" if sleep_ms else "Touch" if touch else "Keep"
+        extra = {"sleep_s": sleep_ms / 1000} if sleep_ms else {}
+        step_types = [type(f"{kind}{steps}S{i}", (base,), dict(extra)) for i in range(steps)]
         cls = types.new_class(f"Bench{kind}{steps}", (Saga[BenchContext],), {},
                               lambda ns: ns.update(steps=step_types))
         _SAGAS[key] = cls
@@ -249,7 +270,8 @@ class Backend:
 
     @property
     def label(self) -> str:
-        return {"postgres": "PostgreSQL", "mariadb": "MariaDB"}.get(self.name, self.name)
+        return {"postgres": "PostgreSQL", "mariadb": "MariaDB",
+                "sqlite": "SQLite (file)"}.get(self.name, self.name)
 
 
 MODES = ("floor", "plain", "group")

@@ -1,6 +1,8 @@
-"""Worker processes for the recovery and dispatch sections: each runs scenarios/recovery_child.py
-(one RecoveryWorker with its own engine), started together, watched through the storage's
-COMPLETED rows, stopped gracefully, and reporting what it did as one JSON line.
+"""Worker processes for the recovery, dispatch and failover sections: each runs
+scenarios/recovery_child.py (one RecoveryWorker with its own engine), started together, watched
+through the storage's COMPLETED rows, stopped gracefully, and reporting what it did as one JSON
+line. The failover section also SIGKILLs one (:meth:`WorkerProcs.kill`) and starts a
+replacement (:meth:`WorkerProcs.add`).
 """
 
 from __future__ import annotations
@@ -29,32 +31,66 @@ class WorkerProcs:
         self.stderr = ""
         self._files = contextlib.ExitStack()
         self._logs: list[Any] = []
+        self._starting: list[Any] = []
 
     async def __aenter__(self) -> WorkerProcs:
         try:
-            for _ in range(self.count):
-                log = self._files.enter_context(tempfile.TemporaryFile())  # noqa: SIM115
-                self._logs.append(log)
-                self.procs.append(await asyncio.create_subprocess_exec(
-                    sys.executable, str(CHILD), self.config, stdin=asyncio.subprocess.PIPE,
-                    stdout=asyncio.subprocess.PIPE, stderr=log, limit=2**24))
-            for proc in self.procs:
-                line = await asyncio.wait_for(proc.stdout.readline(), 60)
-                if line.strip() != b"ready":
-                    raise RuntimeError(f"worker process did not start: {line!r} "
-                                       f"{self._tail()[-300:]}")
+            started = [await self._spawn() for _ in range(self.count)]
+            for proc in started:
+                await self._ready(proc)
+            self.procs += started
         except BaseException:
             await self.__aexit__(None, None, None)
             raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        for proc in self.procs:
+        for proc in self.procs + self._starting:
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
         self.stderr = self._tail()
         self._files.close()
+
+    async def _spawn(self) -> Any:
+        log = self._files.enter_context(tempfile.TemporaryFile())  # noqa: SIM115
+        self._logs.append(log)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(CHILD), self.config, stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=log, limit=2**24)
+        self._starting.append(proc)
+        return proc
+
+    async def _ready(self, proc: Any) -> None:
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        if line.strip() != b"ready":
+            raise RuntimeError(f"worker process did not start: {line!r} "
+                               f"{self._tail()[-300:]}")
+        self._starting.remove(proc)
+
+    @property
+    def pids(self) -> list[int]:
+        return [proc.pid for proc in self.procs]
+
+    async def kill(self, pid: int) -> float:
+        """SIGKILL the worker ``pid`` and reap it (only then is its pid gone: SQLite's
+        liveness test); the ``time.time()`` reading just before the signal. It leaves
+        :attr:`procs`."""
+        proc = next(p for p in self.procs if p.pid == pid)
+        at = time.time()
+        proc.kill()
+        await proc.wait()
+        self.procs.remove(proc)
+        return at
+
+    async def add(self) -> int:
+        """Start one more worker, wait until it is connected, tell it to go; its pid."""
+        proc = await self._spawn()
+        await self._ready(proc)
+        proc.stdin.write(b"go\n")
+        await proc.stdin.drain()
+        self.procs.append(proc)
+        return int(proc.pid)
 
     def _tail(self) -> str:
         data = b""
@@ -123,7 +159,7 @@ async def drain(procs: WorkerProcs, storage: Any, backlog: int, deadline_s: floa
 
 def summarise(reports: list[dict[str, Any]], stderr: str, workers: int) -> dict[str, Any]:
     """The workers' reports added up: completed sagas (distinct), attempts, busy claims, errors
-    and the first one, client CPU seconds."""
+    and the first one, client CPU seconds, their claims (see recovery_child.py)."""
     completed = {sid for r in reports for sid in r.get("completed", ())}
     first = next((r["first_error"] for r in reports if r.get("first_error")), None)
     if first is None and len([r for r in reports if r]) < workers:
@@ -136,6 +172,8 @@ def summarise(reports: list[dict[str, Any]], stderr: str, workers: int) -> dict[
         "first_error": first,
         "cpu_s": sum(r.get("cpu_s", 0.0) for r in reports),
         "warnings": sorted({w for r in reports for w in r.get("warnings", ())})[:3],
+        "claims": {k: sum(r.get("claims", {}).get(k, 0) for r in reports)
+                   for k in ("calls", "asked", "got", "empty", "seconds", "conflicts")},
     }
 
 

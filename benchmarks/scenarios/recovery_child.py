@@ -8,10 +8,15 @@ gracefully on a ``stop`` line (or at end of input, or after its deadline), then 
 line: what it did and the CPU it used.
 
 Config: ``url``, ``tables`` and ``deadline_s``; optional ``saga`` (``"recovery"``, the default:
-the 5-step saga of the recovery section; ``"dispatch"``: the dispatch section's), ``pool_size``
-(else the engine's defaults; ``warm``: all of its connections opened before ``ready``),
-``concurrency``, ``poll_interval``, ``max_idle_poll`` and ``queues`` (else the worker's
-defaults).
+the 5-step saga of the recovery section, its steps each awaiting ``step_sleep_ms`` first if
+given; ``"dispatch"``: the dispatch section's; ``"failover"``: the failover section's),
+``pool_size`` (else the engine's defaults; ``warm``: all of its connections opened before
+``ready``), ``concurrency``, ``poll_interval``, ``max_idle_poll``, ``queues``, ``liveness``,
+``failover_poll`` and ``lease_seconds`` (else the worker's defaults).
+
+Its final line also counts the worker's claims (``claim_due`` and ``claim_queued`` calls, the
+sagas asked for and got, the calls that got none, their seconds, and the claims that lost a
+lock conflict and claimed nothing): how the claim behaves with other workers claiming too.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(1, str(Path(__file__).resolve().parents[2]))  # the repository (tests.)
 
-WORKER_OPTIONS = ("concurrency", "poll_interval", "max_idle_poll", "queues")
+WORKER_OPTIONS = ("concurrency", "poll_interval", "max_idle_poll", "queues", "liveness",
+                  "failover_poll")
 
 
 async def _readline() -> str:
@@ -77,24 +83,71 @@ class _Counting:
                 "transactions": c.transactions, "reads": c.reads, "round_trips": c.round_trips}
 
 
-def _saga(kind: str) -> Any:
+class _Claims(logging.Handler):
+    """Counts the worker's claims: wraps the storage's ``claim_due`` and ``claim_queued`` (calls,
+    sagas asked for and got, calls that got none, seconds in them) and counts the claims that
+    lost a lock conflict (the storage logs each at INFO and claims nothing)."""
+
+    def __init__(self, storage: Any) -> None:
+        super().__init__(logging.INFO)
+        self.counts = {"calls": 0, "asked": 0, "got": 0, "empty": 0, "seconds": 0.0,
+                       "conflicts": 0}
+        for name in ("claim_due", "claim_queued"):
+            original = getattr(storage, name, None)
+            if original is not None:
+                setattr(storage, name, self._wrap(original))
+        log = logging.getLogger("sagakit.storage")
+        log.setLevel(logging.INFO)  # that logger's only INFO records are the lost conflicts
+        log.addHandler(self)
+
+    def _wrap(self, claim: Any) -> Any:
+        counts = self.counts
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                got = await claim(*args, **kwargs)
+            finally:
+                counts["seconds"] += time.perf_counter() - t0
+            counts["calls"] += 1
+            counts["asked"] += int(kwargs.get("limit", 0))
+            counts["got"] += len(got)
+            counts["empty"] += not got
+            return got
+
+        return counted
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "lost a lock conflict" in record.getMessage():
+            self.counts["conflicts"] += 1
+
+
+def _saga(config: dict[str, Any]) -> Any:
+    kind = config.get("saga", "recovery")
     if kind == "dispatch":
         from scenarios.dispatch import DispatchSaga
 
         return DispatchSaga
+    if kind == "failover":
+        from scenarios.failover import FailoverSaga
+
+        return FailoverSaga
     from scenarios.common import saga_class
 
-    return saga_class(5)
+    return saga_class(5, sleep_ms=int(config.get("step_sleep_ms", 0)))
 
 
 async def main(config: dict[str, Any]) -> None:
-    from sagakit import RecoveryWorker, SagaStatus
+    from sagakit import RecoveryOptions, RecoveryWorker, SagaStatus
     from sagakit.storage.sqlalchemy import SqlAlchemySagaStorage
     pool = ({"pool_size": int(config["pool_size"]), "max_overflow": 0}
             if "pool_size" in config else {})
     storage = SqlAlchemySagaStorage.from_url(config["url"], **pool, **config["tables"])
-    options = {k: config[k] for k in WORKER_OPTIONS if k in config}
-    worker = RecoveryWorker(storage, [_saga(config.get("saga", "recovery"))], **options)
+    options: dict[str, Any] = {k: config[k] for k in WORKER_OPTIONS if k in config}
+    if "lease_seconds" in config:
+        options["options"] = RecoveryOptions(lease_seconds=float(config["lease_seconds"]))
+    claims = _Claims(storage)
+    worker = RecoveryWorker(storage, [_saga(config)], **options)
     warnings = _Warnings()
     logging.getLogger("sagakit").addHandler(warnings)
     counting: _Counting | None = None
@@ -136,6 +189,7 @@ async def main(config: dict[str, Any]) -> None:
             "wakeups": (getattr(storage, "listen", None) is not None
                         and storage.dialect.is_postgres),
             "warnings": warnings.seen,
+            "claims": claims.counts,
         }), flush=True)
         line.cancel()
     finally:

@@ -63,6 +63,7 @@ from tests.acceptance.checker import (
     expected_status,
 )
 from tests.acceptance.eventlog import TableNames, epoch
+from tests.acceptance.links import Links, fault_counts, held_by_pid, leases
 from tests.acceptance.procs import FINAL, Proc, ProcessHarness, RunConfig, RunReport, RunStuck
 from tests.acceptance.scenarios import make_plan
 
@@ -94,6 +95,17 @@ class HarnessConfig(RunConfig):
     that sagakit then compensates the earlier steps before that one (I3.reverse-order-*)."""
     forward_share: float = 0.5
     """The share of ForwardSaga among the sagas planned after the coverage ones."""
+    partitions: int = 0
+    """Partition mode: link faults (cuts and stalls) to inject, each worker behind a proxy of
+    its own (:mod:`tests.acceptance.links`); PostgreSQL and MariaDB only (ValueError for
+    SQLite, which has no network link)."""
+    fault_every: tuple[float, float] = (0.5, 2.0)
+    """Seconds between two link faults (drawn uniformly)."""
+
+    def __post_init__(self) -> None:
+        if self.partitions and (self.url or self.backend).startswith("sqlite"):
+            raise ValueError("partition mode needs a database reached over the network "
+                             "(postgres, mysql): SQLite has no link to cut")
 
 
 @dataclasses.dataclass
@@ -110,6 +122,10 @@ class Report(RunReport):
     graceful_stops: int = 0
     group_commit: bool = False
     definitions: dict[str, int] = dataclasses.field(default_factory=dict)
+    partitions: int = 0
+    """The link faults asked for (partition mode); ``faults`` counts those injected (see
+    :func:`tests.acceptance.links.fault_counts`)."""
+    faults: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def kills(self) -> int:
@@ -137,6 +153,7 @@ class Report(RunReport):
             f"random by the harness {self.kills_parent}); graceful SIGTERM stops of busy "
             f"workers {self.graceful_stops}",
             f"  crash points     {self.total_crash_points}  ({points})",
+            *([self._faults_line()] if self.partitions else []),
             f"  invariant checks {self.total_checks}  ("
             + ", ".join(f"{k} {v}" for k, v in sorted(by_invariant.items())) + ")",
             f"  events           {self.events}; most recovery attempts of a saga not meant "
@@ -145,6 +162,14 @@ class Report(RunReport):
             f"  duration         {self.duration:.1f}s",
         ]
         return "\n".join(lines + self._problems(violations=50, exits=20))
+
+    def _faults_line(self) -> str:
+        f = self.faults.get
+        return (f"  link faults      {f('cuts', 0) + f('stalls', 0)} of {self.partitions} "
+                f"(cuts {f('cuts', 0)}: {f('cuts_holding', 0)} of a worker holding a saga, "
+                f"{f('cuts_in_step', 0)} in a step; stalls {f('stalls', 0)}: "
+                f"{f('stalls_holding', 0)} holding, {f('stalls_in_step', 0)} in a step, "
+                f"{f('long_stalls', 0)} longer than the lease)")
 
 
 def _open_storage(url: str, prefix: str) -> SqlAlchemySagaStorage:
@@ -160,12 +185,16 @@ class Harness(ProcessHarness[HarnessConfig]):
         self.kills_parent = 0
         self.graceful_stops = 0
         self.queue: list[list[str]] = []
+        self.links: Links | None = None
 
     # -- lifecycle
 
     async def run(self) -> Report:
         t0 = time.monotonic()
         try:
+            c = self.config
+            if c.partitions:
+                self.links = Links(self.url, c.partitions, c.lease, self.rng, c.fault_every)
             await self._create_tables()
             self.plan = make_plan(self.config, self.rng)
             (self.workdir / "plan.json").write_text(json.dumps(self.plan))
@@ -174,6 +203,8 @@ class Harness(ProcessHarness[HarnessConfig]):
             try:
                 await self._drive()
             finally:
+                if self.links is not None:
+                    self.links.heal_all()
                 await self._stop_all()
             findings, report_data = await self._check()
             return Report(
@@ -182,9 +213,12 @@ class Harness(ProcessHarness[HarnessConfig]):
                 checks=dict(findings.checks), unexpected_exits=self.unexpected,
                 processes=self.started, kills_parent=self.kills_parent,
                 graceful_stops=self.graceful_stops,
-                group_commit=self.config.group_commit, **report_data,
+                group_commit=self.config.group_commit, partitions=self.config.partitions,
+                **report_data,
             )
         finally:
+            if self.links is not None:
+                self.links.close()
             await self._cleanup()
 
     async def _start(self, kind: str, ids: list[str] | None = None) -> Proc:
@@ -197,7 +231,14 @@ class Harness(ProcessHarness[HarnessConfig]):
             options += ["--plan", str(self.workdir / "plan.json"), "--ids", ",".join(ids or [])]
         else:
             options += ["--concurrency", str(c.concurrency), "--poll", "0.1"]
-        return await self._spawn(kind, ["tests.acceptance.runner", kind], options, ids)
+        proxy = None
+        if kind == "worker" and self.links is not None:
+            proxy, url = self.links.open()
+            options += ["--storage-url", url]
+        proc = await self._spawn(kind, ["tests.acceptance.runner", kind], options, ids)
+        if proxy is not None:
+            self.links.attach(proc.label, proxy)
+        return proc
 
     def _live(self, kind: str) -> list[Proc]:
         return [p for p in self.procs if p.kind == kind and not p.terminated]
@@ -228,6 +269,8 @@ class Harness(ProcessHarness[HarnessConfig]):
                     else:
                         self.kills_parent += 1
                     self._signal(victim, signal.SIGTERM if graceful else signal.SIGKILL)
+            if self.links is not None:
+                await self._partition(now)
             if now >= next_poll and not self.queue and not self._live("saga"):
                 next_poll = now + 0.2
                 statuses = await self._statuses()
@@ -236,7 +279,37 @@ class Harness(ProcessHarness[HarnessConfig]):
             if now > deadline:
                 raise HarnessStuck(await self._stuck_report())
 
+    async def _partition(self, now: float) -> None:
+        """Heal the link faults due, and inject one if due (see :mod:`tests.acceptance.links`),
+        recorded as a ``fault`` event."""
+        links = self.links
+        assert links is not None
+        links.heal_due(now)
+        if not links.due(now):
+            return
+        t = self.events.events
+        async with self._reader.connect() as conn:
+            links.read_events(await conn.execute(
+                sa.select(t.c.id, t.c.label, t.c.saga_id, t.c.step, t.c.action, t.c.phase)
+                .where(t.c.id > links.cursor).order_by(t.c.id)))
+            held = held_by_pid((await conn.execute(leases(self.storage.tables.executions)))
+                               .scalars())
+        live = {p.label: p.process.pid for p in self._live("worker")
+                if not p.killed_by_parent and p.process.returncode is None and p.ready()}
+        label = links.choose(now, list(live), {k: held[pid] for k, pid in live.items()})
+        if label is None:
+            return
+        pid = live[label]
+        fault = links.inject(label, now)
+        await self.events.record(None, None, None, "fault", label=label, pid=pid,
+                                 outcome=f"{fault.kind}:{fault.seconds:.2f}:{held[pid]}:"
+                                         f"{links.in_step(label)}")
+        self._say(f"harness: {fault.kind} of {label}'s link for {fault.seconds:.2f}s "
+                  f"(holding {held[pid]} sagas, in {links.in_step(label)} steps)")
+
     async def _exited(self, proc: Proc) -> None:
+        if self.links is not None:
+            self.links.drop(proc.label)
         rc = proc.process.returncode
         if proc.killed_by_parent:
             outcome = "killed-by-parent"
@@ -314,6 +387,7 @@ class Harness(ProcessHarness[HarnessConfig]):
             "most_attempts": max((f.attempts for sid, f in finals.items()
                                   if expected_status(self.plan[sid]) != "PARKED"), default=0),
             "definitions": dict(Counter(c["definition"] for c in self.plan.values())),
+            "faults": fault_counts(events, self.config.lease),
         }
         return findings, data
 
@@ -342,18 +416,24 @@ def main(argv: list[str] | None = None) -> int:
                    help="some compensations fail through all retries of one recovery run")
     p.add_argument("--forward-share", type=float, default=d.forward_share,
                    help="share of ForwardSaga among the randomly planned sagas")
+    p.add_argument("--partitions", type=int, default=d.partitions,
+                   help="partition mode: link faults (cuts, stalls) between workers and the "
+                        "database (postgres, mysql)")
     p.add_argument("--timeout", type=float, default=None, help="seconds (default scales)")
     a = p.parse_args(argv)
-    config = HarnessConfig(
-        backend=a.backend, url=a.url, sagas=a.sagas, workers=a.workers,
-        concurrency=a.concurrency, batch=a.batch, runners=a.runners,
-        random_kills=a.random_kills if a.random_kills is not None else max(a.sagas // 6, 1),
-        crash_rate=a.crash_rate, lease=a.lease, max_attempts=a.max_attempts,
-        group_commit=a.group_commit, exhaust_retries=a.exhaust_retries,
-        forward_share=a.forward_share, seed=a.seed,
-        timeout=a.timeout if a.timeout is not None else 60 + 2.0 * a.sagas,
-        keep=a.keep, verbose=a.verbose,
-    )
+    try:
+        config = HarnessConfig(
+            backend=a.backend, url=a.url, sagas=a.sagas, workers=a.workers,
+            concurrency=a.concurrency, batch=a.batch, runners=a.runners,
+            random_kills=a.random_kills if a.random_kills is not None else max(a.sagas // 6, 1),
+            crash_rate=a.crash_rate, lease=a.lease, max_attempts=a.max_attempts,
+            group_commit=a.group_commit, exhaust_retries=a.exhaust_retries,
+            forward_share=a.forward_share, partitions=a.partitions, seed=a.seed,
+            timeout=a.timeout if a.timeout is not None else 60 + 2.0 * a.sagas,
+            keep=a.keep, verbose=a.verbose,
+        )
+    except ValueError as exc:
+        p.error(str(exc))
     return Harness(config).run_by_hand()
 
 

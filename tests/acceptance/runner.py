@@ -11,7 +11,8 @@ both definitions until SIGTERM (graceful shutdown) or SIGKILL.
 Both run :class:`~tests.acceptance.crashsaga.CrashObserver` as middleware (it fires the
 ``waiting:k`` crash points).
 
-Both write step events through :class:`tests.acceptance.crashsaga.EventLog`; see
+Both write step events through :class:`tests.acceptance.crashsaga.EventLog` (over ``--url``,
+also when sagakit's storage connects through a faulty link, ``--storage-url``); see
 :mod:`tests.acceptance.harness` for the orchestration.
 """
 
@@ -46,7 +47,7 @@ from tests.acceptance.procs import add_child_arguments, serve, start_child
 def _storage(args: argparse.Namespace) -> SqlAlchemySagaStorage:
     names = TableNames.for_prefix(args.prefix)
     return SqlAlchemySagaStorage.from_url(
-        args.url, executions_table=names.executions, logs_table=names.logs,
+        args.storage_url or args.url, executions_table=names.executions, logs_table=names.logs,
         group_commit=args.group_commit,
     )
 
@@ -182,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         add_child_arguments(p, lease=1.0, max_attempts=20)
         p.add_argument("--retry", type=int, default=3)
         p.add_argument("--group-commit", action="store_true")
+        p.add_argument("--storage-url", help="the URL sagakit's storage connects to (default "
+                       "--url, which the events always use): a proxy's, in partition mode")
     sub.choices["saga"].add_argument("--plan", required=True)
     sub.choices["saga"].add_argument("--ids", required=True)
     sub.choices["saga"].add_argument("--stagger", type=float, default=0.2)

@@ -761,6 +761,7 @@ def test_queues_set_list_and_delete(queued: Queued) -> None:
         (["queues", "delete", "x" * 65], "queue name must be"),
         (["worker", "--saga", ORDER, "--queue", "a/b"], "--queue must be"),
         (["worker", "--saga", ORDER, "--max-idle-poll", "0"], "--max-idle-poll"),
+        (["worker", "--saga", ORDER, "--failover-poll", "nan"], "--failover-poll"),
         (["worker", "--saga", ORDER, "--poll-interval", "2", "--max-idle-poll", "1"],
          "--max-idle-poll (1) must be at least --poll-interval (2)"),
     ],

@@ -216,6 +216,7 @@ WORKER_OPTIONS = {
     "stale_after_seconds": secs(none=True),
     "shutdown_timeout": secs(),
     "max_idle_poll": secs(1.0, none=True),  # at least poll_interval (1 s by default)
+    "failover_poll": secs(above=True),
 }
 
 

@@ -218,6 +218,27 @@ async def test_with_wake_ups_an_idle_worker_polls_less_often() -> None:
         assert given.max_idle_poll == 2.0  # a ceiling given is kept
 
 
+async def test_with_liveness_an_idle_worker_polls_at_least_every_failover_poll() -> None:
+    storage, script = MemorySagaStorage(), Script()
+    w = worker(storage, script, poll_interval=0.5, max_idle_poll=20.0, failover_poll=2.0)
+    w._idle_polls = 50
+    assert w.poll_wait() > 2.4  # no session yet: the idle ceiling alone
+    async with running(w):
+        await asyncio.sleep(0.05)
+        assert w.liveness is not None
+        assert w.liveness.live
+        assert w.owner.startswith("~")
+        w._idle_polls = 50
+        assert 1.6 <= w.poll_wait() <= 2.4  # failover_poll, +-20%
+    plain = worker(storage, script, poll_interval=0.5, max_idle_poll=20.0, liveness=False)
+    async with running(plain):
+        await asyncio.sleep(0.05)
+        assert plain.liveness is None
+        assert not plain.owner.startswith("~")
+        plain._idle_polls = 50
+        assert plain.poll_wait() > 2.4
+
+
 def test_idle_polls_back_off_to_the_ceiling_and_work_resets_them() -> None:
     w = RecoveryWorker(MemorySagaStorage(), [OneStepSaga], poll_interval=1.0, max_idle_poll=4.0)
     assert w.poll_wait() == 1.0
@@ -227,6 +248,8 @@ def test_idle_polls_back_off_to_the_ceiling_and_work_resets_them() -> None:
     assert w.poll_wait() == 1.0
     with pytest.raises(ValueError, match="max_idle_poll"):
         RecoveryWorker(MemorySagaStorage(), [OneStepSaga], poll_interval=1.0, max_idle_poll=0.5)
+    with pytest.raises(ValueError, match="failover_poll"):
+        RecoveryWorker(MemorySagaStorage(), [OneStepSaga], failover_poll=0)
     with pytest.raises(ValueError, match="queues"):
         RecoveryWorker(MemorySagaStorage(), [OneStepSaga], queues=["bad name"])
 

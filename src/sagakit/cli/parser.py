@@ -221,6 +221,13 @@ def _recovery_commands(commands: Any, common: list[argparse.ArgumentParser]) -> 
                    default=None, metavar="S",
                    help="while idle, the wait between polls grows up to S seconds "
                         "(default: 5 x --poll-interval)")
+    p.add_argument("--no-liveness", dest="liveness", action="store_false",
+                   help="hold no liveness session: a dead worker's sagas wait for their "
+                        "leases (for poolers that drop session locks)")
+    p.add_argument("--failover-poll", type=float, action=_Checked, check=_positive_seconds,
+                   default=1.0, metavar="S",
+                   help="with liveness, poll at least every S seconds while idle, to take a "
+                        "dead worker's sagas over (default: 1)")
     p.add_argument("--stale-after", type=float, action=_Checked, check=settings.seconds,
                    default=None, metavar="S", help="only sagas not updated for S seconds")
     p.add_argument("--shutdown-timeout", type=float, action=_Checked, check=settings.seconds,

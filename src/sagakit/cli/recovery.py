@@ -106,7 +106,8 @@ async def worker(args: argparse.Namespace, storage: SqlAlchemySagaStorage) -> in
         stale_after_seconds=args.stale_after, shutdown_timeout=args.shutdown_timeout,
         options=RecoveryOptions(max_recovery_attempts=args.max_attempts,
                                 lease_seconds=args.lease_seconds),
-        queues=queues, max_idle_poll=args.max_idle_poll,
+        queues=queues, max_idle_poll=args.max_idle_poll, liveness=args.liveness,
+        failover_poll=args.failover_poll,
     )
     names = ", ".join(s.name for s in sagas)
     logger.info("worker started (pid %d): sagas %s, queues %s, concurrency %d, polling every "
