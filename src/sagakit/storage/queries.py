@@ -36,6 +36,10 @@ from sagakit.storage.schema import RECOVERABLE_SQL, RECOVERY_SQL
 __all__ = ["Queries", "row_to_state"]
 
 _RECOVERABLE = sorted(s.value for s in RECOVERABLE_STATUSES)
+MYSQL_WINDOW = 4
+"""MySQL/MariaDB: a claim of ``n`` sagas reads ``n * MYSQL_WINDOW`` candidates (oldest first)
+and takes the first ``n`` still due that no other claimer has locked (see
+:meth:`Queries.lock_by_ids`)."""
 _CLAIMABLE = {
     False: _RECOVERABLE,
     True: sorted([*_RECOVERABLE, SagaStatus.PARKED.value]),
@@ -191,21 +195,44 @@ class Queries:
                 .ordered_values(*self._claim_values(1)).returning(*self.columns)))
             return [row_to_state(r) for r in (await conn.execute(stmt, params)).all()]
         due = self._due(stale_after is not None, names)
+        if d.is_mysql:  # a window of candidates, of which claimers take different ones
+            params["limit"] = limit * MYSQL_WINDOW
         ids = [r[0] for r in (await conn.execute(due, params)).all()]
         if not ids:
             return []
         # MySQL/MariaDB: the candidates were read without locks (FOR UPDATE on the secondary
-        # index deadlocks against concurrent checkpoints); the UPDATE, by primary key, re-checks
-        # that each is still free, so of two workers that read the same candidates each saga
-        # goes to one. SQLite: BEGIN IMMEDIATE already serialises claimers.
+        # index deadlocks against concurrent checkpoints); then up to ``limit`` of them still
+        # due are locked by primary key, skipping those another claimer has locked, and leased
+        # (see lock_by_ids). SQLite: BEGIN IMMEDIATE already serialises claimers.
         update, mine = self.claim_by_ids(queued=False)
         params["ids"] = ids
         if d.is_sqlite:
             rows = (await conn.execute(update.returning(*self.columns), params)).all()
         else:
+            params["ids"] = ids = await self.lock_by_ids(conn, ids, limit, params, queued=False)
+            if not ids:
+                return []
             await conn.execute(update, params)
             rows = (await conn.execute(mine, {"ids": ids, "owner": owner})).all()
         return [row_to_state(r) for r in rows]
+
+    async def lock_by_ids(self, conn: AsyncConnection, ids: list[Any], limit: int,
+                          params: dict[str, Any], *, queued: bool) -> list[Any]:
+        """MySQL/MariaDB: lock up to ``limit`` of the candidates ``ids`` (in claim order) that
+        are still due, by primary key, ``SKIP LOCKED``, ``limit`` candidates at a time (the
+        oldest first; the next ones only if some of those were taken or locked): claimers that
+        read the same candidates take different ones instead of queueing on each other's row
+        locks and then finding them taken (with four claimers, over half of the claims came
+        back empty that way). The ids locked."""
+        lock = self._cached(("lock ids", queued), lambda: self._build_claim_by_ids(queued)[2])
+        locked: list[Any] = []
+        for start in range(0, len(ids), limit):
+            found = await conn.execute(lock, {**params, "ids": ids[start:start + limit],
+                                              "limit": limit - len(locked)})
+            locked += [r[0] for r in found.all()]
+            if len(locked) >= limit:
+                break
+        return locked
 
     def _claim_values(self, inc: Any) -> list[tuple[Any, Any]]:
         """What a claim writes: the lease, one more version, ``inc`` (an int or a SQL
@@ -231,24 +258,28 @@ class Queries:
         key (``:ids``, ``:owner``, ``:max_attempts`` and the lease's time parameters), and the
         SELECT of the rows it leased to ``owner``. A claim of queued sagas (``queued``) counts
         no recovery attempt for a PENDING saga either: it is the saga's first run."""
-        update, mine = self._cached(("claim ids", queued),
-                                    lambda: self._build_claim_by_ids(queued))
+        update, mine, _ = self._cached(("claim ids", queued),
+                                       lambda: self._build_claim_by_ids(queued))
         return update, mine
 
-    def _build_claim_by_ids(self, queued: bool) -> tuple[Any, Any]:
+    def _build_claim_by_ids(self, queued: bool) -> tuple[Any, Any, Any]:
         t, d = self.t, self.d
         ids = sa.bindparam("ids", expanding=True, type_=sa.Uuid())
         inc: Any = sa.case((t.c.status == SagaStatus.PENDING.value, 0), else_=1) if queued else 1
-        update = sa.update(t).where(
+        still_due = (
             t.c.saga_id.in_(ids),
             sa.text(RECOVERABLE_SQL),
             t.c.recovery_attempts <= sa.bindparam("max_attempts", type_=sa.Integer()),
             d.lease_free(t),
             sa.or_(t.c.next_attempt_at.is_(None), t.c.next_attempt_at <= d.now()),
-        ).ordered_values(*self._claim_values(inc))
+        )
+        update = sa.update(t).where(*still_due).ordered_values(*self._claim_values(inc))
         mine = sa.select(*self.columns).where(t.c.saga_id.in_(ids),
                                               t.c.lease_owner == sa.bindparam("owner"))
-        return update, mine
+        lock = (sa.select(t.c.saga_id).where(*still_due)
+                .limit(sa.bindparam("limit", type_=sa.Integer()))
+                .with_for_update(skip_locked=True))
+        return update, mine, lock
 
     def _cached(self, key: tuple[Any, ...], build: Any) -> Any:
         """A statement built once per key (bounded: the keys are few in practice)."""

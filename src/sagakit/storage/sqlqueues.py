@@ -18,7 +18,10 @@ A claim (:meth:`SqlQueues.claim_queued`) is one transaction:
    PostgreSQL the candidates are locked ``SKIP LOCKED``, so claimers of an unlimited queue
    take different sagas instead of waiting for each other;
 4. the picked sagas leased by primary key, each re-checked still due (as ``claim_due`` does on
-   MySQL/MariaDB and SQLite), and the rate limit's tokens spent.
+   MySQL/MariaDB and SQLite), and the rate limit's tokens spent. On MySQL/MariaDB a queue
+   without limits takes no lock in step 1, so there the claim reads a window of candidates and
+   locks up to its share of them ``SKIP LOCKED`` by primary key first (as ``claim_due`` does):
+   concurrent claimers take different sagas instead of waiting on each other's row locks.
 
 MySQL/MariaDB may pick a claim as a deadlock victim against concurrent checkpoints, or time it
 out waiting for a row lock: it then claims nothing, with nothing written, as ``claim_due`` does.
@@ -43,7 +46,7 @@ from sagakit.storage.dialect import Dialect
 from sagakit.storage.faults import lock_conflict
 from sagakit.storage.listener import channel_for, listening, wake_payload
 from sagakit.storage.pool import Connections
-from sagakit.storage.queries import Queries, row_to_state
+from sagakit.storage.queries import MYSQL_WINDOW, Queries, row_to_state
 from sagakit.storage.schema import QUEUED_SQL, SagaTables
 
 __all__ = ["QueueQueries", "SqlQueues"]
@@ -170,15 +173,25 @@ class QueueQueries:
         if slots <= 0:
             return []
         keyed = turn.limits is not None and turn.limits.key_concurrency is not None
-        read = min(max(4 * slots, _KEYED_READ[0]), _KEYED_READ[1]) if keyed else slots
+        # MySQL/MariaDB, a queue without limits (no lock taken): a window of candidates, of
+        # which concurrent claimers take different ones (Queries.lock_by_ids)
+        window = self.d.is_mysql and turn.limits is None
+        read = (min(max(4 * slots, _KEYED_READ[0]), _KEYED_READ[1]) if keyed
+                else slots * MYSQL_WINDOW if window else slots)
         candidates = (await conn.execute(self._candidates_for(names), {
             "q": queue, "limit": read, "max_attempts": max_attempts, "owner": owner,
             **time})).all()
-        ids = pick(turn.limits, [(c[0], c[1]) for c in candidates], want=limit,
+        ids = pick(turn.limits, [(c[0], c[1]) for c in candidates], want=read if window else limit,
                    running=turn.running, running_by_key=turn.by_key, tokens=turn.tokens)
         if not ids:
             return []
+        order = {saga_id: i for i, saga_id in enumerate(ids)}
         params = {"ids": ids, "owner": owner, "max_attempts": max_attempts, **time}
+        if window:
+            params["ids"] = ids = await self.queries.lock_by_ids(conn, ids, limit, params,
+                                                                  queued=True)
+            if not ids:
+                return []
         if self.d.is_mysql:
             await conn.execute(self._lease, params)
             rows = (await conn.execute(self._mine, {"ids": ids, "owner": owner})).all()
@@ -187,7 +200,6 @@ class QueueQueries:
         if turn.spent_at is not None and rows:
             await conn.execute(self._spend, {"q": queue, "tokens": turn.tokens - len(rows),
                                              "at": turn.spent_at})
-        order = {saga_id: i for i, saga_id in enumerate(ids)}
         return sorted((row_to_state(r) for r in rows), key=lambda s: order[s.saga_id])
 
     async def _turn(self, conn: AsyncConnection, queue: str, time: dict[str, Any]) -> _Turn:
