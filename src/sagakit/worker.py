@@ -85,10 +85,10 @@ class RecoveryWorker:
 
     Failover: with ``liveness`` (the default, where the storage has liveness sessions) the
     worker holds one while it runs and claims under its live owner id (see
-    :mod:`sagakit.storage.liveness`): should the worker die, any other worker takes its sagas
-    over at its next poll instead of after their leases. For that, an idle worker polls at
-    least every ``failover_poll`` seconds (never more often than ``poll_interval``); a worker
-    that polls less often, or runs without liveness, still takes over at lease expiry.
+    :mod:`sagakit.storage.liveness`): should the worker die, another worker takes its sagas
+    over instead of waiting for their leases. Every ``failover_poll`` seconds (with jitter)
+    each worker's session looks for such orphans, one query, and wakes the worker to claim
+    them; a worker without liveness still takes them over at lease expiry.
     """
 
     def __init__(
@@ -107,7 +107,7 @@ class RecoveryWorker:
         queues: Sequence[str] | None = (DEFAULT_QUEUE,),
         max_idle_poll: float | None = None,
         liveness: bool = True,
-        failover_poll: float = 1.0,
+        failover_poll: float = 2.0,
     ) -> None:
         self.concurrency = settings.count("concurrency", concurrency)
         self.poll_interval = settings.seconds("poll_interval", poll_interval, exclusive=True)
@@ -280,11 +280,8 @@ class RecoveryWorker:
         if not self.failed_polls:
             if self._idle_polls <= 1:
                 return self.poll_interval
-            ceiling = self.max_idle_poll
-            if self.liveness is not None and self.liveness.live:  # dead owners are seen by polls
-                ceiling = min(ceiling, max(self.poll_interval, self.failover_poll))
             grown = self.poll_interval * 1.5 ** min(self._idle_polls - 1, 60)
-            return min(grown, ceiling) * random.uniform(0.8, 1.2)
+            return min(grown, self.max_idle_poll) * random.uniform(0.8, 1.2)
         wait = min(self.poll_interval * 2.0 ** min(self.failed_polls - 1, 30), self.max_backoff)
         return wait * random.uniform(0.8, 1.2)
 
@@ -434,6 +431,8 @@ class RecoveryWorker:
             return
         liveness: Liveness = make()
         liveness.on_change = self._owner_changed
+        liveness.on_orphans = self.wake
+        liveness.every = self.failover_poll
         async with liveness:
             self.liveness = liveness
             self.owner = liveness.owner

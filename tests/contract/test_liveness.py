@@ -8,6 +8,7 @@ liveness can free them.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -102,3 +103,22 @@ async def test_a_dead_owners_saga_no_longer_counts_against_the_queue_limit(
     claimed = await storage.claim_queued("other", Q, limit=1, lease_seconds=LONG_LEASE)
     assert [s.saga_id for s in claimed] == [first]
     assert (await storage.get_saga(second)).status is SagaStatus.PENDING
+
+
+async def test_a_session_looks_for_orphans_and_wakes_its_worker(storage: Any) -> None:
+    """The look every worker's session takes: a saga in flight under a dead live owner (not
+    its own, not a plain owner's, not one whose lease ran out) wakes it."""
+    woken = asyncio.Event()
+    await create(storage, status=SagaStatus.RUNNING)
+    async with storage.liveness() as watcher:
+        watcher.every = 0.02
+        watcher.on_orphans = woken.set
+        await storage.claim_due("plain-owner", limit=10, lease_seconds=LONG_LEASE)
+        await create(storage, status=SagaStatus.RUNNING)
+        await _claim_due(storage, watcher.owner)  # its own: never an orphan to itself
+        async with storage.liveness() as doomed:
+            await create(storage, status=SagaStatus.RUNNING)
+            await _claim_due(storage, doomed.owner)
+            await asyncio.sleep(0.2)
+            assert not woken.is_set()  # every owner alive, or plain
+        await asyncio.wait_for(woken.wait(), 10)

@@ -218,25 +218,28 @@ async def test_with_wake_ups_an_idle_worker_polls_less_often() -> None:
         assert given.max_idle_poll == 2.0  # a ceiling given is kept
 
 
-async def test_with_liveness_an_idle_worker_polls_at_least_every_failover_poll() -> None:
+async def test_an_idle_worker_takes_a_dead_workers_saga_over_without_waiting_to_poll() -> None:
     storage, script = MemorySagaStorage(), Script()
-    w = worker(storage, script, poll_interval=0.5, max_idle_poll=20.0, failover_poll=2.0)
-    w._idle_polls = 50
-    assert w.poll_wait() > 2.4  # no session yet: the idle ceiling alone
-    async with running(w):
-        await asyncio.sleep(0.05)
-        assert w.liveness is not None
-        assert w.liveness.live
-        assert w.owner.startswith("~")
-        w._idle_polls = 50
-        assert 1.6 <= w.poll_wait() <= 2.4  # failover_poll, +-20%
-    plain = worker(storage, script, poll_interval=0.5, max_idle_poll=20.0, liveness=False)
+    handle = await OneStepSaga().submit(Ctx(), storage=storage)
+    # Its first poll finds the saga held by a live worker; its next poll is 30 s away.
+    idle = worker(storage, script, poll_interval=30.0, failover_poll=0.05)
+    async with storage.liveness() as gone:
+        [state] = await storage.claim_queued(gone.owner, "default", limit=1, lease_seconds=3600)
+        async with running(idle):
+            await asyncio.sleep(0.2)
+            assert (await handle.state()).lease_owner == gone.owner
+            await gone.__aexit__(None, None, None)  # the holder dies
+            final = await asyncio.wait_for(handle.outcome(poll=0.01), 10)  # its session woke it
+            assert idle.liveness is not None
+            assert idle.liveness.live
+            assert final.lease_owner is None
+    assert final.status is SagaStatus.COMPLETED
+    assert state.lease_owner.startswith("~")
+    plain = worker(storage, script, liveness=False)
     async with running(plain):
         await asyncio.sleep(0.05)
         assert plain.liveness is None
         assert not plain.owner.startswith("~")
-        plain._idle_polls = 50
-        assert plain.poll_wait() > 2.4
 
 
 def test_idle_polls_back_off_to_the_ceiling_and_work_resets_them() -> None:

@@ -225,9 +225,9 @@ def _recovery_commands(commands: Any, common: list[argparse.ArgumentParser]) -> 
                    help="hold no liveness session: a dead worker's sagas wait for their "
                         "leases (for poolers that drop session locks)")
     p.add_argument("--failover-poll", type=float, action=_Checked, check=_positive_seconds,
-                   default=1.0, metavar="S",
-                   help="with liveness, poll at least every S seconds while idle, to take a "
-                        "dead worker's sagas over (default: 1)")
+                   default=2.0, metavar="S",
+                   help="with liveness, look for dead workers' sagas every S seconds (one "
+                        "query) and take them over (default: 2)")
     p.add_argument("--stale-after", type=float, action=_Checked, check=settings.seconds,
                    default=None, metavar="S", help="only sagas not updated for S seconds")
     p.add_argument("--shutdown-timeout", type=float, action=_Checked, check=settings.seconds,

@@ -11,14 +11,16 @@ session lives it holds a lock named after that owner id:
   is (its pid), and an owner of this very process while its session is open.
 
 Every claim treats a live lease as expired when its owner is dead by that test (the lock is
-free, the process is gone), so a SIGKILLed worker's sagas are taken over at the next poll of
-any other worker, about a second later, instead of after the lease. A live but silent owner (a
+free, the process is gone), so a SIGKILLed worker's sagas are taken over as soon as another
+worker's session looks for orphans (every two seconds by default: about a second later on
+average), instead of after the lease. A live but silent owner (a
 paused process, a stalled link: the server still holds its session) is never taken over early:
 its lease stays the rule. An owner id without ``~`` (a saga run in-process, a worker without a
 session) is never judged by liveness at all.
 
-The session is a connection of its own, outside the pool (PostgreSQL and MySQL/MariaDB only),
-pinged every second. Should it fail (the link cut, the server restarted), the lock may be gone
+The session is a connection of its own, outside the pool (PostgreSQL and MySQL/MariaDB only).
+Every two seconds it looks for orphans (sagas in flight under a dead owner) with one query, and
+wakes its worker when there are some; that query is its health check too. Should it fail (the link cut, the server restarted), the lock may be gone
 and another worker may take the sagas over at once: so every run under that owner id is cut off
 on the spot (its step in flight cancelled, as a lost lease does; :meth:`Held.lose`), the worker
 claims under a plain owner id meanwhile, and the session is opened again, with backoff, under a
@@ -35,7 +37,7 @@ import logging
 import os
 import random
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from sagakit.exceptions import SagaLeaseLostError
@@ -118,8 +120,9 @@ class SessionBackend(Protocol):
     async def open(self, owner: str) -> Any | None:
         """Connect and take ``owner``'s lock; None if another session holds that lock."""
 
-    async def ping(self, session: Any) -> None:
-        """A round trip on the session; raises if it is gone."""
+    async def watch(self, session: Any, owner: str) -> bool:
+        """One round trip on the session (raises if it is gone): whether a saga is in flight
+        under another live owner whose session is gone (an orphan, free for the taking)."""
 
     async def close(self, session: Any) -> None:
         """Close the session (its lock goes with it)."""
@@ -131,18 +134,28 @@ class Liveness:
     one while it does not (the database unreachable, say: then the lease alone rules, as for
     any in-process run).
 
-    With a ``backend`` (PostgreSQL, MySQL/MariaDB) the session is opened on entry (a failure is
-    logged, and retried in the background with backoff up to ``max_backoff`` seconds), pinged
-    every ``ping_every`` seconds, and reopened under a new owner id after it fails (a ping
-    raising or not answering within ``ping_timeout`` seconds); ``on_change(owner)`` is called
-    with the new owner id each time it changes. Without one (SQLite, memory) the process's own
-    life is the session: it cannot be lost."""
+    Every ``every`` seconds (with jitter) the session looks for orphans, sagas in flight under
+    another owner whose session is gone, and calls ``on_orphans()`` when there are some (a
+    worker polls then, and takes them over): one query, so that an idle worker loads the
+    database little while a dead one's sagas wait about ``every / 2`` seconds on average.
 
-    def __init__(self, backend: SessionBackend | None = None, *, ping_every: float = 1.0,
+    With a ``backend`` (PostgreSQL, MySQL/MariaDB) the session is opened on entry (a failure is
+    logged, and retried in the background with backoff up to ``max_backoff`` seconds), and its
+    look for orphans is also its health check: a look that raises or does not answer within
+    ``ping_timeout`` seconds loses the session, which is reopened under a new owner id;
+    ``on_change(owner)`` is called with the new owner id each time it changes. Without one
+    (SQLite, memory) the process's own life is the session: it cannot be lost, and ``watch``
+    (if given) looks for orphans."""
+
+    def __init__(self, backend: SessionBackend | None = None, *, every: float = 2.0,
+                 watch: Callable[[str], Awaitable[bool]] | None = None,
                  ping_timeout: float = 10.0, max_backoff: float = 10.0,
-                 on_change: Callable[[str], object] | None = None) -> None:
+                 on_change: Callable[[str], object] | None = None,
+                 on_orphans: Callable[[], object] | None = None) -> None:
         self.backend = backend
-        self.ping_every = ping_every
+        self.every = every
+        self.watch = watch
+        self.on_orphans = on_orphans
         self.ping_timeout = ping_timeout
         self.max_backoff = max_backoff
         self.on_change = on_change
@@ -161,6 +174,8 @@ class Liveness:
     async def __aenter__(self) -> Liveness:
         if self.backend is None:
             self._hold(live_owner_id(), None)
+            if self.watch is not None:
+                self._keeper = asyncio.create_task(self._watch_locally(self.watch))
             return self
         try:
             await self._open()
@@ -216,13 +231,32 @@ class Liveness:
                 if failures:
                     logger.warning("liveness session open again (owner %s)", self.owner)
                 failures = 0
-            await asyncio.sleep(self.ping_every)
+            await asyncio.sleep(self.every * random.uniform(0.8, 1.2))
             try:
                 async with asyncio.timeout(self.ping_timeout):
-                    await self.backend.ping(self._session)  # type: ignore[union-attr]
+                    found = await self.backend.watch(  # type: ignore[union-attr]
+                        self._session, self.owner)
             except Exception as error:
                 self._lose(f"{type(error).__name__}: {error}")
                 await self._close_session()
+                continue
+            if found:
+                self._orphans()
+
+    async def _watch_locally(self, watch: Callable[[str], Awaitable[bool]]) -> None:
+        while True:
+            await asyncio.sleep(self.every * random.uniform(0.8, 1.2))
+            try:
+                found = await watch(self.owner)
+            except Exception as error:  # the next poll finds them anyway
+                logger.debug("looking for orphaned sagas failed: %s", error)
+                continue
+            if found:
+                self._orphans()
+
+    def _orphans(self) -> None:
+        if self.on_orphans is not None:
+            self.on_orphans()
 
     def _lose(self, why: str) -> None:
         held, self.held = self.held, None

@@ -246,7 +246,13 @@ class MemorySagaStorage(MemoryQueues, RunBackedStorage):
     def liveness(self) -> Liveness:
         """A worker's liveness (see :mod:`sagakit.storage.liveness`): sagas claimed under its
         owner id are free for others once it is closed, whatever their lease says."""
-        return Liveness()
+        return Liveness(watch=self._any_orphan)
+
+    async def _any_orphan(self, owner: str) -> bool:
+        now = self.clock()
+        return any((row.status is SagaStatus.RUNNING or row.status is SagaStatus.COMPENSATING)
+                   and row.lease_owner != owner and (row.lease_expires_at or 0.0) > now
+                   and owner_is_dead(row.lease_owner) for row in self._rows.values())
 
     async def set_recovery_attempts(self, saga_id: UUID, attempts: int) -> None:
         row = self._row(saga_id)

@@ -281,6 +281,25 @@ class Queries:
                 .with_for_update(skip_locked=True))
         return update, mine, lock
 
+    @property
+    def orphans(self) -> Any:
+        """One saga in flight (RUNNING or COMPENSATING, its lease not run out) under an owner
+        other than ``:owner`` whose liveness session is gone, if any: what a worker's
+        liveness session looks for (read on the (status, ...) index: the sagas in flight)."""
+        def build() -> Any:
+            t, d = self.t, self.d
+            return sa.select(t.c.saga_id).where(
+                t.c.status.in_([SagaStatus.RUNNING.value, SagaStatus.COMPENSATING.value]),
+                t.c.lease_expires_at > d.now(),
+                t.c.lease_owner != sa.bindparam("owner", type_=sa.String()),
+                d.owner_dead(t.c.lease_owner)).limit(1)
+        return self._cached(("orphans",), build)
+
+    async def any_orphan(self, conn: AsyncConnection, owner: str) -> bool:
+        """Whether :attr:`orphans` finds one, through ``conn``."""
+        params = {"owner": owner, **self.d.time_params()}
+        return (await conn.execute(self.orphans, params)).first() is not None
+
     def _cached(self, key: tuple[Any, ...], build: Any) -> Any:
         """A statement built once per key (bounded: the keys are few in practice)."""
         stmt = self._statements.get(key)

@@ -119,7 +119,7 @@ class SqlAlchemySagaStorage(SqlQueues, RunBackedStorage):
             self.writer = PgWriter(self.tables)
         elif self.dialect.is_mysql and self.engine.dialect.driver in ("asyncmy", "aiomysql"):
             self.writer = MySqlWriter(self.tables)
-        self._sessions = None if self.dialect.is_sqlite else SqlSessions(self.engine, self.dialect)
+        self._sessions = None if self.dialect.is_sqlite else SqlSessions(self.engine, self.queries)
         if self.dialect.is_sqlite:
             _configure_sqlite(self.engine)
 
@@ -193,7 +193,10 @@ class SqlAlchemySagaStorage(SqlQueues, RunBackedStorage):
         """A worker's liveness session (see :mod:`sagakit.storage.liveness`): on PostgreSQL
         and MySQL/MariaDB one connection outside the pool, holding a lock named after the
         worker's owner id; on SQLite the worker's process itself."""
-        return Liveness(self._sessions)
+        if self._sessions is not None:
+            return Liveness(self._sessions)
+        return Liveness(watch=lambda owner: self.connections.call(
+            "looking for orphaned sagas", lambda conn: self.queries.any_orphan(conn, owner)))
 
     def _new_run(self) -> SqlRun:
         return SqlRun(self)

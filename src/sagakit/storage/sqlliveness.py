@@ -15,20 +15,19 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from sagakit.storage.dialect import Dialect
 from sagakit.storage.liveness import owner_is_dead
+from sagakit.storage.queries import Queries
 
 __all__ = ["SqlSessions", "register_sqlite_function"]
-
-_PING = sa.text("SELECT 1")
 
 
 class SqlSessions:
     """Liveness sessions of one SQL storage (PostgreSQL or MySQL/MariaDB)."""
 
-    def __init__(self, engine: AsyncEngine, dialect: Dialect) -> None:
+    def __init__(self, engine: AsyncEngine, queries: Queries) -> None:
         self._url = engine.url
-        self._dialect = dialect
+        self._queries = queries
+        dialect = queries.d
         self._engine: AsyncEngine | None = None
         if dialect.is_postgres:
             self._lock = sa.text(
@@ -51,8 +50,8 @@ class SqlSessions:
             return None
         return conn
 
-    async def ping(self, session: Any) -> None:
-        await session.execute(_PING)
+    async def watch(self, session: Any, owner: str) -> bool:
+        return await self._queries.any_orphan(session, owner)
 
     async def close(self, session: Any) -> None:
         try:
