@@ -421,6 +421,8 @@ class RecoveryWorker:
     def wake(self, _: object = None) -> None:
         """Poll now (a storage's wake-up callback; safe to call from the loop's thread)."""
         self._wake.set()
+        if self.liveness is not None:  # work is coming: watch for dead workers closely
+            self.liveness.poke()
 
     @contextlib.asynccontextmanager
     async def _live(self) -> AsyncIterator[None]:
@@ -465,10 +467,14 @@ class RecoveryWorker:
         if self._idle_ceiling_default:
             # Woken for new work, the worker polls mostly for interrupted sagas: less often.
             self.max_idle_poll = min(15 * self.poll_interval, settings.MAX_SECONDS)
+        if self.liveness is not None:  # woken for new work, it may look less often when quiet
+            self.liveness.max_quiet = self.max_idle_poll
         try:
             yield
         finally:
             self.max_idle_poll = ceiling
+            if self.liveness is not None:
+                self.liveness.max_quiet = self.liveness.every
             await listener.__aexit__(None, None, None)
 
     async def _drain(self, in_flight: set[asyncio.Task[RecoveryOutcome]]) -> None:

@@ -57,3 +57,27 @@ async def test_losing_a_session_stops_the_keepers_under_it() -> None:
         assert keeper.lost is held.lost
         assert "the test" in str(held.lost)
         assert held_by(held.owner) is None
+
+
+def test_looks_back_off_while_nothing_is_in_flight_and_a_poke_brings_them_back() -> None:
+    from sagakit.storage.liveness import BUSY, ORPHANS, QUIET
+
+    woken: list[bool] = []
+    live = Liveness(every=2.0, max_quiet=15.0, on_orphans=lambda: woken.append(True))
+    assert 1.6 <= live._next_look() <= 2.4
+    for _ in range(20):
+        live._found(QUIET)  # an idle fleet: nothing in flight anywhere
+    assert 12.0 <= live._next_look() <= 18.0
+    live.poke()  # woken for new work
+    assert 1.6 <= live._next_look() <= 2.4
+    for _ in range(20):
+        live._found(QUIET)
+    live._found(BUSY)  # others have sagas in flight: watch them closely
+    assert 1.6 <= live._next_look() <= 2.4
+    assert woken == []
+    live._found(ORPHANS)
+    assert woken == [True]
+    without_push = Liveness(every=2.0)  # no wake-ups: it never backs off
+    for _ in range(20):
+        without_push._found(QUIET)
+    assert 1.6 <= without_push._next_look() <= 2.4

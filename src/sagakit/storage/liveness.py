@@ -20,7 +20,8 @@ session) is never judged by liveness at all.
 
 The session is a connection of its own, outside the pool (PostgreSQL and MySQL/MariaDB only).
 Every two seconds it looks for orphans (sagas in flight under a dead owner) with one query, and
-wakes its worker when there are some; that query is its health check too. Should it fail (the link cut, the server restarted), the lock may be gone
+wakes its worker when there are some; that query is its health check too. (While nothing is
+in flight under another worker, the looks grow apart; see :class:`Liveness`.) Should it fail (the link cut, the server restarted), the lock may be gone
 and another worker may take the sagas over at once: so every run under that owner id is cut off
 on the spot (its step in flight cancelled, as a lost lease does; :meth:`Held.lose`), the worker
 claims under a plain owner id meanwhile, and the session is opened again, with backoff, under a
@@ -44,7 +45,7 @@ from sagakit.exceptions import SagaLeaseLostError
 from sagakit.storage.run import new_owner_id
 
 __all__ = [
-    "LIVE_MARK", "Held", "Liveness", "SessionBackend", "held_by", "live_owner_id",
+    "BUSY", "LIVE_MARK", "ORPHANS", "QUIET", "Held", "Liveness", "SessionBackend", "held_by", "live_owner_id",
     "owner_is_dead",
 ]
 
@@ -52,6 +53,10 @@ logger = logging.getLogger("sagakit.storage")
 
 LIVE_MARK = "~"
 """The first character of a live owner id."""
+
+QUIET, BUSY, ORPHANS = 0, 1, 2
+"""What a session's look finds among the sagas in flight under other live owners: none, some
+(every owner alive), or some under an owner whose session is gone (orphans)."""
 
 _HOST = socket.gethostname()
 
@@ -120,9 +125,8 @@ class SessionBackend(Protocol):
     async def open(self, owner: str) -> Any | None:
         """Connect and take ``owner``'s lock; None if another session holds that lock."""
 
-    async def watch(self, session: Any, owner: str) -> bool:
-        """One round trip on the session (raises if it is gone): whether a saga is in flight
-        under another live owner whose session is gone (an orphan, free for the taking)."""
+    async def watch(self, session: Any, owner: str) -> int:
+        """One round trip on the session (raises if it is gone): QUIET, BUSY or ORPHANS."""
 
     async def close(self, session: Any) -> None:
         """Close the session (its lock goes with it)."""
@@ -136,8 +140,11 @@ class Liveness:
 
     Every ``every`` seconds (with jitter) the session looks for orphans, sagas in flight under
     another owner whose session is gone, and calls ``on_orphans()`` when there are some (a
-    worker polls then, and takes them over): one query, so that an idle worker loads the
-    database little while a dead one's sagas wait about ``every / 2`` seconds on average.
+    worker polls then, and takes them over): one query, so that a dead worker's sagas wait
+    about ``every / 2`` seconds on average. While its looks find no saga in flight under another
+    live owner at all, the wait between them grows by half each time up to ``max_quiet``
+    seconds (an idle fleet stays quiet), until :meth:`poke` (the worker was woken for new work)
+    or a look that finds some brings it back to ``every``.
 
     With a ``backend`` (PostgreSQL, MySQL/MariaDB) the session is opened on entry (a failure is
     logged, and retried in the background with backoff up to ``max_backoff`` seconds), and its
@@ -148,13 +155,16 @@ class Liveness:
     (if given) looks for orphans."""
 
     def __init__(self, backend: SessionBackend | None = None, *, every: float = 2.0,
-                 watch: Callable[[str], Awaitable[bool]] | None = None,
+                 max_quiet: float = 2.0,
+                 watch: Callable[[str], Awaitable[int]] | None = None,
                  ping_timeout: float = 10.0, max_backoff: float = 10.0,
                  on_change: Callable[[str], object] | None = None,
                  on_orphans: Callable[[], object] | None = None) -> None:
         self.backend = backend
         self.every = every
+        self.max_quiet = max_quiet
         self.watch = watch
+        self._quiet = 0  # looks in a row that found nothing in flight
         self.on_orphans = on_orphans
         self.ping_timeout = ping_timeout
         self.max_backoff = max_backoff
@@ -165,6 +175,19 @@ class Liveness:
         """Sessions lost so far (tests and operators)."""
         self._session: Any = None
         self._keeper: asyncio.Task[None] | None = None
+
+    def poke(self) -> None:
+        """Look every ``every`` seconds again (work is coming: sagas will be in flight)."""
+        self._quiet = 0
+
+    def _next_look(self) -> float:
+        wait = min(self.every * 1.5 ** min(self._quiet, 60), max(self.every, self.max_quiet))
+        return wait * random.uniform(0.8, 1.2)
+
+    def _found(self, found: int) -> None:
+        self._quiet = self._quiet + 1 if found == QUIET else 0
+        if found == ORPHANS and self.on_orphans is not None:
+            self.on_orphans()
 
     @property
     def live(self) -> bool:
@@ -231,7 +254,7 @@ class Liveness:
                 if failures:
                     logger.warning("liveness session open again (owner %s)", self.owner)
                 failures = 0
-            await asyncio.sleep(self.every * random.uniform(0.8, 1.2))
+            await asyncio.sleep(self._next_look())
             try:
                 async with asyncio.timeout(self.ping_timeout):
                     found = await self.backend.watch(  # type: ignore[union-attr]
@@ -240,23 +263,17 @@ class Liveness:
                 self._lose(f"{type(error).__name__}: {error}")
                 await self._close_session()
                 continue
-            if found:
-                self._orphans()
+            self._found(found)
 
-    async def _watch_locally(self, watch: Callable[[str], Awaitable[bool]]) -> None:
+    async def _watch_locally(self, watch: Callable[[str], Awaitable[int]]) -> None:
         while True:
-            await asyncio.sleep(self.every * random.uniform(0.8, 1.2))
+            await asyncio.sleep(self._next_look())
             try:
                 found = await watch(self.owner)
             except Exception as error:  # the next poll finds them anyway
                 logger.debug("looking for orphaned sagas failed: %s", error)
                 continue
-            if found:
-                self._orphans()
-
-    def _orphans(self) -> None:
-        if self.on_orphans is not None:
-            self.on_orphans()
+            self._found(found)
 
     def _lose(self, why: str) -> None:
         held, self.held = self.held, None

@@ -35,7 +35,7 @@ from sagakit.records import (
     context_json,
 )
 from sagakit.storage.listener import parse_wake
-from sagakit.storage.liveness import Liveness, owner_is_dead
+from sagakit.storage.liveness import BUSY, LIVE_MARK, ORPHANS, QUIET, Liveness, owner_is_dead
 from sagakit.storage.memoryqueues import MemoryQueues
 from sagakit.storage.run import (
     BufferedRun,
@@ -246,13 +246,19 @@ class MemorySagaStorage(MemoryQueues, RunBackedStorage):
     def liveness(self) -> Liveness:
         """A worker's liveness (see :mod:`sagakit.storage.liveness`): sagas claimed under its
         owner id are free for others once it is closed, whatever their lease says."""
-        return Liveness(watch=self._any_orphan)
+        return Liveness(watch=self._look)
 
-    async def _any_orphan(self, owner: str) -> bool:
+    async def _look(self, owner: str) -> int:
         now = self.clock()
-        return any((row.status is SagaStatus.RUNNING or row.status is SagaStatus.COMPENSATING)
-                   and row.lease_owner != owner and (row.lease_expires_at or 0.0) > now
-                   and owner_is_dead(row.lease_owner) for row in self._rows.values())
+        found = QUIET
+        for row in self._rows.values():
+            if ((row.status is SagaStatus.RUNNING or row.status is SagaStatus.COMPENSATING)
+                    and row.lease_owner is not None and row.lease_owner[:1] == LIVE_MARK
+                    and row.lease_owner != owner and (row.lease_expires_at or 0.0) > now):
+                if owner_is_dead(row.lease_owner):
+                    return ORPHANS
+                found = BUSY
+        return found
 
     async def set_recovery_attempts(self, saga_id: UUID, attempts: int) -> None:
         row = self._row(saga_id)

@@ -29,6 +29,7 @@ from sagakit.records import (
     SagaStepStatus,
 )
 from sagakit.storage.dialect import Dialect
+from sagakit.storage.liveness import BUSY, ORPHANS, QUIET
 from sagakit.storage.pool import LeasedStart
 from sagakit.storage.run import Checkpoint, wrong_saga
 from sagakit.storage.schema import RECOVERABLE_SQL, RECOVERY_SQL
@@ -282,23 +283,26 @@ class Queries:
         return update, mine, lock
 
     @property
-    def orphans(self) -> Any:
-        """One saga in flight (RUNNING or COMPENSATING, its lease not run out) under an owner
-        other than ``:owner`` whose liveness session is gone, if any: what a worker's
-        liveness session looks for (read on the (status, ...) index: the sagas in flight)."""
+    def in_flight(self) -> Any:
+        """Of the sagas in flight (RUNNING or COMPENSATING, the lease not run out) under live
+        owners other than ``:owner``, one, a dead owner's first: whether its owner is dead
+        (read on the (status, ...) index: the sagas in flight only)."""
         def build() -> Any:
             t, d = self.t, self.d
-            return sa.select(t.c.saga_id).where(
+            dead = d.owner_dead(t.c.lease_owner).label("dead")
+            return sa.select(dead).where(
                 t.c.status.in_([SagaStatus.RUNNING.value, SagaStatus.COMPENSATING.value]),
-                t.c.lease_expires_at > d.now(),
+                t.c.lease_expires_at > d.now(), t.c.lease_owner.like("~%"),
                 t.c.lease_owner != sa.bindparam("owner", type_=sa.String()),
-                d.owner_dead(t.c.lease_owner)).limit(1)
-        return self._cached(("orphans",), build)
+            ).order_by(sa.desc(sa.literal_column("dead"))).limit(1)
+        return self._cached(("in flight",), build)
 
-    async def any_orphan(self, conn: AsyncConnection, owner: str) -> bool:
-        """Whether :attr:`orphans` finds one, through ``conn``."""
+    async def look(self, conn: AsyncConnection, owner: str) -> int:
+        """What a liveness session looks for, through ``conn`` (see
+        :data:`sagakit.storage.liveness.ORPHANS`): ORPHANS, BUSY or QUIET."""
         params = {"owner": owner, **self.d.time_params()}
-        return (await conn.execute(self.orphans, params)).first() is not None
+        row = (await conn.execute(self.in_flight, params)).first()
+        return QUIET if row is None else ORPHANS if row[0] else BUSY
 
     def _cached(self, key: tuple[Any, ...], build: Any) -> Any:
         """A statement built once per key (bounded: the keys are few in practice)."""

@@ -196,7 +196,7 @@ class SqlAlchemySagaStorage(SqlQueues, RunBackedStorage):
         if self._sessions is not None:
             return Liveness(self._sessions)
         return Liveness(watch=lambda owner: self.connections.call(
-            "looking for orphaned sagas", lambda conn: self.queries.any_orphan(conn, owner)))
+            "looking for orphaned sagas", lambda conn: self.queries.look(conn, owner)))
 
     def _new_run(self) -> SqlRun:
         return SqlRun(self)

@@ -50,8 +50,8 @@ class SqlSessions:
             return None
         return conn
 
-    async def watch(self, session: Any, owner: str) -> bool:
-        return await self._queries.any_orphan(session, owner)
+    async def watch(self, session: Any, owner: str) -> int:
+        return await self._queries.look(session, owner)
 
     async def close(self, session: Any) -> None:
         try:
