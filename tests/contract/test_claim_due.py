@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from sagakit.exceptions import SagaConcurrencyError
+from sagakit.exceptions import SagaConcurrencyError, SagaLeaseLostError
 from sagakit.records import SagaAction, SagaStatus, SagaStepStatus
 from tests.contract.support import (
     LONG_LEASE,
@@ -100,3 +100,24 @@ async def test_a_run_adopting_a_claimed_saga_writes_fenced_by_that_lease(storage
         with pytest.raises(SagaConcurrencyError):  # SagaLeaseLostError is one
             await stale.commit()
     assert [e.step_name for e in await storage.get_step_history(saga_id)] == ["Step"]
+
+
+async def test_a_stale_run_neither_renews_nor_releases_a_later_claim_by_the_same_owner(
+    storage: Any,
+) -> None:
+    """A worker whose run stalled past its lease claims the saga again under the same owner id
+    while that run is still in hand: the stale run's renewal and release must not touch the new
+    lease (they are fenced by version too)."""
+    saga_id = await create(storage, status=SagaStatus.RUNNING)
+    [first] = await storage.claim_due("w", limit=1, lease_seconds=SHORT_LEASE)
+    async with storage.create_run() as stale:
+        stale.adopt(first, SHORT_LEASE)
+        await wait_for_expiry()
+        [again] = await _claim(storage, "w")
+        assert again.version > first.version
+        with pytest.raises(SagaLeaseLostError):
+            await stale.renew_lease(LONG_LEASE)
+        await stale.release()
+    state = await storage.get_saga(saga_id)
+    assert (state.lease_owner, state.version) == ("w", again.version)
+    assert state.lease_expires_at is not None

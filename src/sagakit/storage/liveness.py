@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import random
@@ -122,8 +123,10 @@ def owner_is_dead(owner: str | None) -> bool:
 class SessionBackend(Protocol):
     """How a storage holds a liveness session: a connection of its own with the owner's lock."""
 
-    async def open(self, owner: str) -> Any | None:
-        """Connect and take ``owner``'s lock; None if another session holds that lock."""
+    async def open(self, owner: str, on_lost: Callable[[], object]) -> Any | None:
+        """Connect and take ``owner``'s lock; None if another session holds that lock.
+        ``on_lost()`` may be called the moment the driver sees the connection end (PostgreSQL),
+        sooner than the next look would."""
 
     async def watch(self, session: Any, owner: str) -> int:
         """One round trip on the session (raises if it is gone): QUIET, BUSY or ORPHANS."""
@@ -174,6 +177,8 @@ class Liveness:
         self.losses = 0
         """Sessions lost so far (tests and operators)."""
         self._session: Any = None
+        self._closing: asyncio.Task[None] | None = None
+        self._kick = asyncio.Event()
         self._keeper: asyncio.Task[None] | None = None
 
     def poke(self) -> None:
@@ -232,7 +237,9 @@ class Liveness:
         assert self.backend is not None
         for _ in range(8):  # another session holding the same lock: a hash clash; draw again
             owner = live_owner_id()
-            session = await asyncio.wait_for(self.backend.open(owner), self.ping_timeout)
+            session = await asyncio.wait_for(
+                self.backend.open(owner, functools.partial(self._ended, owner)),
+                self.ping_timeout)
             if session is not None:
                 self._hold(owner, session)
                 return
@@ -254,7 +261,11 @@ class Liveness:
                 if failures:
                     logger.warning("liveness session open again (owner %s)", self.owner)
                 failures = 0
-            await asyncio.sleep(self._next_look())
+            with contextlib.suppress(TimeoutError):  # a session ended: reopen at once
+                await asyncio.wait_for(self._kick.wait(), self._next_look())
+            self._kick.clear()
+            if self.held is None:
+                continue
             try:
                 async with asyncio.timeout(self.ping_timeout):
                     found = await self.backend.watch(  # type: ignore[union-attr]
@@ -274,6 +285,14 @@ class Liveness:
                 logger.debug("looking for orphaned sagas failed: %s", error)
                 continue
             self._found(found)
+
+    def _ended(self, owner: str) -> None:
+        """The driver saw the session's connection end: its lock is gone with it."""
+        if self.held is not None and self.held.owner == owner:
+            self._lose("its connection ended")
+            closing = asyncio.get_running_loop().create_task(self._close_session())
+            self._closing = closing  # keep a reference until it is done
+            self._kick.set()
 
     def _lose(self, why: str) -> None:
         held, self.held = self.held, None

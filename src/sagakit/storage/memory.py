@@ -352,6 +352,12 @@ class MemorySagaStorage(MemoryQueues, RunBackedStorage):
         return row.state()
 
 
+def _same_version(row: _Row, version: int | None) -> bool:
+    """Whether a run that last saw ``version`` still has the saga as it left it: a later claim
+    (even under the same owner id, by the same worker) wrote a newer one."""
+    return version is None or row.version == version
+
+
 def _claimed(row: _Row, now: float, *, count_attempt: bool) -> None:
     """What a claim writes besides the lease: a new version, a recovery attempt (none for a
     WAITING saga), and RUNNING for a PENDING or WAITING saga."""
@@ -430,7 +436,7 @@ class _MemoryRun(BufferedRun):
         if self.saga_id is None or not self.holds_lease:
             return
         row = self._storage._row(self.saga_id)
-        if row.lease_owner != self.owner:
+        if row.lease_owner != self.owner or not _same_version(row, self.version):
             # Keep ``holds_lease``: it is what fences this run's commits (BufferedRun.commit), and
             # a run whose lease was taken over must write nothing more.
             raise SagaLeaseLostError(
@@ -445,7 +451,8 @@ class _MemoryRun(BufferedRun):
             return
         self.holds_lease = False
         row = self._storage._rows.get(self.saga_id.int)
-        if row is not None and row.lease_owner == self.owner:
+        if (row is not None and row.lease_owner == self.owner
+                and _same_version(row, self.version)):
             row.lease_owner = row.lease_expires_at = None
             if self.retry_after is not None:
                 row.next_attempt_at = self._storage.clock() + self.retry_after

@@ -115,12 +115,14 @@ class Queries:
             created_at=d.now(), updated_at=d.now(),
         )
         self._claims = {allow: self._claim_stmt(sid, allow) for allow in (False, True)}
-        self._renew = (
-            sa.update(t).where(t.c.saga_id == sid, t.c.lease_owner == sa.bindparam("owner"))
-            .values(lease_expires_at=d.now_plus("lease"))
-        )
+        # Fenced by owner and by the run's version: a later claim of the saga under the same
+        # owner id (the same worker, its first run stalled past its lease) wrote a newer one.
+        mine = (t.c.saga_id == sid, t.c.lease_owner == sa.bindparam("owner"),
+                sa.or_(sa.bindparam("run_version", type_=sa.Integer()).is_(None),
+                       t.c.version == sa.bindparam("run_version", type_=sa.Integer())))
+        self._renew = sa.update(t).where(*mine).values(lease_expires_at=d.now_plus("lease"))
         self._release = (
-            sa.update(t).where(t.c.saga_id == sid, t.c.lease_owner == sa.bindparam("owner"))
+            sa.update(t).where(*mine)
             .values(lease_owner=None, lease_expires_at=None)
         )
         self._release_later = self._release.values(next_attempt_at=d.now_plus("retry"))
@@ -404,17 +406,21 @@ class Queries:
             f"{state.lease_expires_at})", saga_id=saga_id, saga_name=state.name,
         )
 
-    async def renew(self, conn: AsyncConnection, saga_id: UUID, owner: str, lease: float) -> bool:
-        params = {"sid": saga_id, "owner": owner, **self.d.time_params(lease=lease)}
+    async def renew(self, conn: AsyncConnection, saga_id: UUID, owner: str, lease: float,
+                    version: int | None) -> bool:
+        params = {"sid": saga_id, "owner": owner, "run_version": version,
+                  **self.d.time_params(lease=lease)}
         return bool((await conn.execute(self._renew, params)).rowcount)
 
     async def release(
-        self, conn: AsyncConnection, saga_id: UUID, owner: str, retry_after: float | None
+        self, conn: AsyncConnection, saga_id: UUID, owner: str, retry_after: float | None,
+        version: int | None,
     ) -> None:
+        params = {"sid": saga_id, "owner": owner, "run_version": version}
         if retry_after is None:
-            await conn.execute(self._release, {"sid": saga_id, "owner": owner})
+            await conn.execute(self._release, params)
         else:
-            params = {"sid": saga_id, "owner": owner, **self.d.time_params(retry=retry_after)}
+            params.update(self.d.time_params(retry=retry_after))
             await conn.execute(self._release_later, params)
 
     def lease_lost(self, saga_id: UUID, owner: str) -> SagaLeaseLostError:

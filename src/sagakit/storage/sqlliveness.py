@@ -9,6 +9,7 @@ the storage's connections (:func:`register_sqlite_function`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -28,6 +29,7 @@ class SqlSessions:
         self._url = engine.url
         self._queries = queries
         dialect = queries.d
+        self._postgres = dialect.is_postgres
         self._engine: AsyncEngine | None = None
         if dialect.is_postgres:
             self._lock = sa.text(
@@ -35,7 +37,7 @@ class SqlSessions:
         else:
             self._lock = sa.text("SELECT GET_LOCK(CONCAT('sagakit:', MD5(:owner)), 0)")
 
-    async def open(self, owner: str) -> AsyncConnection | None:
+    async def open(self, owner: str, on_lost: Callable[[], object]) -> AsyncConnection | None:
         if self._engine is None:
             self._engine = create_async_engine(self._url, poolclass=NullPool)
         conn = await self._engine.connect()
@@ -48,6 +50,10 @@ class SqlSessions:
         if not got:
             await conn.close()
             return None
+        if self._postgres:  # asyncpg tells at once when the server or the network ends it
+            driver = (await conn.get_raw_connection()).driver_connection
+            if driver is not None:
+                driver.add_termination_listener(lambda _conn: on_lost())
         return conn
 
     async def watch(self, session: Any, owner: str) -> int:

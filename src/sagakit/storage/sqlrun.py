@@ -168,7 +168,7 @@ class SqlRun(BufferedRun):
             return
         s = self._s
         held = await s.connections.call("renewing a lease", lambda conn: s.queries.renew(
-            conn, saga_id, self.owner, lease_seconds), mode="write", saga_id=saga_id,
+            conn, saga_id, self.owner, lease_seconds, self.version), mode="write", saga_id=saga_id,
             priority=LEASE)
         if not held:  # keep holds_lease: it fences this run's later commits
             raise s.queries.lease_lost(saga_id, self.owner)
@@ -180,5 +180,6 @@ class SqlRun(BufferedRun):
         self.holds_lease = False
         s = self._s
         await s.connections.call("releasing a lease", lambda conn: s.queries.release(
-            conn, saga_id, self.owner, self.retry_after), mode="write", saga_id=saga_id,
+            conn, saga_id, self.owner, self.retry_after, self.version), mode="write",
+            saga_id=saga_id,
             priority=LEASE)
