@@ -67,11 +67,15 @@ I7 attempts never exceed the budget, except as documented for crashes
     ``I7.attempt-continues``: an act's attempt number is one more than the RETRYING entries of
     its step in its snapshot (recovery continues the count; an attempt cut off by a crash
     before its checkpoint is not counted, so it runs again under the same number).
-    ``I7.budget``: a step's act starts number at most its budget plus the kills that hit it:
-    the SIGKILLed processes whose last act/compensate event for the saga was that step's act
-    (started, or ended with its checkpoint maybe not written), and the processes stopped by
-    SIGTERM whose last such event was that act cut off (``error:CancelledError``). An upper
-    bound: a process killed later, elsewhere, still counts for the last step it ran.
+    ``I7.budget``: a step's act starts number at most its budget plus the interruptions that
+    hit it: the SIGKILLed processes whose last act/compensate event for the saga was that
+    step's act (started, or ended with its checkpoint maybe not written); the attempts of that
+    act cut off in flight (an ``end`` event ``error:CancelledError``: a graceful shutdown, the
+    run's lease lost or possibly run out); and the runs that stopped on a lease or version
+    conflict or a storage error (an ``interrupted`` event: a lease lost or run out under a
+    loaded machine or a faulty link, the database unreachable) whose process's last such event
+    before it was that step's act. An upper bound: a process killed later, elsewhere, still
+    counts for the last step it ran.
     ``I7.log-attempts``: the log's act entries of a step number their attempts 1, 2, ... (all
     None for a step without a policy), every one RETRYING but the last, which is COMPLETED or
     FAILED.
@@ -234,7 +238,6 @@ def check_saga(
     events: Sequence[Event],
     exits: dict[str, int],
     killed: set[str] | None = None,
-    stopped: set[str] | None = None,
 ) -> None:
     key = f"{sid} ({config.get('key')}, {config.get('definition', 'CrashSaga')})"
     f.check("I1.exists", final is not None, key, "the saga was never created")
@@ -305,9 +308,10 @@ def check_saga(
                 f"{where} (pid {e.pid}) ran while the lease owner was {owner or None!r}")
         s_completed, s_compensated = completed_acts(slog), _compensated(slog)
         if e.action == "act":
-            failed = [x for x in slog if x[2] == "act" and x[3] == "FAILED"]
-            f.check("I2.act-state", snap["status"] == "RUNNING" and not failed, key,
-                    f"{where} started while the saga was {snap['status']} (failed acts: {failed})")
+            failed_acts = [x for x in slog if x[2] == "act" and x[3] == "FAILED"]
+            f.check("I2.act-state", snap["status"] == "RUNNING" and not failed_acts, key,
+                    f"{where} started while the saga was {snap['status']} "
+                    f"(failed acts: {failed_acts})")
             if first_comp is not None:
                 f.check("I2.act-before-compensation", e.id < first_comp, key,
                         f"{where} started after the first compensation (event {first_comp})")
@@ -342,7 +346,7 @@ def check_saga(
 
     # -- I7 to I10: attempts, the pivot, waits, giving up
     check_forward(f, key, config, final, log, events,
-                  kills_per_step(events, killed or set(), stopped or set()))
+                  kills_per_step(events, killed or set()))
 
 
 def check_all(
@@ -354,15 +358,13 @@ def check_all(
     f = Findings()
     exits = {e.label: e.id for e in events if e.phase == "exit"}
     killed = {e.label for e in events if e.phase == "exit" and (e.outcome or "").startswith("killed")}
-    stopped = {e.label for e in events if e.phase == "exit"
-               and (e.outcome or "").startswith("terminated")}
     by_saga: dict[str, list[Event]] = defaultdict(list)
     for e in events:
         if e.saga_id is not None:
             by_saga[e.saga_id].append(e)
     for sid, config in configs.items():
         check_saga(f, sid, config, finals.get(sid), logs.get(sid, []), by_saga.get(sid, []),
-                   exits, killed, stopped)
+                   exits, killed)
     unknown = set(by_saga) - set(configs)
     f.check("I0.known-sagas", not unknown, "-", f"events for unknown sagas {sorted(unknown)}")
     return f

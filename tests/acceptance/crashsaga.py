@@ -17,7 +17,11 @@ committed at once (so it survives a SIGKILL):
   the log's ids and attempt numbers) and the database clock's "now", as one SELECT saw them
   when the call began;
 - an ``end`` event (outcome ``ok`` or ``error:<type>``), unless the process died first;
-- a ``crash`` event just before the process kills itself at an injected crash point.
+- a ``crash`` event just before the process kills itself at an injected crash point;
+- an ``interrupted`` event (outcome: the error's type) when a run of the saga stops on a lease
+  or version conflict or a storage error (``SagaConcurrencyError``, ``SagaStorageError``:
+  the lease lost or possibly run out, a liveness session lost, the database unreachable): the
+  attempt in hand, its checkpoint not written, runs again (:class:`CrashObserver` sees it).
 
 Events are ordered by the table's autoincrement id. An id is allocated when the INSERT runs, so
 of two events A and B where A's INSERT returned before B's INSERT began, A has the smaller id: id
@@ -62,10 +66,12 @@ from typing import Any, ClassVar
 from sagakit import (
     Retry,
     Saga,
+    SagaConcurrencyError,
     SagaContext,
     SagaRun,
     SagaStatus,
     SagaStepHandler,
+    SagaStorageError,
     Step,
     StepInvocation,
     current_invocation,
@@ -233,9 +239,11 @@ async def _before_attempt(saga_id: Any, context: CrashContext, k: int, attempt: 
 
 
 class CrashObserver:
-    """The middleware of the harness's processes: passes every step invocation through, and
-    kills the process right after a run that ended at a durable wait (the saga WAITING) when
-    the saga asks for ``waiting:k`` (k the step whose attempt failed)."""
+    """The middleware of the harness's processes: passes every step invocation through, kills
+    the process right after a run that ended at a durable wait (the saga WAITING) when the saga
+    asks for ``waiting:k`` (k the step whose attempt failed), and records an ``interrupted``
+    event when a run stops on a lease or version conflict or a storage error (see the module's
+    docstring; a failure to record it changes nothing else)."""
 
     async def __call__(self, invocation: StepInvocation,
                        call_next: Callable[[StepInvocation], Awaitable[Any]]) -> Any:
@@ -243,7 +251,13 @@ class CrashObserver:
 
     @contextlib.asynccontextmanager
     async def observe_saga(self, run: SagaRun) -> AsyncIterator[SagaRun]:
-        yield run
+        try:
+            yield run
+        except (SagaConcurrencyError, SagaStorageError) as exc:
+            with contextlib.suppress(Exception):
+                await _log().record(run.saga_id, None, None, "interrupted",
+                                    outcome=type(exc).__name__)
+            raise
         failed = _LAST_FAILED.get(str(run.saga_id))
         if run.status is SagaStatus.WAITING and failed is not None:
             k, context = failed

@@ -26,23 +26,40 @@ def completed_acts(log: Iterable[Sequence[Any]]) -> list[str]:
     return [entry[1] for entry in log if entry[2] == "act" and entry[3] == "COMPLETED"]
 
 
-def kills_per_step(events: Sequence[Event], killed: set[str], stopped: set[str]) -> Counter[str]:
-    """The kills that hit each step's act of one saga (its events, ordered by id): per process
-    SIGKILLed (``killed``), one for the step of its last act/compensate event for the saga;
-    per process stopped by SIGTERM (``stopped``), one if that event is an act's end by
-    cancellation (a graceful shutdown that had to cut the attempt off)."""
+def kills_per_step(events: Sequence[Event], killed: set[str]) -> Counter[str]:
+    """The interruptions that hit each step's act of one saga (its events, ordered by id), after
+    which the attempt in hand runs again under the same number: per process SIGKILLed
+    (``killed``), one for the step of its last act/compensate event for the saga; one per act
+    cut off in flight (an ``end`` event ``error:CancelledError``: a graceful shutdown, the
+    run's lease lost or possibly run out); and per run that stopped on a lease or version
+    conflict or a storage error (an ``interrupted`` event: the lease lost or run out, a
+    liveness session lost, the link to the database down), one for the step of that process's
+    last act/compensate event for the saga before it, unless that act was cut off in flight
+    (counted already)."""
     last: dict[str, Event] = {}
-    for e in events:
-        if e.phase in ("start", "end") and e.action is not None:
-            last[e.label] = e
     hits: Counter[str] = Counter()
+    for e in events:
+        if e.phase == "interrupted":
+            before = last.get(e.label)
+            if before is not None and not _cut_off(before):
+                _hit(hits, before)
+        elif e.phase in ("start", "end") and e.action is not None:
+            last[e.label] = e
+            if _cut_off(e):
+                _hit(hits, e)
     for label, e in last.items():
-        if e.action != "act" or e.step is None:
-            continue
-        if label in killed or (label in stopped and e.phase == "end"
-                               and e.outcome == "error:CancelledError"):
-            hits[e.step] += 1
+        if label in killed:
+            _hit(hits, e)
     return hits
+
+
+def _cut_off(e: Event) -> bool:
+    return e.phase == "end" and e.outcome == "error:CancelledError"
+
+
+def _hit(hits: Counter[str], e: Event | None) -> None:
+    if e is not None and e.action == "act" and e.step is not None:
+        hits[e.step] += 1
 
 
 def check_forward(

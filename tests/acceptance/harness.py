@@ -4,6 +4,7 @@ Run by hand::
 
     python -m tests.acceptance.harness --backend postgres --sagas 200 --workers 3
     python -m tests.acceptance.harness --backend sqlite --sagas 50 --seed 7 --keep
+    python -m tests.acceptance.harness --backend mysql --sagas 200 --workers 3 --partitions 36
 
 What one run does:
 
@@ -29,11 +30,26 @@ What one run does:
 4. Meanwhile SIGKILLs ``--random-kills`` randomly chosen live processes at random moments
    (some of them, busy recovery workers, get SIGTERM instead: a graceful shutdown they must
    finish with exit code 0).
+
+   *Partition mode* (``--partitions N``; PostgreSQL and MariaDB only: SQLite has no network
+   link): every worker process reaches the database through a fault-injecting TCP proxy of its
+   own (:class:`~tests.acceptance.faultproxy.FaultProxy`, started by the harness; sagakit's
+   storage and with it the liveness and wake-up sessions go through it, the events table does
+   not: it stands for the outside world the steps act on). Runners connect directly. Besides
+   the kills, the harness injects N link faults at random moments into randomly chosen workers,
+   preferably one in the middle of a step (see :mod:`tests.acceptance.links`): alternately a
+   *cut* (every connection reset, new ones refused, for 0.5 to 3 s: the server ends the
+   worker's liveness session, and other workers may take its sagas over at once) and a
+   *stall* (packets held, not refused, some stalls shorter than the lease and some longer: the
+   server keeps the session, the lease rules), then heals the link. Each fault is a ``fault``
+   event and each heal a ``heal`` event; the report counts cuts and stalls, those that hit a
+   worker holding a saga or in a step, and the sagas taken over meanwhile. The invariants are
+   the same.
 5. Waits until every saga is COMPLETED, FAILED or PARKED (``--timeout``: else it fails listing
    the stuck sagas; a WAITING saga is not done), stops the workers with SIGTERM, and writes one
    ``exit`` event per process.
 6. Checks the invariants of :mod:`tests.acceptance.checker` on every saga and prints the report:
-   sagas, processes, kills, crash points, invariant checks and violations.
+   sagas, processes, kills, crash points, link faults, invariant checks and violations.
 7. Drops its tables (unless ``--keep``).
 """
 
@@ -165,11 +181,11 @@ class Report(RunReport):
 
     def _faults_line(self) -> str:
         f = self.faults.get
-        return (f"  link faults      {f('cuts', 0) + f('stalls', 0)} of {self.partitions} "
-                f"(cuts {f('cuts', 0)}: {f('cuts_holding', 0)} of a worker holding a saga, "
-                f"{f('cuts_in_step', 0)} in a step; stalls {f('stalls', 0)}: "
-                f"{f('stalls_holding', 0)} holding, {f('stalls_in_step', 0)} in a step, "
-                f"{f('long_stalls', 0)} longer than the lease)")
+        kinds = [f"{k} {f(k, 0)} ({f(k + '_holding', 0)} of a worker holding a saga, "
+                 f"{f(k + '_in_step', 0)} in a step; {f(k + '_taken_over', 0)} sagas taken "
+                 "over meanwhile)" for k in ("cuts", "stalls")]
+        return (f"  link faults      {f('cuts', 0) + f('stalls', 0)} of {self.partitions}: "
+                f"{kinds[0]}, {kinds[1]}; {f('long_stalls', 0)} stalls longer than the lease")
 
 
 def _open_storage(url: str, prefix: str) -> SqlAlchemySagaStorage:
@@ -204,7 +220,7 @@ class Harness(ProcessHarness[HarnessConfig]):
                 await self._drive()
             finally:
                 if self.links is not None:
-                    self.links.heal_all()
+                    await self._healed(self.links.heal_all())
                 await self._stop_all()
             findings, report_data = await self._check()
             return Report(
@@ -231,13 +247,13 @@ class Harness(ProcessHarness[HarnessConfig]):
             options += ["--plan", str(self.workdir / "plan.json"), "--ids", ",".join(ids or [])]
         else:
             options += ["--concurrency", str(c.concurrency), "--poll", "0.1"]
-        proxy = None
-        if kind == "worker" and self.links is not None:
-            proxy, url = self.links.open()
-            options += ["--storage-url", url]
-        proc = await self._spawn(kind, ["tests.acceptance.runner", kind], options, ids)
-        if proxy is not None:
-            self.links.attach(proc.label, proxy)
+        links = self.links if kind == "worker" else None
+        if links is None:
+            return await self._spawn(kind, ["tests.acceptance.runner", kind], options, ids)
+        proxy, url = links.open()
+        proc = await self._spawn(kind, ["tests.acceptance.runner", kind],
+                                 [*options, "--storage-url", url], ids)
+        links.attach(proc.label, proxy)
         return proc
 
     def _live(self, kind: str) -> list[Proc]:
@@ -284,7 +300,7 @@ class Harness(ProcessHarness[HarnessConfig]):
         recorded as a ``fault`` event."""
         links = self.links
         assert links is not None
-        links.heal_due(now)
+        await self._healed(links.heal_due(now))
         if not links.due(now):
             return
         t = self.events.events
@@ -294,18 +310,22 @@ class Harness(ProcessHarness[HarnessConfig]):
                 .where(t.c.id > links.cursor).order_by(t.c.id)))
             held = held_by_pid((await conn.execute(leases(self.storage.tables.executions)))
                                .scalars())
-        live = {p.label: p.process.pid for p in self._live("worker")
-                if not p.killed_by_parent and p.process.returncode is None and p.ready()}
+        live = {p.label: p.process.pid for p in self._live("worker") if now - p.started > 1.0
+                and not p.killed_by_parent and p.process.returncode is None and p.ready()}
         label = links.choose(now, list(live), {k: held[pid] for k, pid in live.items()})
         if label is None:
             return
         pid = live[label]
         fault = links.inject(label, now)
         await self.events.record(None, None, None, "fault", label=label, pid=pid,
-                                 outcome=f"{fault.kind}:{fault.seconds:.2f}:{held[pid]}:"
-                                         f"{links.in_step(label)}")
+                                 outcome=f"{fault.kind}:{fault.seconds:.2f}:{held[pid]}")
         self._say(f"harness: {fault.kind} of {label}'s link for {fault.seconds:.2f}s "
                   f"(holding {held[pid]} sagas, in {links.in_step(label)} steps)")
+
+    async def _healed(self, labels: list[str]) -> None:
+        for label in labels:
+            await self.events.record(None, None, None, "heal", label=label)
+            self._say(f"harness: {label}'s link healed")
 
     async def _exited(self, proc: Proc) -> None:
         if self.links is not None:
@@ -320,7 +340,9 @@ class Harness(ProcessHarness[HarnessConfig]):
         else:
             outcome = f"returncode={rc}"
         await self._record_exit(proc, outcome, expected=outcome.startswith("killed") or (
-            rc == 0 and (proc.kind == "saga" or self.stopping or proc.terminated)))
+            rc == 0 and (proc.kind == "saga" or self.stopping or proc.terminated))
+            # stopped at the end of the run before it served (a slow start): it did nothing
+            or (rc == -signal.SIGTERM and self.stopping and not proc.ready()))
         if proc.kind == "saga" and outcome != "returncode=0":
             existing = await self._statuses(proc.ids)
             missing = [i for i in proc.ids if i not in existing]
@@ -363,7 +385,7 @@ class Harness(ProcessHarness[HarnessConfig]):
         for sid in self.plan:
             with contextlib.suppress(Exception):
                 s = await self.storage.get_saga(uuid.UUID(sid))
-                finals[sid] = FinalSaga(sid, s.status.value, s.context, s.recovery_attempts,
+                finals[sid] = FinalSaga(sid, s.status.value, dict(s.context), s.recovery_attempts,
                                         s.past_pivot)
         logs_t = self.storage.tables.logs
         async with self._reader.connect() as conn:

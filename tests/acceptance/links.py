@@ -8,13 +8,13 @@ its own (:meth:`Links.open`: the database URL with the proxy's host and port) an
 shorter than the lease and longer than it, then healed). When, and which worker, is drawn from
 the run's seeded random generator; a worker in the middle of an act or a compensation (its
 events show a start without an end) is preferred, then one that holds a saga (see
-:meth:`Links.choose`). At least one worker's link is always up. A fault on a worker that exits ends with its proxy
-(:meth:`Links.drop`), which resets its connections.
+:meth:`Links.choose`). At least one worker's link is always up. A fault on a worker that exits
+ends with its proxy (:meth:`Links.drop`), which resets its connections.
 
 Every fault is recorded as a ``fault`` event (no saga; label and pid the worker's) whose outcome
-is ``<cut|stall>:<seconds>:<sagas it held>:<steps it was in>``, measured when the fault began:
-the sagas whose lease the worker held (RUNNING or COMPENSATING, its pid in the lease owner) and
-its open act/compensate starts. :func:`fault_counts` reads them back for the report.
+is ``<cut|stall>:<seconds>:<sagas it held>`` (RUNNING or COMPENSATING, its pid in the lease
+owner, just before the fault); its end, a ``heal`` event (or the worker's ``exit``).
+:func:`fault_counts` reads them back for the report.
 """
 
 from __future__ import annotations
@@ -23,31 +23,34 @@ import dataclasses
 import random
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
+from tests.acceptance.checker import INFINITY, Event
 from tests.acceptance.faultproxy import FaultProxy
 
-if TYPE_CHECKING:
-    from tests.acceptance.checker import Event
-
-__all__ = ["CUT_SECONDS", "PATIENCE", "Fault", "Links", "fault_counts", "held_by_pid", "leases"]
+__all__ = ["CUT_SECONDS", "LONG_STALL", "PATIENCE", "SHORT_STALL", "Fault", "Links",
+           "fault_counts", "held_by_pid", "leases", "link_faults"]
 
 CUT_SECONDS = (0.5, 3.0)
 """How long a cut lasts (drawn uniformly)."""
-SHORT_STALL = (0.2, 0.8)
 LONG_STALL = (1.5, 3.0)
-"""How long a stall lasts, in leases: every other stall is shorter than the lease, the rest
-longer."""
-PATIENCE = 1.0
-"""Seconds a due fault waits for a worker in the middle of a step before it takes any."""
+SHORT_STALL = (0.2, 0.8)
+"""How long a stall lasts, in leases: the first and every other one longer than the lease, the
+rest shorter."""
+PATIENCE = (0.0, 1.0, 5.0)
+"""Seconds a due fault waits before it takes a worker in the middle of a step, one that holds
+a saga, any."""
 _DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306}
 
 
 @dataclasses.dataclass
 class Fault:
+    """A fault on a worker's link: ``kind`` (``cut`` or ``stall``), for ``seconds``, healed at
+    ``heal_at`` (the harness's monotonic clock)."""
+
     kind: str
     label: str
     seconds: float
@@ -94,22 +97,22 @@ class Links:
         if proxy is not None:
             proxy.close()
 
-    def heal_all(self) -> None:
-        """End every fault now, and inject no more."""
+    def heal_all(self) -> list[str]:
+        """End every fault now, and inject no more; the labels healed."""
         self.count = self.injected
-        for label in list(self.faults):
-            self.proxies[label].heal()
-            del self.faults[label]
+        return self.heal_due(float("inf"))
 
     def close(self) -> None:
         for label in list(self.proxies):
             self.drop(label)
 
-    def heal_due(self, now: float) -> None:
-        for label, fault in list(self.faults.items()):
-            if now >= fault.heal_at:
-                self.proxies[label].heal()
-                del self.faults[label]
+    def heal_due(self, now: float) -> list[str]:
+        """End the faults due to end by ``now``; the labels healed."""
+        healed = [label for label, fault in self.faults.items() if now >= fault.heal_at]
+        for label in healed:
+            self.proxies[label].heal()
+            del self.faults[label]
+        return healed
 
     def due(self, now: float) -> bool:
         """Whether a fault is to be injected now (the first ``every`` after the first call)."""
@@ -139,9 +142,9 @@ class Links:
 
     def choose(self, now: float, live: Sequence[str], held: dict[str, int]) -> str | None:
         """The worker to fault now, among ``live`` (labels; ``held``: how many sagas each
-        holds): one in a step if any; after PATIENCE seconds of waiting for one, one that
-        holds a saga; after twice that, any. None to wait (also when faulting one would leave
-        no link up)."""
+        holds): one in a step if any; after waiting a while (:data:`PATIENCE`), one that holds
+        a saga; after a longer while, any. None to wait (also when faulting one would leave no
+        link up)."""
         up = sorted(label for label in live if label in self.proxies
                     and label not in self.faults)
         if len(up) < 2:
@@ -150,8 +153,8 @@ class Links:
         waited = now - self.due_since
         tiers = [[label for label in up if self.open_steps.get(label)],
                  [label for label in up if held.get(label)], up]
-        for patience, tier in enumerate(tiers):
-            if tier and waited >= patience * PATIENCE:
+        for patience, tier in zip(PATIENCE, tiers, strict=True):
+            if tier and waited >= patience:
                 return self.rng.choice(tier)
         return None
 
@@ -162,7 +165,7 @@ class Links:
             fault = Fault("cut", label, self.rng.uniform(*CUT_SECONDS), 0.0)
             proxy.cut()
         else:
-            stall = SHORT_STALL if self.injected % 4 == 1 else LONG_STALL
+            stall = LONG_STALL if self.injected % 4 == 1 else SHORT_STALL
             fault = Fault("stall", label, self.lease * self.rng.uniform(*stall), 0.0)
             proxy.stall()
         fault.heal_at = now + fault.seconds
@@ -173,10 +176,11 @@ class Links:
         return fault
 
     def in_step(self, label: str) -> int:
+        """How many acts and compensations ``label`` is in, as its events read so far show."""
         return len(self.open_steps.get(label, ()))
 
 
-def leases(executions: sa.Table) -> sa.Select[tuple[str]]:
+def leases(executions: sa.Table) -> sa.Select[Any]:
     """The lease owners of the sagas held now (RUNNING or COMPENSATING)."""
     return sa.select(executions.c.lease_owner).where(
         executions.c.status.in_(["RUNNING", "COMPENSATING"]),
@@ -190,18 +194,59 @@ def held_by_pid(owners: Iterable[str]) -> Counter[int]:
     return Counter(int(pid) for pid in pids if pid.isdigit())
 
 
+def link_faults(events: Sequence[Event]) -> list[tuple[Event, float]]:
+    """Each ``fault`` event of a run (events ordered by id) and the id of the event that ended
+    it: the faulted process's next ``heal`` or ``exit`` event (infinity if none)."""
+    out: list[tuple[Event, float]] = []
+    for i, fault in enumerate(events):
+        if fault.phase == "fault":
+            end = next((e.id for e in events[i + 1:] if e.label == fault.label
+                        and e.phase in ("heal", "exit")), INFINITY)
+            out.append((fault, end))
+    return out
+
+
 def fault_counts(events: Sequence[Event], lease: float) -> dict[str, int]:
-    """The faults of a run, from its ``fault`` events: ``cuts`` and ``stalls``, each also
-    ``_holding`` (the worker held a saga) and ``_in_step`` (it was in an act or compensation),
-    and ``long_stalls`` (longer than the lease)."""
+    """The faults of a run, from its events (ordered by id): ``cuts`` and ``stalls``, and of
+    each kind those of a worker that held a saga (``cuts_holding``...), that was in the middle
+    of an act or compensation (``_in_step``: one of its starts has no end before the fault),
+    and the sagas ``_taken_over`` while the link was down (the faulted worker ran the saga's
+    last step started before the fault, another process the first one started after it, before
+    the ``heal`` or ``exit`` event of the faulted worker); and ``long_stalls``, longer than the
+    lease."""
     counts: Counter[str] = Counter()
+    starts: dict[str, list[Event]] = {}
     for e in events:
-        if e.phase != "fault" or not e.outcome:
+        if e.saga_id is not None and e.phase == "start":
+            starts.setdefault(e.saga_id, []).append(e)
+    for fault, end in link_faults(events):
+        if not fault.outcome:
             continue
-        kind, seconds, held, steps = e.outcome.split(":")
+        kind, seconds, held = fault.outcome.split(":")
         name = "cuts" if kind == "cut" else "stalls"
         counts[name] += 1
         counts[f"{name}_holding"] += int(held) > 0
-        counts[f"{name}_in_step"] += int(steps) > 0
+        counts[f"{name}_in_step"] += bool(_open_steps(
+            e for e in events if e.label == fault.label and e.id < fault.id))
+        counts[f"{name}_taken_over"] += sum(
+            _taken_over(saga, fault, end) for saga in starts.values())
         counts["long_stalls"] += kind == "stall" and float(seconds) > lease
     return dict(counts)
+
+
+def _open_steps(events: Iterable[Event]) -> set[tuple[str | None, str | None, str | None]]:
+    """The acts and compensations started and not ended in ``events`` (one process's)."""
+    open_: set[tuple[str | None, str | None, str | None]] = set()
+    for e in events:
+        if e.phase == "start":
+            open_.add((e.saga_id, e.step, e.action))
+        elif e.phase == "end":
+            open_.discard((e.saga_id, e.step, e.action))
+    return open_
+
+
+def _taken_over(starts: Sequence[Event], fault: Event, end: float) -> bool:
+    before = [e for e in starts if e.id < fault.id]
+    after = next((e for e in starts if e.id > fault.id), None)
+    return (bool(before) and before[-1].label == fault.label and after is not None
+            and after.label != fault.label and after.id < end)

@@ -112,7 +112,7 @@ def _sabotage(kind: str) -> None:
     from sagakit.storage import queries, sqlalchemy
 
     if kind == "rerun":
-        decide = resumption.decide
+        decide = resumption.decide  # type: ignore[attr-defined]
 
         def rerun(*args: Any, **kwargs: Any) -> Any:
             p = decide(*args, **kwargs)
@@ -120,7 +120,7 @@ def _sabotage(kind: str) -> None:
                 return plan.Forward(p.start - 1, p.completed[:-1])
             return p
 
-        resumption.decide = rerun  # type: ignore[assignment]
+        resumption.decide = rerun  # type: ignore[attr-defined]
     elif kind == "order":
         backward = execution.Execution._backward
 
@@ -135,7 +135,7 @@ def _sabotage(kind: str) -> None:
 
         execution.Execution._give_up = compensate_anyway  # type: ignore[method-assign]
     elif kind == "early":
-        after_failure = attempts.after_failure
+        after_failure = attempts.after_failure  # type: ignore[attr-defined]
 
         def no_wait(*args: Any, **kwargs: Any) -> Any:
             decision = after_failure(*args, **kwargs)
@@ -143,7 +143,7 @@ def _sabotage(kind: str) -> None:
                 return plan.RetryAfter(0.0, decision.durable)
             return decision
 
-        attempts.after_failure = no_wait
+        attempts.after_failure = no_wait  # type: ignore[attr-defined]
     elif kind == "steal":
         claim = queries.Queries.claim
 
@@ -168,8 +168,8 @@ def _sabotage(kind: str) -> None:
                                .values(lease_owner=None, lease_expires_at=None))
             return await claim_due(self, conn, *args)
 
-        queries.Queries.claim = steal  # type: ignore[method-assign]
-        queries.Queries.claim_due = steal_due  # type: ignore[method-assign]
+        queries.Queries.claim = steal  # type: ignore[method-assign,assignment]
+        queries.Queries.claim_due = steal_due  # type: ignore[method-assign,assignment]
         sqlalchemy.SqlAlchemySagaStorage.get_sagas_for_recovery = everything  # type: ignore[method-assign]
     else:
         raise ValueError(f"unknown sabotage {kind!r}")
