@@ -63,11 +63,20 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--mysql-dsn", default=MYSQL)
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds allowed per section (default: 120 quick, 900 full; "
-                             "twice that for recovery and dispatch)")
+                             "times each section's TIMEOUT_FACTOR: 3 recovery, 2 dispatch, "
+                             "1.5 failover)")
     parser.add_argument("--recovery-mode", choices=["process", "inprocess"], default="process",
                         help="recovery workers as subprocesses (default) or all in this process")
     parser.add_argument("--recovery-backlog", type=int, default=None,
                         help="interrupted sagas to recover (default: 200 quick, 10000 full)")
+    parser.add_argument("--recovery-rounds", type=int, default=None,
+                        help="rounds of each recovery run (default: 1 quick, 2 full)")
+    parser.add_argument("--recovery-variants", nargs="+", default=None,
+                        choices=["noop", "io", "slow"],
+                        help="recovery variants to run (default: all: noop, io, slow)")
+    parser.add_argument("--failover-trials", type=int, default=None,
+                        help="kill-and-take-over trials per backend with liveness on "
+                             "(default: 5 quick, 30 full)")
     parser.add_argument("--pool-cap", type=int, default=48,
                         help="most connections one pool opens (servers' max_connections is "
                              "shared; default 48)")
@@ -108,6 +117,10 @@ async def main(argv: list[str]) -> int:
     sizes = QUICK if args.quick else FULL
     if args.recovery_backlog:
         sizes = dataclasses.replace(sizes, recovery_backlog=args.recovery_backlog)
+    if args.recovery_rounds:
+        sizes = dataclasses.replace(sizes, recovery_rounds=args.recovery_rounds)
+    if args.failover_trials:
+        sizes = dataclasses.replace(sizes, failover_trials=args.failover_trials)
     wanted = [name for name in SECTIONS if not args.only or name in args.only]
     needs_db = any(SECTIONS[name].NEEDS for name in wanted)
     load_at_start = " / ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -126,6 +139,7 @@ async def main(argv: list[str]) -> int:
                       file=sys.stderr)
     session = Session(sizes, backends, args.pool_cap, args.quick)
     session.recovery_mode = args.recovery_mode
+    session.recovery_variants = args.recovery_variants
 
     try:
         for name in wanted:

@@ -9,6 +9,7 @@ import dataclasses
 import math
 import os
 import secrets
+import statistics
 import sys
 import time
 import types
@@ -61,7 +62,7 @@ FULL = Sizes(
     recovery_backlog=10_000, recovery_workers=(1, 2, 4), recovery_concurrency=8,
     section_timeout=900.0, dispatch_backlog=4000, dispatch_workers=(1, 2, 4), dispatch_rounds=3,
     latency_sagas=150, latency_rounds=3, idle_warmup_s=10.0, idle_window_s=20.0,
-    recovery_rounds=2, recovery_io_backlog=3000, failover_trials=30, failover_lease_trials=8,
+    recovery_rounds=2, recovery_io_backlog=2000, failover_trials=30, failover_lease_trials=8,
 )
 QUICK = Sizes(
     memory_sagas=300, memory_repeats=3, rounds=2, min_sagas=16,
@@ -292,6 +293,8 @@ class Session:
         self._storage_tables: list[tuple[str, dict[str, str]]] = []
         self._floor_tables: list[tuple[str, str]] = []
         self.cache: dict[tuple[Any, ...], Measure] = {}
+        self.recovery_variants: list[str] | None = None
+        """The recovery section's variants to run (None: all)."""
         self.recovery_mode = "process"
         """How the recovery section runs its workers: "process" (one subprocess each) or
         "inprocess" (asyncio.gather in this process)."""
@@ -461,6 +464,21 @@ def table(head: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Median and range over rounds."""
+    return ({"median": statistics.median(values), "min": min(values), "max": max(values)}
+            if values else {"median": float("nan"), "min": float("nan"), "max": float("nan")})
+
+
+def show(s: dict[str, float], digits: int = 0, bold: bool = False) -> str:
+    """A median over rounds, its range in brackets (none when every round agreed)."""
+    median = fmt(s["median"], digits)
+    median = f"**{median}**" if bold else median
+    if fmt(s["min"], digits) == fmt(s["max"], digits):
+        return median
+    return f"{median} ({fmt(s['min'], digits)}-{fmt(s['max'], digits)})"
 
 
 def verdict(ok: bool | None) -> str:

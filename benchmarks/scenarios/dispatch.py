@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import statistics
 import time
 from typing import Any
 
@@ -32,12 +31,15 @@ from scenarios.common import (
     fmt,
     percentile,
     ratio,
+    show,
+    spread,
     table,
     verdict,
 )
+from scenarios.explain import explain_call
 from scenarios.idle import measure_idle
 from scenarios.procs import WorkerProcs, count_completed, drain, summarise, wakeups
-from scenarios.recovery import analyze, explain_call, make_backlog
+from scenarios.recovery import analyze, make_backlog
 
 TITLE = "Dispatch: submitted sagas and workers"
 NEEDS = ("postgres", "mariadb")
@@ -90,23 +92,6 @@ class DispatchSaga(Saga[DispatchContext]):
     """Three no-op steps; the first records its start."""
 
     steps = [StampFirstStep, Bump, BumpAgain]
-
-
-# -- helpers --------------------------------------------------------------------------------------
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    """Median and range over rounds."""
-    return ({"median": statistics.median(values), "min": min(values), "max": max(values)}
-            if values else {"median": float("nan"), "min": float("nan"), "max": float("nan")})
-
-
-def show(s: dict[str, float], digits: int = 0, bold: bool = False) -> str:
-    median = fmt(s["median"], digits)
-    median = f"**{median}**" if bold else median
-    if s["min"] == s["max"]:
-        return median
-    return f"{median} ({fmt(s['min'], digits)}-{fmt(s['max'], digits)})"
 
 
 # -- latency --------------------------------------------------------------------------------------

@@ -2,19 +2,23 @@
 many connections a worker holds.
 
 Per backend (a SQLite file, PostgreSQL, MariaDB), two worker processes
-(scenarios/recovery_child.py, default settings: concurrency 4, poll_interval 1 s,
-failover_poll 1 s) serve the default queue. Each trial submits one :class:`FailoverSaga`; its
-first step appends ``<trial> <pid> <time.time()>`` to a marks file, then sleeps. Once the mark
-is there the benchmark SIGKILLs that worker (reaping it at once), notes ``time.time()`` just
-before the signal, and waits for another worker's mark of the same saga: the delay is the
-failover time. A replacement process is started before the next trial, so two are always alive.
+(scenarios/recovery_child.py, RecoveryWorker's default settings: concurrency, poll_interval,
+failover_poll; the report states them) serve the default queue. Each trial submits one :class:`FailoverSaga`; its
+first step appends ``<trial> <pid> <time.time()>`` to a marks file, then sleeps. At a random
+moment of that step (KILL_WITHIN seconds after its start, so that the kill falls anywhere in
+the other worker's poll cycle: the submit's wake-up made both poll at once on PostgreSQL) the
+benchmark SIGKILLs that worker (reaping it at once), notes ``time.time()`` just before the
+signal, and waits for another worker's mark of the same saga: the delay is the failover
+time. A replacement process is started before the next trial, so two are always alive.
 
-- liveness on (the default) with the default 30 s lease: taken over at the next poll of the
-  other worker, whose liveness test finds the dead owner's session gone;
+- liveness on (the default) with the default 30 s lease: taken over once the other worker
+  finds the dead owner's liveness session gone (its session looks for such orphans every
+  failover_poll seconds and wakes it);
 - liveness off (``RecoveryWorker(liveness=False)``) with a 5 s lease: taken over once the lease
-  has run out, at the next poll after that (lease-bound). The kill comes right after the claim
-  and before any renewal (a step of 1.5 s is under a third of the lease), so with the default
-  30 s lease the same wait is 25 s longer: that figure is computed, not measured.
+  has run out, at the next poll after that (lease-bound). The kill comes within about a
+  second of the claim, before any renewal (sent after a third of the lease without a
+  checkpoint), so with the default 30 s lease the same wait is 25 s longer: that figure is
+  computed, not measured.
 
 Connections per worker (PostgreSQL, MariaDB): one worker process with the engine's default pool
 (5 + 10 overflow; the storage's gate queues the rest), liveness on, 64 submitted sagas whose
@@ -28,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import random
 import sqlite3
 import tempfile
 import time
@@ -47,6 +52,8 @@ HOLD_S = 1.5
 LEASE_BOUND_S = 5.0
 """The lease of the liveness-off trials."""
 DEFAULT_LEASE_S = 30.0
+KILL_WITHIN = 1.0
+"""The kill comes uniformly 0..KILL_WITHIN s after the first step started (seeded)."""
 CONNECTION_SAGAS = 64
 CONNECTION_CONCURRENCIES = (4, 64)
 
@@ -128,6 +135,7 @@ async def trials(session: Session, url: str, tables: dict[str, str], storage: An
         config["lease_seconds"] = lease
     delays: list[float] = []
     misses: list[str] = []
+    rng = random.Random(14 + liveness)
     with tempfile.TemporaryDirectory(prefix="sagakit-failover-") as tmp:
         directory = Path(tmp)
         async with WorkerProcs(config, 2) as procs:
@@ -141,6 +149,8 @@ async def trials(session: Session, url: str, tables: dict[str, str], storage: An
                     misses.append(f"trial {trial}: no first step seen ({first})")
                     continue
                 killed = first[0][0]
+                await asyncio.sleep(max(0.0, first[0][1] + rng.uniform(0, KILL_WITHIN)
+                                        - time.time()))
                 killed_at = await procs.kill(killed)
                 marks = await wait_marks(directory, trial, 2, lease + 60)
                 taken = [(pid, t) for pid, t in marks[1:] if pid != killed]
@@ -279,21 +289,32 @@ async def measure(session: Session, backend: Backend) -> dict[str, Any]:
 
 
 async def run(session: Session, section: Section) -> None:
+    import inspect
+
+    from sagakit import RecoveryWorker
+
+    defaults = {k: v.default for k, v in inspect.signature(RecoveryWorker).parameters.items()}
+    settings = ", ".join(f"{k} {defaults[k]}" for k in ("concurrency", "poll_interval",
+                                                        "failover_poll"))
     section.add(
         "Time from SIGKILL of a worker process to the start of the saga's first step in "
         "another worker process (both clocks are this machine's `time.time()`). Two worker "
-        "processes (scenarios/recovery_child.py, default settings: concurrency 4, "
-        "poll_interval 1 s, failover_poll 1 s) serve the default queue; each trial submits "
+        f"processes (scenarios/recovery_child.py, RecoveryWorker's defaults: {settings} s) "
+        "serve the default queue; each trial submits "
         f"one saga whose first step records its start and sleeps {HOLD_S} s, SIGKILLs the "
-        "worker that started it (reaped at once) and waits for another worker's start of "
+        f"worker that started it at a random moment 0-{KILL_WITHIN:.0f} s into that step (so "
+        "that the kill falls anywhere in the other worker's cycle; reaped at once) and "
+        "waits for another worker's start of "
         "that step; a replacement process is started before the next trial. **Liveness on** "
-        f"(the default, lease {DEFAULT_LEASE_S:.0f} s): the other worker's next poll finds "
-        "the dead owner's liveness session gone (PostgreSQL: its advisory lock free; MariaDB: "
-        "its named lock free; SQLite: its pid gone). **Liveness off** "
+        f"(the default, lease {DEFAULT_LEASE_S:.0f} s): the other worker finds the dead "
+        "owner's liveness session gone — PostgreSQL: its advisory lock free; MariaDB: its "
+        "named lock free; SQLite: its pid gone (its own session looks for such orphans every "
+        "failover_poll seconds, with jitter, and wakes it). **Liveness off** "
         f"(`RecoveryWorker(liveness=False)`), lease {LEASE_BOUND_S:.0f} s: taken over once "
         "the lease has run out, at the next poll after that (an idle worker without liveness "
         "polls up to every max_idle_poll: 5 s, 15 s on PostgreSQL where it has wake-ups). "
-        f"The kill comes right after the claim, before any renewal, so with the default "
+        f"The kill comes within {KILL_WITHIN + 0.1:.1f} s of the claim, before any renewal (a "
+        "third of the lease), so with the default "
         f"{DEFAULT_LEASE_S:.0f} s lease the same wait is {DEFAULT_LEASE_S - LEASE_BOUND_S:.0f} "
         "s longer: that row is computed from the measured one, not measured. With fewer "
         "than 100 trials p99 is the largest delay.")

@@ -172,8 +172,10 @@ def summarise(reports: list[dict[str, Any]], stderr: str, workers: int) -> dict[
         "first_error": first,
         "cpu_s": sum(r.get("cpu_s", 0.0) for r in reports),
         "warnings": sorted({w for r in reports for w in r.get("warnings", ())})[:3],
-        "claims": {k: sum(r.get("claims", {}).get(k, 0) for r in reports)
-                   for k in ("calls", "asked", "got", "empty", "seconds", "conflicts")},
+        "claims": {method: {k: sum(r.get("claims", {}).get(method, {}).get(k, 0)
+                                   for r in reports)
+                            for k in ("calls", "asked", "got", "empty", "seconds", "conflicts")}
+                   for method in ("claim_due", "claim_queued")},
     }
 
 

@@ -3,7 +3,8 @@
 
 Run as ``python recovery_child.py '<json config>'``. Prints ``ready`` once its engine is
 connected, starts on a ``go`` line on stdin, answers each ``mark`` line with one JSON line (the
-time, its CPU and, once a ``count`` line started them, its statement counters), stops
+time, its CPU, its claims so far and, once a ``count`` line started them, its statement
+counters), stops
 gracefully on a ``stop`` line (or at end of input, or after its deadline), then prints one JSON
 line: what it did and the CPU it used.
 
@@ -84,25 +85,26 @@ class _Counting:
 
 
 class _Claims(logging.Handler):
-    """Counts the worker's claims: wraps the storage's ``claim_due`` and ``claim_queued`` (calls,
-    sagas asked for and got, calls that got none, seconds in them) and counts the claims that
+    """Counts the worker's claims, per method: wraps the storage's ``claim_due`` and
+    ``claim_queued`` (calls, sagas asked for and got, calls that got none, seconds in them:
+    the wait for a connection and for the event loop included) and counts the claims that
     lost a lock conflict (the storage logs each at INFO and claims nothing)."""
 
     def __init__(self, storage: Any) -> None:
         super().__init__(logging.INFO)
-        self.counts = {"calls": 0, "asked": 0, "got": 0, "empty": 0, "seconds": 0.0,
-                       "conflicts": 0}
+        self.counts: dict[str, dict[str, float]] = {}
         for name in ("claim_due", "claim_queued"):
             original = getattr(storage, name, None)
             if original is not None:
-                setattr(storage, name, self._wrap(original))
+                self.counts[name] = {"calls": 0, "asked": 0, "got": 0, "empty": 0,
+                                     "seconds": 0.0, "conflicts": 0}
+                setattr(storage, name, self._wrap(original, self.counts[name]))
         log = logging.getLogger("sagakit.storage")
         log.setLevel(logging.INFO)  # that logger's only INFO records are the lost conflicts
         log.addHandler(self)
 
-    def _wrap(self, claim: Any) -> Any:
-        counts = self.counts
-
+    @staticmethod
+    def _wrap(claim: Any, counts: dict[str, float]) -> Any:
         async def counted(*args: Any, **kwargs: Any) -> Any:
             t0 = time.perf_counter()
             try:
@@ -118,8 +120,10 @@ class _Claims(logging.Handler):
         return counted
 
     def emit(self, record: logging.LogRecord) -> None:
-        if "lost a lock conflict" in record.getMessage():
-            self.counts["conflicts"] += 1
+        message = record.getMessage()
+        for name, counts in self.counts.items():
+            if message.startswith(f"{name} lost a lock conflict"):
+                counts["conflicts"] += 1
 
 
 def _saga(config: dict[str, Any]) -> Any:
@@ -171,6 +175,7 @@ async def main(config: dict[str, Any]) -> None:
             if command == "count" and counting is None:
                 counting = _Counting(storage.engine)
             print(json.dumps({"t": time.time(), "cpu_s": time.process_time() - cpu0,
+                              "claims": claims.counts,
                               **(counting.now() if counting is not None else {})}),
                   flush=True)
         worker.stop()

@@ -80,6 +80,21 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def _sagakit() -> str:
+    """sagakit's version and where it came from: this repository's src/ at its commit, or
+    another copy (a snapshot of src/ on PYTHONPATH: its COMMIT file, if any, names the commit)."""
+    import sagakit
+
+    where = Path(sagakit.__file__).resolve().parents[1]
+    if where == (ROOT / "src").resolve():
+        return f"{_version('sagakit')} at commit {_git_commit()}"
+    try:
+        commit = f"a snapshot of commit {(where.parent / 'COMMIT').read_text().strip()}"
+    except OSError:
+        commit = "not this repository's src/"
+    return f"imported from {where} ({commit})"
+
+
 def _load() -> str:
     try:
         return " / ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -97,7 +112,7 @@ def machine(session: Session, unreachable: dict[str, str], load_at_start: str) -
         "load average at end": _load(),
         "OS": platform.platform(),
         "Python": sys.version.split()[0],
-        "sagakit": f"{_version('sagakit')} at commit {_git_commit()}",
+        "sagakit": _sagakit(),
         "libraries": ", ".join(f"{p} {_version(p)}" for p in
                                ("SQLAlchemy", "asyncpg", "asyncmy", "orjson", "msgspec")),
     }
@@ -147,20 +162,58 @@ def _summary(sections: dict[str, Section]) -> list[str]:
                        f"sagas/s; target ≥ 1.0x), p99 {group['p99_ms']:.1f} ms (floor "
                        f"{floor['p99_ms']:.1f} ms).")
     for name, label in (("postgres", "PostgreSQL"), ("mariadb", "MariaDB")):
-        runs = get("recovery", name, "runs")
-        if runs:
-            parts = ", ".join(f"{r['per_s']:.0f}/s by {r['workers']} worker"
-                              f"{'s' if r['workers'] > 1 else ''}" for r in runs)
-            backlog = get("recovery", name, "explain", "backlog", "index")
-            steady = get("recovery", name, "explain", "steady", "index")
-            out.append(f"Recovery on {label} from a backlog of {runs[0]['backlog']}: {parts}. "
-                       f"Listing query index: {backlog} with the backlog due, {steady} once "
-                       "none is due.")
+        line = _recovery_line(get("recovery", name), label)
+        if line:
+            out.append(line)
     for name, label in (("postgres", "PostgreSQL"), ("mariadb", "MariaDB")):
         line = _dispatch_line(get("dispatch", name), label, name == "postgres")
         if line:
             out.append(line)
+    line = _failover_line(get("failover"))
+    if line:
+        out.append(line)
     return [f"- {line}" for line in out]
+
+
+def _recovery_line(data: Any, label: str) -> str | None:
+    """Recovery on one backend: median sagas/s per worker process count, per variant."""
+    if not data or "variants" not in data:
+        return None
+    parts = []
+    for v in data["variants"].values():
+        runs = [r for r in v["runs"] if r["per_s"]]
+        if not runs:
+            continue
+        rates = ", ".join(f"{r['per_s']['median']:.0f}/s by {r['workers']}" for r in runs)
+        ratio = runs[-1]["per_s"]["median"] / runs[0]["per_s"]["median"]
+        parts.append(f"{v['what']} (backlog {v['backlog']}, concurrency {v['concurrency']}): "
+                     f"{rates} worker processes, **{runs[-1]['workers']} vs 1: {ratio:.2f}x**")
+    if not parts:
+        return None
+    index = (data.get("explain", {}).get("backlog") or {}).get("index", "?")
+    return (f"Recovery on {label} (median of {data.get('rounds', 1)} round(s)): "
+            + "; ".join(parts) + f" (target ≥ 2.5x). Listing index: {index}.")
+
+
+def _failover_line(data: Any) -> str | None:
+    """Failover: SIGKILL to the first step resumed elsewhere, per backend, with and without
+    liveness."""
+    if not data:
+        return None
+    labels = {"sqlite": "SQLite", "postgres": "PostgreSQL", "mariadb": "MariaDB"}
+    parts = []
+    for name, label in labels.items():
+        d = data.get(name)
+        if not d or "liveness" not in d:
+            continue
+        live, lease = d["liveness"], d["lease_bound"]
+        parts.append(f"{label} p50 {live['p50_s']:.2f} s / p99 {live['p99_s']:.2f} s "
+                     f"(lease-bound, 5 s lease: p50 {lease['p50_s']:.1f} s)")
+    if not parts:
+        return None
+    return ("Failover, SIGKILL to the saga's first step resumed by another worker, liveness "
+            "on: **" + "; ".join(parts) + "**; without liveness the default 30 s lease adds "
+            "25 s to the lease-bound figures.")
 
 
 def _dispatch_line(data: Any, label: str, target: bool) -> str | None:
@@ -245,19 +298,72 @@ def charts(section: Section, out: Path) -> list[str]:
 # -- writing --------------------------------------------------------------------------------------
 
 
+def earlier(out: Path, ran: dict[str, Section]) -> tuple[dict[str, Section], dict[str, Any]]:
+    """The sections of the report already in ``out`` (RESULTS.md and results.json) that this
+    run did not run, in report order, each with its markdown as written then and its raw
+    data; and that report's machine table, command and, per kept section, the date of the run
+    that measured it. Nothing if either file is missing or unreadable."""
+    from scenarios import SECTIONS
+
+    try:
+        old = json.loads((out / "results.json").read_text())
+        markdown = (out / "RESULTS.md").read_text()
+    except (OSError, ValueError):
+        return {}, {}
+    bodies: dict[str, str] = {}
+    for chunk in markdown.split("\n## ")[1:]:
+        lines = chunk.splitlines()
+        status = next((i for i, line in enumerate(lines[:4])
+                       if line.startswith("_Section `")), None)
+        if status is not None:
+            name = lines[status].split("`")[1]
+            bodies[name] = "\n".join(lines[status + 1:]).strip()
+    kept: dict[str, Section] = {}
+    dates: dict[str, str] = {}
+    for name in SECTIONS:
+        stored = old.get("sections", {}).get(name)
+        if name in ran or stored is None or name not in bodies:
+            continue
+        kept[name] = Section(SECTIONS[name].TITLE, [bodies[name]], stored.get("data", {}),
+                             stored.get("elapsed_s", 0.0), stored.get("status", "ok"))
+        dates[name] = stored.get("kept_from") or old.get("machine", {}).get("date", "?")
+    return kept, {"machine": old.get("machine", {}), "argv": old.get("argv", []),
+                  "dates": dates}
+
+
 def write(session: Session, out: Path, argv: list[str], elapsed_s: float,
           unreachable: dict[str, str], load_at_start: str) -> Path:
+    """Write RESULTS.md and results.json into ``out``. Sections of the report already there
+    that this run did not run (``--only``) are kept as they were, marked as from the earlier
+    run, so a partial run updates a full report instead of replacing it."""
+    from scenarios import SECTIONS
+
     out.mkdir(parents=True, exist_ok=True)
-    sections = session.sections
+    kept, before = earlier(out, session.sections)
+    sections = {name: section for name in SECTIONS
+                for section in [session.sections.get(name) or kept.get(name)] if section}
     images: list[str] = []
-    if "scale" in sections:
+    if "scale" in session.sections:
         images = charts(sections["scale"], out)
     info = machine(session, unreachable, load_at_start)
+    command = " ".join(["python benchmarks/bench.py", *argv])
+    quick = " (**--quick**: small sizes, for development only)" if session.quick else ""
+    written = f"Written by `{command}` in one run of {elapsed_s:.0f} s{quick}."
+    if kept:
+        then = before["machine"].get("date", "an earlier date")
+        written = (f"Sections {', '.join(f'`{n}`' for n in session.sections)} written by "
+                   f"`{command}` in one run of {elapsed_s:.0f} s{quick}, on {info['date']}; "
+                   f"the others ({', '.join(f'`{n}`' for n in kept)}) kept from the report "
+                   f"written on {then} by "
+                   f"`{' '.join(['python benchmarks/bench.py', *before['argv']])}` (at "
+                   f"{before['machine'].get('sagakit', '?')}).")
+        info["sections kept from the earlier report"] = (
+            f"{', '.join(kept)}: machine then {before['machine'].get('CPU', '?')}, load "
+            f"{before['machine'].get('load average (1/5/15 min) at start', '?')}")
     lines = [
         "# sagakit benchmark results",
         "",
-        f"Written by `{' '.join(['python benchmarks/bench.py', *argv])}` in one run of "
-        f"{elapsed_s:.0f} s{' (**--quick**: small sizes, for development only)' if session.quick else ''}.",
+        written,
         "",
         "## Headline numbers",
         "",
@@ -274,17 +380,21 @@ def write(session: Session, out: Path, argv: list[str], elapsed_s: float,
         HOW_TO_READ,
     ]
     for name, section in sections.items():
+        status = section.status
+        if name in kept:
+            status += f" (kept from an earlier run, {before['dates'][name]})"
         lines += [f"## {section.title}", "",
-                  f"_Section `{name}`: {section.status}, {section.elapsed_s:.0f} s._", ""]
+                  f"_Section `{name}`: {status}, {section.elapsed_s:.0f} s._", ""]
         for block in section.blocks:
             lines += [block, ""]
-        if name == "scale":
+        if name == "scale" and name not in kept:
             lines += [f"![{img.removesuffix('.png')}]({img})" for img in images]
             lines.append("")
     path = out / "RESULTS.md"
     path.write_text("\n".join(lines).rstrip() + "\n")
     raw = {"argv": argv, "elapsed_s": elapsed_s, "machine": info,
-           "sections": {k: {"status": s.status, "elapsed_s": s.elapsed_s, "data": s.data}
+           "sections": {k: {"status": s.status, "elapsed_s": s.elapsed_s, "data": s.data,
+                            **({"kept_from": before["dates"][k]} if k in kept else {})}
                         for k, s in sections.items()}}
     (out / "results.json").write_text(json.dumps(raw, indent=1, default=_json_default) + "\n")
     return path

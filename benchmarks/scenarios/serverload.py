@@ -60,34 +60,43 @@ def server_cpu(backend: str) -> float | None:
     return total / _TICK if found else None
 
 
-def machine_cpu() -> float | None:
-    """Busy CPU seconds of the whole machine so far (every core; idle and iowait excluded)."""
+def machine_cpu() -> tuple[float, float] | None:
+    """(busy, steal) CPU seconds of the whole machine so far, every core: busy = user, nice,
+    system, irq and softirq (idle, iowait and steal excluded); steal = time the hypervisor
+    gave this virtual machine's cores to others."""
     try:
         first = Path("/proc/stat").read_text().splitlines()[0].split()
     except OSError:
         return None
-    values = [int(v) for v in first[1:]]
-    return (sum(values) - values[3] - values[4]) / _TICK
+    v = [int(x) for x in first[1:9]]
+    return (v[0] + v[1] + v[2] + v[5] + v[6]) / _TICK, v[7] / _TICK
 
 
 class Clock:
-    """Server, machine and wall time from :meth:`start` to :meth:`stop`."""
+    """From :meth:`start` to :meth:`stop`: the server's CPU seconds, the machine's busy and
+    stolen CPU seconds, this (benchmark) process's CPU seconds, and the wall time."""
 
     def __init__(self, backend: str) -> None:
         self.backend = backend
-        self._start: tuple[float | None, float | None, float] = (None, None, 0.0)
+        self._start: tuple[Any, Any, float, float] = (None, None, 0.0, 0.0)
         self.server_s: float | None = None
         self.machine_s: float | None = None
+        self.steal_s: float | None = None
+        self.bench_s = 0.0
         self.wall_s = 0.0
 
     def start(self) -> None:
-        self._start = (server_cpu(self.backend), machine_cpu(), time.perf_counter())
+        self._start = (server_cpu(self.backend), machine_cpu(), time.process_time(),
+                       time.perf_counter())
 
     def stop(self) -> None:
-        server, machine, wall = server_cpu(self.backend), machine_cpu(), time.perf_counter()
-        s0, m0, w0 = self._start
+        server, machine = server_cpu(self.backend), machine_cpu()
+        bench, wall = time.process_time(), time.perf_counter()
+        s0, m0, b0, w0 = self._start
         self.server_s = None if server is None or s0 is None else server - s0
-        self.machine_s = None if machine is None or m0 is None else machine - m0
+        if machine is not None and m0 is not None:
+            self.machine_s, self.steal_s = machine[0] - m0[0], machine[1] - m0[1]
+        self.bench_s = bench - b0
         self.wall_s = wall - w0
 
 
@@ -178,8 +187,10 @@ class WaitSampler:
         self.lock_waits = 0
         self.waits: collections.Counter[str] = collections.Counter()
         self.counters: dict[str, float] = {}
+        self.error: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._engine: Any = None
+        self._stop = asyncio.Event()
 
     async def __aenter__(self) -> WaitSampler:
         from sqlalchemy.ext.asyncio import create_async_engine
@@ -193,11 +204,15 @@ class WaitSampler:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self._stop.set()  # the sampler ends between samples: the connection stays usable
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            try:
+                await asyncio.wait_for(self._task, 10)
+            except Exception as error:  # a failed sample, or a timeout (then cancelled)
+                self.error = f"{type(error).__name__}: {error}"[:200]
         try:
+            with contextlib.suppress(Exception):
+                await self._conn.rollback()
             if not self.postgres:
                 after = await innodb_counters(self._conn)
                 self.counters = {k: after.get(k, 0.0) - v for k, v in self.counters.items()}
@@ -210,7 +225,7 @@ class WaitSampler:
     async def _sample(self) -> None:
         ports: set[int] = set()
         refreshed = 0.0
-        while True:
+        while not self._stop.is_set():
             if time.monotonic() - refreshed > 1.0:
                 ports = await asyncio.to_thread(socket_ports, list(self.pids()))
                 refreshed = time.monotonic()
@@ -226,10 +241,12 @@ class WaitSampler:
                 self.active += 1
                 self.lock_waits += bool(s["lock_wait"])
                 self.waits[s["wait"] or "(on CPU: no wait event)"] += 1
-            await asyncio.sleep(self.every)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.every)
 
     def result(self) -> dict[str, Any]:
         top = self.waits.most_common(6)
         return {"samples": self.samples, "session_samples": self.session_samples,
                 "active": self.active, "lock_waits": self.lock_waits,
-                "waits": [[w, n] for w, n in top], "innodb": self.counters}
+                "waits": [[w, n] for w, n in top], "innodb": self.counters,
+                "error": self.error}
