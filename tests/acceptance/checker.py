@@ -201,6 +201,18 @@ class Interval:
     what: str
 
 
+def deaths(events: Sequence[Event]) -> dict[str, int]:
+    """Process label -> the id of the first event after which it ran no more: its ``exit``
+    (recorded when the harness notices), or sooner the harness's SIGKILL (``killed``) or its own
+    (``crash``, recorded right before it kills itself). A dead worker's sagas may be taken over
+    before its exit is noticed (its liveness session is gone with it)."""
+    out: dict[str, int] = {}
+    for e in events:
+        if e.phase in ("exit", "killed", "crash") and e.label not in out:
+            out[e.label] = e.id
+    return out
+
+
 def intervals(events: Sequence[Event], exits: dict[str, int]) -> list[Interval]:
     """The act/compensate intervals of one saga's events (ordered by id)."""
     out: list[Interval] = []
@@ -212,7 +224,7 @@ def intervals(events: Sequence[Event], exits: dict[str, int]) -> list[Interval]:
         if e.phase == "start":
             previous = open_.pop(key, None)
             if previous is not None:  # cannot happen unless an end was lost: keep it open-ended
-                out.append(Interval(e.label, previous.id, exits.get(e.label, INFINITY),
+                out.append(Interval(e.label, previous.id, _died(exits, e.label, previous.id),
                                     f"{previous.action} {previous.step}"))
             open_[key] = e
         else:
@@ -220,9 +232,16 @@ def intervals(events: Sequence[Event], exits: dict[str, int]) -> list[Interval]:
             if start is not None:
                 out.append(Interval(e.label, start.id, e.id, f"{e.action} {e.step}"))
     for start in open_.values():
-        out.append(Interval(start.label, start.id, exits.get(start.label, INFINITY),
+        out.append(Interval(start.label, start.id, _died(exits, start.label, start.id),
                             f"{start.action} {start.step} (no end: process died)"))
     return sorted(out, key=lambda i: i.start)
+
+
+def _died(exits: dict[str, int], label: str, start: int) -> float:
+    """Where an act begun at ``start`` and never ended stops: at its process's death mark, or,
+    begun after it (the harness marks a SIGKILL just before sending it), an instant later."""
+    died = exits.get(label, INFINITY)
+    return died if died > start else start + 0.5
 
 
 def _compensated(log: Iterable[Sequence[Any]]) -> list[str]:
@@ -356,7 +375,7 @@ def check_all(
     events: Sequence[Event],
 ) -> Findings:
     f = Findings()
-    exits = {e.label: e.id for e in events if e.phase == "exit"}
+    exits = deaths(events)
     killed = {e.label for e in events if e.phase == "exit" and (e.outcome or "").startswith("killed")}
     by_saga: dict[str, list[Event]] = defaultdict(list)
     for e in events:

@@ -295,6 +295,7 @@ class _Acting(SagaStepHandler[CrashContext, str]):
             failure = await self._failure(saga_id, context, name, attempt)
             if failure is not None:
                 raise failure
+            await log.record(saga_id, name, "act", "end", outcome="ok", attempt=attempt)
         except BaseException as exc:
             await log.record(saga_id, name, "act", "end", outcome=f"error:{type(exc).__name__}",
                              attempt=attempt)
@@ -305,11 +306,13 @@ class _Acting(SagaStepHandler[CrashContext, str]):
                 if attempt >= 2:
                     await _maybe_crash(saga_id, context, f"retry:{k}:end")
             raise
-        context.done.append(name)
-        await log.record(saga_id, name, "act", "end", outcome="ok", attempt=attempt)
         await self._crash_point(saga_id, context, "end", attempt)
         if k == PIVOT:
             await _maybe_crash(saga_id, context, "pivot:before")
+        # Last, once nothing of this act can fail (the event log's writes can): a failed act's
+        # change to the context stays in the context its FAILED checkpoint writes (as
+        # documented), and would then not match the log.
+        context.done.append(name)
         return name
 
     async def _crash_point(self, saga_id: Any, context: CrashContext, where: str,
@@ -355,13 +358,13 @@ class _CrashStep(_Acting):
             await log.record(saga_id, name, "compensate", "end",
                              outcome=f"error:{type(exc).__name__}")
             raise
-        if name in context.done:
-            context.done.remove(name)
-        else:  # the context does not show the effect this compensation undoes
+        if name not in context.done:  # the context does not show the effect this undoes
             await log.record(saga_id, name, "compensate", "anomaly",
                              outcome="not in context.done")
         await log.record(saga_id, name, "compensate", "end", outcome="ok")
         await _maybe_crash(saga_id, context, f"comp:{k}:end")
+        if name in context.done:  # last, as in act
+            context.done.remove(name)
 
 
 class Reserve(_CrashStep):

@@ -284,7 +284,7 @@ class Harness(ProcessHarness[HarnessConfig]):
                         self.graceful_stops += 1
                     else:
                         self.kills_parent += 1
-                    self._signal(victim, signal.SIGTERM if graceful else signal.SIGKILL)
+                    await self._signal(victim, signal.SIGTERM if graceful else signal.SIGKILL)
             if self.links is not None:
                 await self._partition(now)
             if now >= next_poll and not self.queue and not self._live("saga"):

@@ -241,13 +241,19 @@ class ProcessHarness(Generic[C]):
         for task in done:
             await self._exited(waiters[task])
 
-    def _signal(self, proc: Proc, sig: signal.Signals) -> None:
+    async def _signal(self, proc: Proc, sig: signal.Signals) -> None:
         """Send ``sig`` to ``proc``, marked ``terminated`` (SIGTERM) or ``killed_by_parent``
-        (any other); one that is gone already is no error."""
+        (any other); one that is gone already is no error. A SIGKILL is recorded first, as a
+        ``killed`` event: the process is taken as dead from there on (its ``exit`` event comes
+        when the harness notices, which may be after another worker took its sagas over, and a
+        mark written after the signal could be ordered after the takeover's events too)."""
         if sig == signal.SIGTERM:
             proc.terminated = True
         else:
             proc.killed_by_parent = True
+        if sig == signal.SIGKILL:
+            await self.events.record(None, None, None, "killed", outcome=sig.name,
+                                     label=proc.label, pid=proc.process.pid)
         with contextlib.suppress(ProcessLookupError):
             proc.process.send_signal(sig)
         self._say(f"harness sends {sig.name} to {proc.label}")

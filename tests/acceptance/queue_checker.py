@@ -66,7 +66,7 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 
 from sagakit.queue import QueueSettings
-from tests.acceptance.checker import INFINITY, Event, Findings, intervals
+from tests.acceptance.checker import INFINITY, Event, Findings, deaths, intervals
 from tests.acceptance.queue_runner import STEP_NAMES
 
 __all__ = ["Crowd", "Planned", "QueueFindings", "Span", "check_queue_run", "crowd",
@@ -259,7 +259,7 @@ def check_queue_run(
 ) -> QueueFindings:
     """Every check of the module docstring over one run."""
     f = QueueFindings()
-    exits = {e.label: e.id for e in events if e.phase == "exit"}
+    exits = deaths(events)
     by_saga: dict[str, list[Event]] = defaultdict(list)
     for e in events:
         if e.saga_id is not None:

@@ -192,7 +192,7 @@ class QueueHarness(ProcessHarness[QueueRunConfig]):
             now = time.monotonic()
             if self.kills < c.kills and now >= next_kill:
                 next_kill = now + self.rng.uniform(*c.kill_every)
-                self._kill_one(now)
+                await self._kill_one(now)
             if now >= next_poll and submitting.done():
                 next_poll = now + 0.25
                 counts = await self._status_counts()
@@ -201,14 +201,14 @@ class QueueHarness(ProcessHarness[QueueRunConfig]):
             if now > deadline:
                 raise QueueRunStuck(await self._stuck_report())
 
-    def _kill_one(self, now: float) -> None:
+    async def _kill_one(self, now: float) -> None:
         ready = sorted((p for p in self.procs if now - p.started > 0.3
                         and not p.killed_by_parent and p.process.returncode is None
                         and p.ready()), key=lambda p: p.label)
         if not ready:
             return
         self.kills += 1
-        self._signal(self.rng.choice(ready), signal.SIGKILL)
+        await self._signal(self.rng.choice(ready), signal.SIGKILL)
 
     async def _exited(self, proc: Proc) -> None:
         rc = proc.process.returncode

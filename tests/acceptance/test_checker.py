@@ -128,6 +128,23 @@ def test_a_crash_and_a_takeover_after_the_death_pass() -> None:
     assert crash_points(h.events)["in_step"] == 1
 
 
+@pytest.mark.parametrize(("phase", "outcome"), [("killed", "SIGKILL"), ("crash", "act:2:mid")])
+def test_a_process_is_dead_from_its_sigkill_not_from_its_exit_event(phase: str,
+                                                                    outcome: str) -> None:
+    """A live owner's sagas are taken over as soon as it dies, maybe before the harness notices
+    the exit: a harness SIGKILL (``killed``) or a self-inflicted one (``crash``) ends its acts."""
+    h = History()
+    h.claim(10)
+    h.step("r1", 10, "Reserve")
+    h.start("r1", 10, "Charge")
+    h.events.append(Event(h._next(), None, None, None, phase, outcome, "r1", 10))
+    h.claim(20)
+    for name in STEP_NAMES[1:]:
+        h.step("w2", 20, name)
+    h.exit("r1", 10)
+    assert h.check().violations == []
+
+
 def test_two_processes_inside_one_saga_at_once_are_caught() -> None:
     h = History()
     h.claim(10)

@@ -191,6 +191,34 @@ def test_a_killed_process_holds_its_slot_until_its_exit_event(before_exit: bool)
     assert (f.cut_steps, f.killed_in_step) == (1, 1)
 
 
+def test_a_process_is_dead_from_its_sigkill_on_not_from_its_later_exit_event() -> None:
+    """Its liveness session gone with it, a killed worker's saga is taken over at once; the
+    harness may notice the exit later: the act ends at the ``killed`` event."""
+    j = Journal()
+    j.start("e1", "Prepare", "w1")
+    j._add("killed", None, None, "w1", "SIGKILL")
+    j.saga("e1", "w2", run=1)
+    j.exit("w1", killed=True)
+    f = j.check(emails("e1"), exits=("w2",))
+    assert not flagged(f, "Q3.no-overlap-steps")
+    assert (f.cut_steps, f.killed_in_step) == (1, 1)
+
+    j = Journal()  # an act begun after the mark (before the signal landed) ends with it
+    j._add("killed", None, None, "w1", "SIGKILL")
+    j.start("e1", "Prepare", "w1")
+    j.saga("e1", "w2", run=1)
+    j.exit("w1", killed=True)
+    f = j.check(emails("e1"), exits=("w2",))
+    assert not flagged(f, "Q3.no-overlap-steps")
+    assert f.cut_steps == 1
+
+    j = Journal()  # without the kill recorded, the same journal shows an overlap
+    j.start("e1", "Prepare", "w1")
+    j.saga("e1", "w2", run=1)
+    j.exit("w1", killed=True)
+    assert flagged(j.check(emails("e1"), exits=("w2",)), "Q3.no-overlap-steps")
+
+
 def test_a_process_without_an_exit_event_never_ends_its_open_act() -> None:
     j = Journal()
     j.start("o1", "Prepare", "w1")  # w1's death was never recorded
