@@ -31,9 +31,15 @@ from typing import Any
 from uuid import UUID
 
 from sagakit import settings
-from sagakit.exceptions import SagaBusyError, SagaNotFoundError, SagaStorageError
+from sagakit.exceptions import (
+    SagaBusyError,
+    SagaConcurrencyError,
+    SagaNotFoundError,
+    SagaStorageError,
+)
 from sagakit.mediator import SagaMap
 from sagakit.middleware import saga_log_context
+from sagakit.presence import liveness_session, wake_ups
 from sagakit.queue import DEFAULT_QUEUE, check_queue_name
 from sagakit.records import SagaState, SagaStatus
 from sagakit.recovery import RecoveryOptions, _drive
@@ -342,7 +348,9 @@ class RecoveryWorker:
                                   claimed_at=claimed_at)
         except (SagaBusyError, SagaNotFoundError) as exc:
             return RecoveryOutcome(saga_id, error=exc, busy=isinstance(exc, SagaBusyError))
-        except SagaStorageError as exc:  # an outage: one line, no traceback
+        except (SagaStorageError, SagaConcurrencyError) as exc:
+            # An outage, or the saga taken over (a lost lease or session): expected in a
+            # fleet, recovered by whoever holds the saga now; one line, no traceback.
             logger.warning("saga %s: recovery attempt stopped: %s", saga_id, exc)
             return RecoveryOutcome(saga_id, error=exc)
         except Exception as exc:
@@ -427,17 +435,12 @@ class RecoveryWorker:
     @contextlib.asynccontextmanager
     async def _live(self) -> AsyncIterator[None]:
         """Hold a liveness session while the worker runs (where the storage has them)."""
-        make = getattr(self.storage, "liveness", None) if self._use_liveness else None
-        if make is None:
+        if not self._use_liveness:
             yield
             return
-        liveness: Liveness = make()
-        liveness.on_change = self._owner_changed
-        liveness.on_orphans = self.wake
-        liveness.every = self.failover_poll
-        async with liveness:
-            self.liveness = liveness
-            self.owner = liveness.owner
+        async with liveness_session(self.storage, every=self.failover_poll,
+                                    on_change=self._owner_changed,
+                                    on_orphans=self.wake) as self.liveness:
             try:
                 yield
             finally:
@@ -448,34 +451,24 @@ class RecoveryWorker:
 
     @contextlib.asynccontextmanager
     async def _wake_ups(self) -> AsyncIterator[None]:
-        """Listen to the storage's wake-ups while the worker runs (where it has them)."""
-        listen = getattr(self.storage, "listen", None)
-        if listen is None:
-            yield
-            return
-        try:
-            listener = listen(self.wake)
-            if listener is None:  # this storage's database has no wake-ups: polling alone
+        """Listen to the storage's wake-ups while the worker runs; while they are delivered,
+        polls (mostly for interrupted sagas then) and idle liveness looks may be further
+        apart."""
+        async with wake_ups(self.storage, self.wake) as pushed:
+            if not pushed:
                 yield
                 return
-            await listener.__aenter__()
-        except Exception as error:  # no wake-ups: polling alone still finds everything
-            logger.warning("wake-ups unavailable, polling only: %s", error)
-            yield
-            return
-        ceiling = self.max_idle_poll
-        if self._idle_ceiling_default:
-            # Woken for new work, the worker polls mostly for interrupted sagas: less often.
-            self.max_idle_poll = min(15 * self.poll_interval, settings.MAX_SECONDS)
-        if self.liveness is not None:  # woken for new work, it may look less often when quiet
-            self.liveness.max_quiet = self.max_idle_poll
-        try:
-            yield
-        finally:
-            self.max_idle_poll = ceiling
+            ceiling = self.max_idle_poll
+            if self._idle_ceiling_default:
+                self.max_idle_poll = min(15 * self.poll_interval, settings.MAX_SECONDS)
             if self.liveness is not None:
-                self.liveness.max_quiet = self.liveness.every
-            await listener.__aexit__(None, None, None)
+                self.liveness.max_quiet = self.max_idle_poll
+            try:
+                yield
+            finally:
+                self.max_idle_poll = ceiling
+                if self.liveness is not None:
+                    self.liveness.max_quiet = self.liveness.every
 
     async def _drain(self, in_flight: set[asyncio.Task[RecoveryOutcome]]) -> None:
         """Shutting down: sagas in hand stop at their next checkpoint; past the timeout, cancel."""

@@ -414,3 +414,27 @@ async def test_a_primary_cut_off_does_not_hand_over_to_its_fallback(
     assert breaker.calls == ["check CardPayment"]  # no verdict on the primary
     assert await storage.get_step_history(saga_id) == []
     assert (await storage.get_saga(saga_id)).status is SagaStatus.RUNNING
+
+
+async def test_a_worker_logs_a_run_cut_off_by_its_lease_as_one_warning_line(
+    renewals_hang: asyncio.Event, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """In a fleet a lost lease (or liveness session) is expected: the saga is someone else's
+    now. The keeper and the worker each say so in one warning line, without the traceback an
+    unexpected error gets."""
+    storage, script = MemorySagaStorage(), Script()
+    stuck = Forever()
+    script.hook("StepB", "act", stuck)
+    saga_id = uuid.uuid4()
+    await storage.create_saga(saga_id, "ThreeStepSaga", {"order_id": "o-1", "trail": []})
+    worker = RecoveryWorker(storage, [ThreeStepSaga], container=script.container,
+                            options=RecoveryOptions(lease_seconds=0.3))
+    with caplog.at_level("INFO", logger="sagakit"):
+        outcome = await worker.recover(saga_id)
+    assert isinstance(outcome.error, SagaLeaseLostError)
+    assert stuck.ended == ["cancelled"]
+    mine = [r for r in caplog.records if str(saga_id) in r.getMessage()]
+    assert {(r.levelname, r.exc_info) for r in mine} == {("WARNING", None)}
+    [stopped] = [r.getMessage() for r in mine if r.name == "sagakit.worker"]
+    assert "recovery attempt stopped" in stopped
+    assert "step 'StepB'" in stopped
