@@ -157,6 +157,7 @@ class RecoveryWorker:
         self._stop = asyncio.Event()
         self._in_hand: set[UUID] = set()
         self._claimed_at: dict[UUID, float] = {}  # saga id -> when its claim was sent
+        self._resting: dict[str | None, float] = {}  # source -> not asked again before then
 
     def stopping(self) -> bool:
         """True once a shutdown was asked for."""
@@ -205,17 +206,30 @@ class RecoveryWorker:
         return claimed
 
     async def _claim_from(self, source: str | None, limit: int) -> list[SagaState]:
-        if source is None:
-            return await self._claim(limit) if self._claims_due() else []
-        claim_queued = getattr(self.storage, "claim_queued", None) if self._queues_work else None
-        if claim_queued is None:  # a storage of the seed's protocol: no submitted sagas
-            self._no_queues()
+        """Claim up to ``limit`` sagas from one source (None: recovery; else a queue). A source
+        whose last claim found nothing rests for ``poll_interval`` seconds, or until a wake-up:
+        a busy worker refilling its slots one by one asks the sources that have work, not the
+        empty ones each time (without wake-ups, new work there waits a poll, as when idle)."""
+        if self._resting.get(source, 0.0) > time.monotonic():
             return []
-        return await self._claiming(claim_queued(
-            self.owner, source, limit=limit, lease_seconds=self.options.lease_seconds,
-            max_recovery_attempts=self.options.max_recovery_attempts,
-            saga_names=frozenset(self._sagas),
-        ), queued=True)
+        if source is None:
+            claimed = await self._claim(limit) if self._claims_due() else []
+        else:
+            claim_queued = (getattr(self.storage, "claim_queued", None) if self._queues_work
+                            else None)
+            if claim_queued is None:  # a storage of the seed's protocol: no submitted sagas
+                self._no_queues()
+                return []
+            claimed = await self._claiming(claim_queued(
+                self.owner, source, limit=limit, lease_seconds=self.options.lease_seconds,
+                max_recovery_attempts=self.options.max_recovery_attempts,
+                saga_names=frozenset(self._sagas),
+            ), queued=True)
+        if claimed or self.failed_polls:
+            self._resting.pop(source, None)
+        else:
+            self._resting[source] = time.monotonic() + self.poll_interval
+        return claimed
 
     def _no_queues(self) -> None:
         if self._queues_work:
@@ -428,6 +442,7 @@ class RecoveryWorker:
 
     def wake(self, _: object = None) -> None:
         """Poll now (a storage's wake-up callback; safe to call from the loop's thread)."""
+        self._resting.clear()
         self._wake.set()
         if self.liveness is not None:  # work is coming: watch for dead workers closely
             self.liveness.poke()

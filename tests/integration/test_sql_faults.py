@@ -4,7 +4,10 @@ connections, locks."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import socket
+import struct
 import uuid
 from typing import Any
 
@@ -190,7 +193,7 @@ async def test_a_checkpoint_stays_atomic_on_an_autocommit_mysql_engine(group_com
         async with storage.create_run() as run:
             await run.start(saga_id, "Atomic", {"n": 0}, fingerprint=None, lease_seconds=30)
             await run.update_context(saga_id, {"n": 1})
-            # VARCHAR(255): the log insert fails after the row update in the same query
+            # VARCHAR(255): the log insert fails, in the same query as the row update
             await run.log_step(saga_id, "x" * 300, "act", SagaStepStatus.COMPLETED)
             with pytest.raises(Exception, match="too long"):
                 await run.commit()
@@ -199,3 +202,55 @@ async def test_a_checkpoint_stays_atomic_on_an_autocommit_mysql_engine(group_com
         assert await storage.get_step_history(saga_id) == []
     finally:
         await storage.close()
+
+
+@pytest.mark.parametrize("group_commit", [False, True], ids=["plain", "group"])
+async def test_a_mysql_checkpoint_whose_client_vanishes_mid_query_is_written_whole_or_not(
+    group_commit: bool, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The client's connection reset right after a checkpoint's query went out (a SIGKILL, a
+    link cut): the server runs the statements on, through the COMMIT, without anyone reading
+    their results. The saga's row and its log entries are written together or not at all
+    (relying on ROW_COUNT() after the UPDATE, the UPDATE was committed without its entries)."""
+    from sagakit.storage import mysql
+
+    real = mysql._execute
+    yields = 0
+
+    async def vanishing(raw: Any, sql: str) -> list[Any]:
+        if "UPDATE" not in sql:
+            return await real(raw, sql)
+        sent = asyncio.ensure_future(real(raw, sql))
+        for _ in range(yields):
+            await asyncio.sleep(0)
+        transport = raw._transport
+        transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()  # an RST: the server's reads and writes fail from here on
+        return await sent
+
+    storage = SqlAlchemySagaStorage.from_url(MYSQL_DSN, group_commit=group_commit, **TABLES)
+    await storage.create_schema()
+    outcomes: list[tuple[int, int]] = []
+    try:
+        for round_ in range(24):
+            saga_id = uuid.uuid4()
+            yields = round_ % 4
+            try:
+                async with storage.create_run() as run:
+                    await run.start(saga_id, "Vanishing", {"n": 0}, fingerprint=None,
+                                    lease_seconds=30)
+                    monkeypatch.setattr(mysql, "_execute", vanishing)
+                    await run.update_context(saga_id, {"n": 1})
+                    await run.log_step(saga_id, "Step", "act", SagaStepStatus.COMPLETED)
+                    with contextlib.suppress(Exception):
+                        await run.commit()
+            finally:
+                monkeypatch.setattr(mysql, "_execute", real)
+            await asyncio.sleep(0.1)  # the server finishes what it received
+            state = await storage.get_saga(saga_id)
+            entries = len(await storage.get_step_history(saga_id))
+            outcomes.append((state.context["n"], entries))
+    finally:
+        await storage.close()
+    assert set(outcomes) <= {(0, 0), (1, 1)}, outcomes

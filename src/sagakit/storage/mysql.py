@@ -5,9 +5,13 @@ connection (asyncmy or aiomysql) on a pooled connection
 Both drivers connect with multi-statements enabled (``CLIENT_MULTI_STATEMENTS``), so the
 statements of one write travel as one query, ending in ``COMMIT``: one round trip.
 
-- A checkpoint: the fenced ``UPDATE``; the log ``INSERT ... SELECT ... WHERE ROW_COUNT() = 1``,
-  which inserts only if the update matched the row (the server evaluates ``ROW_COUNT()``, the
-  previous statement's row count, once, before inserting); ``COMMIT``.
+- A checkpoint: each log entry's ``INSERT ... SELECT ... FROM`` the saga's row ``WHERE`` the
+  fence matches ``FOR UPDATE`` (the first locks the row: nothing can change it until the
+  commit); the fenced ``UPDATE``; ``COMMIT``. Both or neither: the fence is read on the locked
+  row by every statement. Not ``ROW_COUNT()`` after the UPDATE: should the client vanish
+  mid-query (a SIGKILL, a reset link), the server still runs the statements through to the
+  ``COMMIT``, and then ``ROW_COUNT()`` is not always the UPDATE's (measured: the UPDATE
+  committed, its log entries not).
 - A start: ``INSERT``, ``COMMIT``.
 - A batch (group commit): ``SELECT ... FOR UPDATE`` locks the rows of the batch's sagas (in
   saga id order, as every writer does) and reads their versions; one ``INSERT`` of the started
@@ -79,13 +83,12 @@ class MySqlWriter:
         raw = lease.driver
         lit: _Literal = raw.literal
         sid = _sid(cp.saga_id)
+        fence = _fence(cp, lit)
         query = _Query()
-        query.add("update",
-                  f"{self._update}{_sets(cp, text, lit)} WHERE saga_id = {sid} AND {_fence(cp, lit)}")
-        if cp.entries:
-            query.add("logs", self._log + " UNION ALL ".join(
-                f"SELECT {_entry(sid, e, lit)}, {_NOW} FROM DUAL WHERE ROW_COUNT() = 1"
-                for e in cp.entries))
+        for i, e in enumerate(cp.entries):  # first: each locks the row if the fence matches
+            query.add(f"log{i}", f"{self._log}SELECT {_entry(sid, e, lit)}, {_NOW} FROM "
+                                 f"{self._ex} WHERE saga_id = {sid} AND {fence} FOR UPDATE")
+        query.add("update", f"{self._update}{_sets(cp, text, lit)} WHERE saga_id = {sid} AND {fence}")
         known = cp.fence_version if cp.fence_version is not None else cp.expected_version
         if known is None:  # read the version back, under the row lock the update took
             query.add("version", f"SELECT version FROM {self._ex} WHERE saga_id = {sid}")
@@ -93,7 +96,7 @@ class MySqlWriter:
             results = await self._send(raw, query, cp.saga_id)
         if results["update"] != 1:
             return None
-        _check(results.get("logs", 0), len(cp.entries))
+        _check(sum(results[f"log{i}"] for i in range(len(cp.entries))), len(cp.entries))
         return known + 1 if known is not None else int(results["version"][0][0])
 
     async def insert_leased(self, lease: PoolLease, start: LeasedStart) -> bool:
@@ -253,7 +256,10 @@ class MySqlWriter:
         if fenced:
             # Right after the UPDATE: 0 if it changed every row; else EXP(1000) raises "DOUBLE
             # value is out of range" (_FENCED_OUT), which stops the query before its COMMIT.
-            # (IF evaluates only the branch it takes.)
+            # (IF evaluates only the branch it takes.) Safe though ROW_COUNT() may be wrong
+            # once the client has vanished (see the module's docstring): it can only be wrong
+            # that way, stopping the query, and an error stops the statements after it then
+            # too (measured).
             query.add("all", f"SELECT IF(ROW_COUNT() <> {len(matched)}, EXP(1000), 0)")
         if logs:
             query.add("logs", self._log + "VALUES " + ", ".join(logs))
