@@ -214,10 +214,18 @@ def deaths(events: Sequence[Event]) -> dict[str, int]:
 
 
 def intervals(events: Sequence[Event], exits: dict[str, int]) -> list[Interval]:
-    """The act/compensate intervals of one saga's events (ordered by id)."""
+    """The act/compensate intervals of one saga's events (ordered by id). An act without an
+    end event ends at its process's death, or at the ``interrupted`` event of its run (the
+    run's step was cut off, and the end record went down with the link it was cut off for)."""
     out: list[Interval] = []
     open_: dict[tuple[str, str, str], Event] = {}
     for e in events:
+        if e.phase == "interrupted":  # the run stopped: its acts had ended, recorded or not
+            for key in [k for k in open_ if k[0] == e.label]:
+                start = open_.pop(key)
+                out.append(Interval(e.label, start.id, e.id,
+                                    f"{start.action} {start.step} (cut off: no end recorded)"))
+            continue
         if e.phase not in ("start", "end") or e.step is None or e.action is None:
             continue
         key = (e.label, e.step, e.action)

@@ -145,6 +145,23 @@ def test_a_process_is_dead_from_its_sigkill_not_from_its_exit_event(phase: str,
     assert h.check().violations == []
 
 
+def test_an_act_cut_off_without_an_end_record_ends_at_its_runs_interruption() -> None:
+    """A worker whose link was cut loses its session: its step is cancelled at once, and the
+    step's own end record may be lost with the link; the run's ``interrupted`` event (written
+    once the run stopped) ends the act."""
+    h = History()
+    h.claim(10)
+    h.step("r1", 10, "Reserve")
+    h.start("r1", 10, "Charge")
+    h.events.append(Event(h._next(), SID, None, None, "interrupted", "SagaLeaseLostError",
+                          "r1", 10))
+    h.claim(20)
+    for name in STEP_NAMES[1:]:
+        h.step("w2", 20, name)
+    h.exit("r1", 10, outcome="returncode=0")
+    assert h.check().violations == []
+
+
 def test_two_processes_inside_one_saga_at_once_are_caught() -> None:
     h = History()
     h.claim(10)
