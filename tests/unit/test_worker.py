@@ -193,3 +193,45 @@ def test_polls_back_off_while_they_fail_and_not_before() -> None:
         expected = min(0.5 * 2 ** (failures - 1), worker.max_backoff)
         assert expected * 0.8 <= wait <= expected * 1.2
     assert max(waits) <= worker.max_backoff * 1.2
+
+
+class CountingStorage(MemorySagaStorage):
+    """A memory storage that counts the claims of each kind."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.claims: dict[str, int] = {"due": 0, "queued": 0}
+
+    async def claim_due(self, *args: Any, **kwargs: Any) -> Any:
+        self.claims["due"] += 1
+        return await super().claim_due(*args, **kwargs)
+
+    async def claim_queued(self, *args: Any, **kwargs: Any) -> Any:
+        self.claims["queued"] += 1
+        return await super().claim_queued(*args, **kwargs)
+
+
+async def test_a_busy_worker_does_not_ask_an_empty_source_at_every_refill() -> None:
+    """Twelve interrupted sagas, two slots: each finished saga frees a slot that is refilled at
+    once from recovery. The queue was empty at the first poll and rests for poll_interval (a
+    minute here): not asked again at each refill; a wake-up (a submit) ends its rest."""
+    storage, script = CountingStorage(), Script()
+    backlog = [await _crash_after(ThreeStepSaga(), script, storage, "StepA") for _ in range(12)]
+    worker = _worker(storage, script, concurrency=2, poll_interval=60)
+    running = asyncio.create_task(worker.run(install_signal_handlers=False))
+    try:
+        for _ in range(500):
+            states = [await storage.get_saga(i) for i in backlog]
+            if all(s.status is SagaStatus.COMPLETED for s in states):
+                break
+            await asyncio.sleep(0.01)
+        assert [s.status for s in states] == [SagaStatus.COMPLETED] * 12
+        assert storage.claims["queued"] == 1
+        assert storage.claims["due"] >= 6  # the refills, from the source that had work
+        handle = await ThreeStepSaga().submit(Ctx("late"), storage=storage)
+        final = await asyncio.wait_for(handle.outcome(), 10)  # woken: not a minute later
+        assert final.status is SagaStatus.COMPLETED
+        assert storage.claims["queued"] >= 2
+    finally:
+        worker.stop()
+        await running
