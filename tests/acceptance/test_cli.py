@@ -366,6 +366,16 @@ def test_abort_a_parked_saga(db: Db) -> None:
     assert shown["context"]["trail"][-1] == "undo ReserveStock"
 
 
+def test_aborting_a_finished_saga_is_an_error_and_writes_nothing(db: Db) -> None:
+    before = json.loads(ok(sagakit("show", db["completed"], "--json", url=db.url)))
+    message = error_of(sagakit("abort", db["completed"], "--saga", ORDER, url=db.url),
+                       EXIT_USAGE)
+    assert f"saga {db['completed']} (OrderSaga) is already COMPLETED" in message
+    assert "nothing left to abort" in message
+    after = json.loads(ok(sagakit("show", db["completed"], "--json", url=db.url)))
+    assert after == before
+
+
 # -- worker -------------------------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ from sagakit.cli.exits import EXIT_OK, CliError, one_line, terminate_early
 from sagakit.cli.inspection import parse_saga_id
 from sagakit.cli.render import Outcome, report
 from sagakit.queue import DEFAULT_QUEUE
+from sagakit.records import TERMINAL_STATUSES
 
 if TYPE_CHECKING:
     from sagakit.storage.sqlalchemy import SqlAlchemySagaStorage
@@ -34,6 +35,9 @@ def explicit(action: str) -> Command:
 
         saga_id = parse_saga_id(args.saga_id)
         state = await storage.get_saga(saga_id)
+        if action == "abort" and state.status in TERMINAL_STATUSES:
+            raise CliError(f"saga {saga_id} ({state.name}) is already {state.status.value}: "
+                           "there is nothing left to abort; nothing written")
         saga = definition_for(args, state)
         if action == "recover":
             status = await recover_saga(saga, saga_id, storage=storage,
