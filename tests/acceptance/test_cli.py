@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -364,6 +365,19 @@ def test_abort_a_parked_saga(db: Db) -> None:
     assert len(aborted) == 1
     assert "customer cancelled" in aborted[0]["details"]
     assert shown["context"]["trail"][-1] == "undo ReserveStock"
+
+
+def test_a_parked_saga_shows_no_next_attempt(db: Db) -> None:
+    """Parked after failed recoveries, its row may keep the time of a backoff that no longer
+    applies: only an explicit resume or abort runs it again."""
+    with sqlite3.connect(db.path) as conn:
+        changed = conn.execute("UPDATE saga_executions SET next_attempt_at = '2030-01-01 00:00:00'"
+                               " WHERE saga_id = ?", (db.ids["parked"].hex,)).rowcount
+    assert changed == 1
+    out = ok(sagakit("show", db["parked"], url=db.url))
+    fields = {line[:13].strip(): line[13:].strip() for line in out[:out.index("context:")]
+              .splitlines()}
+    assert (fields["status"], fields["next attempt"]) == ("PARKED", "-")
 
 
 def test_aborting_a_finished_saga_is_an_error_and_writes_nothing(db: Db) -> None:

@@ -13,12 +13,14 @@ from sagakit.cli import render
 from sagakit.cli.database import with_storage
 from sagakit.cli.definitions import definition_for, load_saga
 from sagakit.cli.exits import EXIT_OK, CliError
-from sagakit.records import SagaState
+from sagakit.records import TERMINAL_STATUSES, SagaState, SagaStatus
 
 if TYPE_CHECKING:
     from sagakit.storage.sqlalchemy import SqlAlchemySagaStorage
 
 __all__ = ["diagram", "list_sagas", "parse_saga_id", "show"]
+
+_NOT_SCHEDULED = TERMINAL_STATUSES | {SagaStatus.PARKED}
 
 
 def parse_saga_id(text: str) -> UUID:
@@ -96,7 +98,10 @@ async def show(args: argparse.Namespace, storage: SqlAlchemySagaStorage) -> int:
         ("created", render.when(state.created_at)),
         ("updated", render.when(state.updated_at)),
         ("lease", lease),
-        ("next attempt", render.when(state.next_attempt_at)),
+        # Only where recovery will run the saga again: a parked or finished saga may keep the
+        # time of a backoff that no longer applies.
+        ("next attempt", "-" if state.status in _NOT_SCHEDULED
+         else render.when(state.next_attempt_at)),
         ("fingerprint", state.fingerprint or "-"),
     ]
     if state.deadline_at is not None:
