@@ -491,7 +491,12 @@ def test_a_malformed_saga_id_is_a_usage_error(db: Db) -> None:
     [
         ("nonsense", "bad database URL"),
         ("nosuchdb+driver://host/x", "bad database URL"),
-        ("sqlite:///sagas.db", "requires an async driver"),
+        ("sqlite:///sagas.db", "sqlite:// names no async driver; sagakit needs one: "
+                               "sqlite+aiosqlite:///sagas.db"),
+        ("postgresql://u:secret@db/x", "postgresql+asyncpg://u:***@db/x "
+                                       "(pip install 'sagakit[postgres]')"),
+        ("postgres://u@db/x", "postgresql+asyncpg://u@db/x (pip install 'sagakit[postgres]')"),
+        ("mysql://root@db/x", "mysql+asyncmy://root@db/x (pip install 'sagakit[mysql]')"),
     ],
 )
 def test_a_bad_url_exits_2(url: str, expected: str) -> None:

@@ -69,6 +69,26 @@ logger = logging.getLogger("sagakit.storage")
 DEFAULT_MAX_CONTEXT_BYTES = 16 * 1024 * 1024
 DEFAULT_ACQUIRE_TIMEOUT = 120.0
 _EXTRAS = {"asyncpg": "postgres", "asyncmy": "mysql", "aiomysql": "aiomysql", "aiosqlite": ""}
+_ASYNC_URLS = {  # a URL naming no driver (or PostgreSQL's short scheme): the one to write
+    "postgresql": ("postgresql+asyncpg", "postgres"), "postgres": ("postgresql+asyncpg", "postgres"),
+    "mysql": ("mysql+asyncmy", "mysql"), "mariadb": ("mysql+asyncmy", "mysql"),
+    "sqlite": ("sqlite+aiosqlite", ""),
+}
+
+
+def _check_driver(url: str | sa.engine.URL) -> None:
+    """ValueError, before anything is built, for a URL that names no async driver (e.g.
+    ``postgresql://``, ``postgres://``, ``mysql://``, ``sqlite:///``): which URL to write, and
+    which sagakit extra installs its driver."""
+    text = url if isinstance(url, str) else url.render_as_string(hide_password=False)
+    scheme, sep, rest = text.partition("://")
+    if not sep or "+" in scheme or scheme not in _ASYNC_URLS:
+        return
+    better, extra = _ASYNC_URLS[scheme]
+    shown = sa.engine.make_url(f"{better}://{rest}").render_as_string(hide_password=True)
+    install = f" (pip install 'sagakit[{extra}]')" if extra else ""
+    raise ValueError(f"bad database URL: {scheme}:// names no async driver; sagakit needs one: "
+                     f"{shown}{install}")
 
 
 class SqlAlchemySagaStorage(SqlQueues, RunBackedStorage):
@@ -138,7 +158,9 @@ class SqlAlchemySagaStorage(SqlQueues, RunBackedStorage):
     ) -> SqlAlchemySagaStorage:
         """Build the storage and its own engine from a database URL, e.g.
         ``sqlite+aiosqlite:///sagas.db`` or ``postgresql+asyncpg://user@host/db``.
-        Raises ImportError naming the extra to install when the driver is missing."""
+        Raises ImportError naming the extra to install when the driver is missing, and
+        ValueError naming the URL to write for one that names no async driver
+        (``postgresql://``, ``postgres://``, ``mysql://``, ``sqlite:///``)."""
         # validate names and numbers before building anything
         SagaTables(executions_table, logs_table, queues_table=queues_table)
         settings.count("max_context_bytes", max_context_bytes)
@@ -146,6 +168,7 @@ class SqlAlchemySagaStorage(SqlQueues, RunBackedStorage):
         # Every connection this storage uses ends its transaction itself (commit, rollback or
         # autocommit), so the pool's reset-on-return would only add a ROLLBACK round trip.
         engine_options.setdefault("pool_reset_on_return", None)
+        _check_driver(url)
         try:
             engine = create_async_engine(url, **engine_options)
         except ImportError as error:
