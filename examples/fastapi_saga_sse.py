@@ -21,7 +21,7 @@ Sagas are stored with SQLAlchemy, on SQLite by default; set ``SAGAKIT_DATABASE_U
 database (e.g. ``postgresql+asyncpg://user@host/db``). Run it with::
 
     pip install 'sagakit[fastapi]'
-    python examples/fastapi_saga_sse.py --port 8000
+    python examples/fastapi_saga_sse.py --port 8000   # or: uvicorn examples.fastapi_saga_sse:app
     curl -N -X POST localhost:8000/orders -H 'content-type: application/json' \\
          -d '{"items": ["book"], "amount": 25.0, "address": "1 Main Street"}'
     curl -X POST localhost:8000/orders/submit -H 'content-type: application/json' \\
@@ -400,6 +400,18 @@ def create_app(database_url: str | None = None, *, shutdown_timeout: float = 30.
         return {"status": "ok"}
 
     return app
+
+
+_app: FastAPI | None = None
+
+
+async def app(scope: Any, receive: Any, send: Any) -> None:
+    """``uvicorn examples.fastapi_saga_sse:app``: the app for ``SAGAKIT_DATABASE_URL``, built
+    on first use (importing this module builds nothing)."""
+    global _app
+    if _app is None:
+        _app = create_app()
+    await _app(scope, receive, send)
 
 
 def configure_logging() -> None:

@@ -36,12 +36,13 @@ ORDER = {"items": ["book", "lamp"], "amount": 42.5, "address": "1 Main Street"}
 class Server:
     """The example app under uvicorn on 127.0.0.1, a port picked by the OS (``--port 0``)."""
 
-    def __init__(self, database: Path) -> None:
+    def __init__(self, database: Path, command: list[str] | None = None) -> None:
         env = {**os.environ, "SAGAKIT_DATABASE_URL": f"sqlite+aiosqlite:///{database}",
                "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(
-            [sys.executable, str(EXAMPLE), "--host", "127.0.0.1", "--port", "0"],
+            command or [sys.executable, str(EXAMPLE), "--host", "127.0.0.1", "--port", "0"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            cwd=EXAMPLE.parents[1],
         )
         self.lines: list[str] = []
         self._seen: queue.Queue[str | None] = queue.Queue()
@@ -291,3 +292,19 @@ def test_submit_mode_refuses_bad_requests_and_unknown_sagas(client):
     assert client.get("/sagas/not-a-uuid/events").status_code == 422
     response = client.post("/orders/submit", json={"items": [], "amount": 1, "address": "x"})
     assert response.status_code == 422
+
+
+def test_uvicorn_serves_the_example_by_its_module_path(tmp_path: Path) -> None:
+    """``uvicorn examples.fastapi_saga_sse:app`` from the repository root, as its docstring
+    says: the app is built on first use, for SAGAKIT_DATABASE_URL, and runs a saga."""
+    server = Server(tmp_path / "sagas.db", [sys.executable, "-m", "uvicorn",
+                                            "examples.fastapi_saga_sse:app", "--port", "0"])
+    try:
+        with httpx.Client(base_url=server.url, timeout=httpx.Timeout(30.0)) as client:
+            assert client.get("/health").status_code == 200
+            with client.stream("POST", "/orders", json=ORDER) as response:
+                seen = list(events(response))
+        assert seen[-1][0] == "done"
+        assert seen[-1][1]["status"] == "COMPLETED"
+    finally:
+        server.stop()
