@@ -7,8 +7,11 @@
    are not run again; "ship" runs again (its completion was never checkpointed) and the saga
    completes.
 
-Run: ``sagakit demo``, ``python -m sagakit.demo`` or ``python examples/demo.py``. Add ``--keep``
-to keep the database. The worker process is ``python -m sagakit.demo --worker DB SAGA_ID``.
+The database is kept (in a new temporary directory, or ``--db PATH``), and the demo ends by
+saying where it is and which commands to try on it; ``--discard`` deletes it instead.
+
+Run: ``sagakit demo``, ``python -m sagakit.demo`` or ``python examples/demo.py``. The worker
+process is ``python -m sagakit.demo --worker DB SAGA_ID``.
 """
 
 from __future__ import annotations
@@ -112,12 +115,10 @@ async def show(storage: SqlAlchemySagaStorage, saga_id: uuid.UUID) -> None:
         say(f"    {entry.step_name:<15} {entry.action.value:<10} {entry.status.value}")
 
 
-async def run(directory: Path) -> int:
-    """The demo itself, on a fresh SQLite database in ``directory``."""
-    db = directory / "sagas.db"
+async def run(db: Path, saga_id: uuid.UUID) -> int:
+    """The demo itself, on the SQLite database ``db`` (created if missing)."""
     storage = SqlAlchemySagaStorage.from_url(_url(db))
     await storage.create_schema()
-    saga_id = uuid.uuid4()
 
     say(f"1. a worker runs saga {saga_id} on {db}")
     env = {**os.environ, "SAGAKIT_DEMO_SLOW_SHIP": "1"}
@@ -159,17 +160,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     code: 0 when recovery completed the saga."""
     parser = argparse.ArgumentParser(prog="sagakit demo", description=__doc__.splitlines()[0])
     parser.add_argument("--worker", nargs=2, metavar=("DB", "SAGA_ID"), help=argparse.SUPPRESS)
-    parser.add_argument("--keep", action="store_true", help="keep the SQLite database")
+    parser.add_argument("--db", type=Path, metavar="PATH",
+                        help="the SQLite file to use (default: sagas.db in a new temporary "
+                             "directory)")
+    parser.add_argument("--discard", action="store_true",
+                        help="delete the database at the end instead of keeping it")
+    parser.add_argument("--keep", action="store_true", help=argparse.SUPPRESS)  # the default
     args = parser.parse_args(argv)
     if args.worker:
         asyncio.run(worker(Path(args.worker[0]), uuid.UUID(args.worker[1])))
         return 0
-    directory = Path(tempfile.mkdtemp(prefix="sagakit-demo-"))
+    db = (args.db or Path(tempfile.mkdtemp(prefix="sagakit-demo-")) / "sagas.db").absolute()
     try:
-        return asyncio.run(run(directory))
+        saga_id = uuid.uuid4()
+        code = asyncio.run(run(db, saga_id))
     finally:
-        if not args.keep:
-            shutil.rmtree(directory, ignore_errors=True)
+        if args.discard:
+            for path in (db, db.with_name(db.name + "-journal"), db.with_name(db.name + "-wal")):
+                path.unlink(missing_ok=True)
+            if args.db is None:
+                shutil.rmtree(db.parent, ignore_errors=True)
+    if not args.discard:
+        _next_steps(db, saga_id)
+    return code
+
+
+def _next_steps(db: Path, saga_id: uuid.UUID) -> None:
+    say(f"""
+The database is kept: {db}
+Try:
+  export SAGAKIT_DATABASE_URL={_url(db)}
+  sagakit list                # every saga and its status
+  sagakit show {saga_id}      # its context and step log
+  sagakit diagram {saga_id} --saga sagakit.demo:OrderSaga
+                              # what ran and what was retried, as a Mermaid diagram
+  sagakit demo --discard      # next time: delete the database at the end""")
 
 
 if __name__ == "__main__":

@@ -465,10 +465,29 @@ def test_worker_needs_a_definition_and_a_database(db: Db, tmp_path: Path) -> Non
 # -- demo ---------------------------------------------------------------------------------------
 
 
-def test_demo() -> None:
-    lines = ok(sagakit("demo", timeout=120)).splitlines()
+def test_demo_keeps_its_database_and_the_commands_it_suggests_work(tmp_path: Path) -> None:
+    db = tmp_path / "demo.db"
+    out = ok(sagakit("demo", "--db", str(db), timeout=120))
+    lines = out.splitlines()
     assert any("worker killed with SIGKILL (exit -9)" in line for line in lines)
     assert "   recover_saga returned COMPLETED" in lines
+    assert f"The database is kept: {db}" in lines
+    url = f"sqlite+aiosqlite:///{db}"
+    assert f"  export SAGAKIT_DATABASE_URL={url}" in lines
+    suggested = [line.split("#")[0].split() for line in lines
+                 if line.startswith(("  sagakit show", "  sagakit diagram"))]
+    assert [words[:2] for words in suggested] == [["sagakit", "show"], ["sagakit", "diagram"]]
+    shown = ok(sagakit(*suggested[0][1:], url=url))
+    assert "COMPLETED" in shown.splitlines()[2]
+    assert ok(sagakit(*suggested[1][1:], url=url)).startswith("graph TD")
+
+
+def test_demo_discard_deletes_its_database(tmp_path: Path) -> None:
+    db = tmp_path / "demo.db"
+    lines = ok(sagakit("demo", "--db", str(db), "--discard", timeout=120)).splitlines()
+    assert "   recover_saga returned COMPLETED" in lines
+    assert not db.exists()
+    assert not any(line.startswith("The database is kept") for line in lines)
 
 
 # -- errors -------------------------------------------------------------------------------------

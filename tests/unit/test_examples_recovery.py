@@ -9,17 +9,17 @@ from pathlib import Path
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-def run(name: str) -> list[str]:
+def run(name: str, *args: str) -> list[str]:
     done = subprocess.run(
-        [sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, timeout=120,
-        check=False,
+        [sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True,
+        timeout=120, check=False,
     )
     assert done.returncode == 0, done.stderr
     return done.stdout.splitlines()
 
 
 def test_demo_kills_a_worker_and_recovery_completes_the_saga() -> None:
-    lines = run("demo.py")
+    lines = run("demo.py", "--discard")
     assert any("worker killed with SIGKILL (exit -9)" in line for line in lines)
     survived = lines[lines.index("2. what survived the crash:") + 1 :]
     assert survived[0].startswith("  status=RUNNING version=3")
@@ -32,6 +32,7 @@ def test_demo_kills_a_worker_and_recovery_completes_the_saga() -> None:
     # the checkpointed steps did not run again: one reserve and one charge in the whole output
     assert sum("reserve stock   ->" in line for line in lines) == 1
     assert sum("charge card     ->" in line for line in lines) == 1
+    assert not any(line.startswith("The database is kept") for line in lines)
 
 
 def test_recovery_example_finishes_forward_and_backward() -> None:

@@ -321,7 +321,8 @@ def _set_queue(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from sagakit.demo import main as demo_main
 
-    return demo_main(["--keep"] if args.keep else [])
+    return demo_main([*(["--db", str(args.db)] if args.db else []),
+                      *(["--discard"] if args.discard else [])])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -342,7 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
     _recovery_commands(commands, common)
     _queue_commands(commands, common)
 
-    p = commands.add_parser("demo", help="run the crash-and-recovery demo on a temporary SQLite")
-    p.add_argument("--keep", action="store_true", help="keep the SQLite database")
+    p = commands.add_parser("demo", help="run the crash-and-recovery demo on SQLite, keep the "
+                                         "database and say what to try on it")
+    p.add_argument("--db", metavar="PATH",
+                   help="the SQLite file (default: sagas.db in a new temporary directory)")
+    p.add_argument("--discard", action="store_true",
+                   help="delete the database at the end instead of keeping it")
+    p.add_argument("--keep", action="store_true", help=argparse.SUPPRESS)  # the default now
     p.set_defaults(run=_demo)
     return parser
