@@ -143,6 +143,16 @@ def test_list_filters_and_json(db: Db) -> None:
     assert ok(sagakit("list", "--name", "refund", url=db.url)).strip() == "no sagas found"
 
 
+def test_list_says_when_there_are_more_sagas_than_it_shows(db: Db) -> None:
+    lines = ok(sagakit("list", "--limit", "2", url=db.url)).splitlines()
+    assert [line.split()[0] for line in lines[1:3]] == [db["crashed"], db["parked"]]
+    assert lines[3] == ("(the 2 newest; there are more: raise --limit, or "
+                        "narrow with --status or --name)")
+    assert len(lines) == 4
+    exact = ok(sagakit("list", "--limit", "4", url=db.url)).splitlines()
+    assert len(exact) == 5  # header and the 4 sagas, no note: there are no more
+
+
 def test_list_rejects_an_unknown_status(db: Db) -> None:
     done = sagakit("list", "--status", "SLEEPING", url=db.url)
     assert done.returncode == EXIT_USAGE

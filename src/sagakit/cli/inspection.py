@@ -54,7 +54,10 @@ def _queue_columns(states: Sequence[SagaState]) -> tuple[list[str], list[list[st
 
 async def list_sagas(args: argparse.Namespace, storage: SqlAlchemySagaStorage) -> int:
     statuses = frozenset(args.status) if args.status else None
-    states = await storage.list_sagas(statuses=statuses, saga_name=args.name, limit=args.limit)
+    states = await storage.list_sagas(statuses=statuses, saga_name=args.name,
+                                      limit=args.limit + 1)  # one more: are there more?
+    more = len(states) > args.limit
+    states = states[:args.limit]
     if args.json:
         render.print_json([render.state_json(s, context=False) for s in states])
         return EXIT_OK
@@ -68,6 +71,9 @@ async def list_sagas(args: argparse.Namespace, storage: SqlAlchemySagaStorage) -
             for s, queued in zip(states, queue_cells, strict=True)]
     print(render.table(("ID", "NAME", "STATUS", *queue_headers, "VERSION", "ATTEMPTS",
                         "UPDATED (UTC)", "LEASE OWNER"), rows))
+    if more:
+        print(f"(the {args.limit} newest; there are more: raise --limit, or "
+              "narrow with --status or --name)")
     return EXIT_OK
 
 
