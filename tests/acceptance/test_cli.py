@@ -326,6 +326,11 @@ def test_recover_all_until_nothing_is_left(db: Db) -> None:
     )
 
 
+def test_recover_all_prints_each_saga_as_it_ends_then_a_summary(db: Db) -> None:
+    lines = ok(sagakit("recover", "--all", "--saga", ORDER, url=db.url)).splitlines()
+    assert lines == [f"{db['crashed']}  OrderSaga  COMPLETED", "recovered 1 saga: 1 COMPLETED"]
+
+
 def test_recover_usage_errors(db: Db) -> None:
     error_of(sagakit("recover", "--saga", ORDER, url=db.url), EXIT_USAGE)
     error_of(sagakit("recover", db["crashed"], "--all", "--saga", ORDER, url=db.url), EXIT_USAGE)
@@ -831,3 +836,15 @@ def test_bad_queue_options_are_usage_errors_naming_the_option(
     assert done.returncode == EXIT_USAGE, (done.stdout, done.stderr)
     assert flag in done.stderr.strip().splitlines()[-1]
     assert json.loads(ok(sagakit("queues", "--json", url=db.url))) == []
+
+
+def test_the_recover_all_summary_counts_each_ending() -> None:
+    from sagakit.cli.recovery import summary
+    from sagakit.cli.render import Outcome
+
+    ids = [uuid.uuid4() for _ in range(5)]
+    outcomes = [Outcome(ids[0], "A", SagaStatus.COMPLETED), Outcome(ids[1], "A", SagaStatus.PARKED),
+                Outcome(ids[2], "B", SagaStatus.COMPLETED), Outcome(ids[3], "B", busy=True),
+                Outcome(ids[4], "B", error="SagaStorageUnavailableError: down")]
+    assert summary(outcomes) == "recovered 5 sagas: 2 COMPLETED, 1 PARKED, 1 busy, 1 error"
+    assert summary([]) == "nothing to recover"

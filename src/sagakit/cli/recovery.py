@@ -7,12 +7,13 @@ import logging
 import os
 import signal
 import threading
+from collections import Counter
 from typing import TYPE_CHECKING
 from uuid import UUID
 
 from sagakit.cli.database import Command, with_storage
 from sagakit.cli.definitions import definition_for, require_definitions
-from sagakit.cli.exits import EXIT_OK, CliError, one_line, terminate_early
+from sagakit.cli.exits import EXIT_OK, EXIT_UNFINISHED, CliError, one_line, terminate_early
 from sagakit.cli.inspection import parse_saga_id
 from sagakit.cli.render import Outcome, report
 from sagakit.queue import DEFAULT_QUEUE
@@ -77,7 +78,24 @@ async def _recover_all(args: argparse.Namespace, storage: SqlAlchemySagaStorage)
                     continue
                 progress = progress or outcome.saga_id not in seen
                 seen[outcome.saga_id] = _outcome(saga.name, outcome)
-    return report(args, list(seen.values()), many=True)
+                if not args.json:  # the progress: each saga as its attempt ends
+                    print(seen[outcome.saga_id].line(), flush=True)
+    outcomes = list(seen.values())
+    if args.json:
+        return report(args, outcomes, many=True)
+    print(summary(outcomes))
+    return EXIT_OK if all(o.ok() for o in outcomes) else EXIT_UNFINISHED
+
+
+def summary(outcomes: list[Outcome]) -> str:
+    """One line: how many sagas, and how they ended."""
+    if not outcomes:
+        return "nothing to recover"
+    counts = Counter("error" if o.error is not None else "busy" if o.busy
+                     else o.status.value if o.status else "?" for o in outcomes)
+    parts = ", ".join(f"{n} {what}" for what, n in sorted(counts.items(),
+                                                           key=lambda kv: (-kv[1], kv[0])))
+    return f"recovered {len(outcomes)} saga{'s' if len(outcomes) != 1 else ''}: {parts}"
 
 
 def _outcome(name: str, outcome: RecoveryOutcome) -> Outcome:
