@@ -157,3 +157,18 @@ def test_fragments_are_valid_python(path: Path, line: int, code: str) -> None:
         ast.parse(code)
     except SyntaxError as error:
         pytest.fail(f"{path.name}:{line + (error.lineno or 1) - 1}: {error.msg}")
+
+
+def test_the_otel_extra_installs_what_the_observability_page_imports() -> None:
+    """``pip install 'sagakit[otel]'`` is enough to run the page's OpenTelemetry snippets."""
+    import tomllib
+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]["otel"]
+    installed = {re.split(r"[<>=!~ ;\[]", req, maxsplit=1)[0] for req in extra}
+    page = (DOCS / "observability.md").read_text(encoding="utf-8")
+    imported = set(re.findall(r"^\s*(?:from|import) (opentelemetry\.\w+)", page, re.M))
+    assert imported  # the page does import from OpenTelemetry
+    needed = {"opentelemetry-sdk" if name == "opentelemetry.sdk" else "opentelemetry-api"
+              for name in imported}
+    assert needed <= installed, (imported, extra)
