@@ -145,11 +145,10 @@ class Outcome:
 
 
 def report(args: argparse.Namespace, outcomes: Sequence[Outcome], *, many: bool) -> int:
-    """Print outcomes (``--json``: objects); exit 0 when every saga is terminal, else 1."""
+    """Print outcomes (``--json``: objects); exit 0 when every saga is terminal, else 1.
+    (``recover --all`` prints its text lines itself, as they come, and a summary.)"""
     if args.json:
         print_json([o.json() for o in outcomes] if many else outcomes[0].json())
-    elif not outcomes:
-        print("nothing to recover")
     else:
         for outcome in outcomes:
             print(outcome.line())
